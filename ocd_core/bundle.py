@@ -1,0 +1,176 @@
+"""Model bundle: ``manifest.json`` (pydantic) + safetensors weights, saved atomically, loaded safely.
+
+Layout: ``<root>/<name>/<version>/{manifest.json, base.safetensors, diffusion.safetensors,
+scale.safetensors}``. Loading never executes code: weights are safetensors only, and a pickle
+or ``torch.save`` file in their place is refused with an error naming the file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, Field, ValidationError
+from safetensors.torch import load_file
+from torch import nn
+
+from .conditioning import CondConfig, CondEncoder
+from .denoisers import CompactConfig, DenoiserConfig, build_denoiser
+from .io import atomic_save_file, atomic_write_text
+from .nets import build_net
+from .predictor import OCDModel
+from .scale import ScaleConfig, ScaleNet
+from .schedule import ScheduleConfig
+from .tap import get_layer
+from .targets import TargetConfig
+
+FORMAT_VERSION = 1
+FILES = {"base": "base.safetensors", "diffusion": "diffusion.safetensors", "scale": "scale.safetensors"}
+
+
+class BundleError(Exception):
+    """A bundle that cannot be loaded; the message says what is wrong and where."""
+
+
+class Normalization(BaseModel):
+    """x_model = (x − mean) / std, per channel (image) or per feature (tabular)."""
+
+    mean: list[float]
+    std: list[float]
+
+
+class InputSpec(BaseModel):
+    shape: list[int] = Field(description="one sample's shape as the base model takes it, e.g. [1, 28, 28]")
+    dtype: Literal["float32"] = "float32"
+    normalization: Normalization | None = None
+    options: dict[str, Any] = Field(default_factory=dict, description="modality-specific decoding settings")
+
+
+class ArchSpec(BaseModel):
+    arch: str
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class ServingDefaults(BaseModel):
+    ddim_steps: int = 10
+    ensemble: int = 1
+
+
+class Manifest(BaseModel):
+    format_version: int = FORMAT_VERSION
+    name: str
+    version: str = "1"
+    created: str = Field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    task: Literal["classification", "regression"]
+    modality: str = Field(description="how requests are decoded: image, tabular, audio, ...")
+    input: InputSpec
+    labels: list[str] | None = None
+    base: ArchSpec
+    layer: str
+    latent_dims: tuple[int, int, int] = Field(description="flattened (layer input, layer output, network output)")
+    mean_scale: float
+    targets: TargetConfig
+    schedule: ScheduleConfig
+    denoiser: DenoiserConfig = CompactConfig()
+    cond: CondConfig
+    scale: ScaleConfig
+    serving: ServingDefaults = ServingDefaults()
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    provenance: dict[str, Any] = Field(default_factory=dict, description="data, split, recipe and seeds")
+    files: dict[str, str] = Field(default_factory=lambda: dict(FILES))
+
+
+def _state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return dict(module.state_dict())
+
+
+def save_bundle(model: OCDModel, manifest: Manifest, root: str | Path, overwrite: bool = False) -> Path:
+    """Write ``<root>/<name>/<version>/`` atomically (a temp directory renamed into place)."""
+    final = Path(root) / manifest.name / manifest.version
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if final.exists() and not overwrite:
+        raise FileExistsError(f"{final} exists; pick a new version or pass overwrite=True")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{manifest.version}.tmp", dir=final.parent))
+    try:
+        atomic_save_file(_state(model.base), tmp / manifest.files["base"])
+        diff = {f"cond.{k}": v for k, v in _state(model.cond).items()}
+        diff.update({f"denoiser.{k}": v for k, v in _state(model.denoiser).items()})
+        atomic_save_file(diff, tmp / manifest.files["diffusion"])
+        atomic_save_file(_state(model.scale_net), tmp / manifest.files["scale"])
+        atomic_write_text(manifest.model_dump_json(indent=2), tmp / "manifest.json")
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def _check_safetensors(path: Path) -> None:
+    if not path.is_file():
+        raise BundleError(f"{path}: missing (the manifest lists it)")
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head[:1] == b"\x80" or head[:2] == b"PK":
+        raise BundleError(f"{path}: is a pickle / torch.save file, refusing to load it "
+                          "(bundles hold safetensors only, which load without executing code)")
+    if len(head) < 9 or head[8:9] != b"{" or struct.unpack("<Q", head[:8])[0] > path.stat().st_size:
+        raise BundleError(f"{path}: not a safetensors file")
+
+
+def read_manifest(directory: str | Path) -> Manifest:
+    """Parse and check ``manifest.json`` (version first, so old readers fail with a clear reason)."""
+    path = Path(directory) / "manifest.json"
+    if not path.is_file():
+        raise BundleError(f"{path}: missing; not a bundle directory")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise BundleError(f"{path}: invalid JSON ({e})") from None
+    version = raw.get("format_version") if isinstance(raw, dict) else None
+    if version != FORMAT_VERSION:
+        raise BundleError(f"{path}: unknown format_version {version!r}; this reader supports {FORMAT_VERSION}")
+    try:
+        return Manifest.model_validate(raw)
+    except ValidationError as e:
+        raise BundleError(f"{path}: invalid manifest: {e}") from None
+
+
+def load_bundle(directory: str | Path, device: torch.device | str = "cpu") -> tuple[OCDModel, Manifest]:
+    """Load a bundle directory into an OCDModel in eval mode on ``device``."""
+    directory = Path(directory)
+    m = read_manifest(directory)
+    for key in FILES:
+        if key not in m.files:
+            raise BundleError(f"{directory / 'manifest.json'}: files has no {key!r} entry")
+        _check_safetensors(directory / m.files[key])
+    base = build_net(m.base.arch, **m.base.kwargs)
+    delta_shape = tuple(get_layer(base, m.layer).weight.shape)
+    cond = CondEncoder(*m.latent_dims, m.cond, weight_shape=delta_shape)
+    den = build_denoiser(m.denoiser, delta_shape, m.cond.dim)
+    scale = ScaleNet(*m.latent_dims, m.scale)
+    diff = load_file(str(directory / m.files["diffusion"]))
+    try:
+        base.load_state_dict(load_file(str(directory / m.files["base"])))
+        cond.load_state_dict({k[5:]: v for k, v in diff.items() if k.startswith("cond.")})
+        den.load_state_dict({k[9:]: v for k, v in diff.items() if k.startswith("denoiser.")})
+        scale.load_state_dict(load_file(str(directory / m.files["scale"])))
+    except RuntimeError as e:
+        raise BundleError(f"{directory}: weights do not match the manifest's architecture: {e}") from None
+    model = OCDModel(base, m.layer, cond, den, scale, m.schedule, m.task, m.mean_scale)
+    return model.to(device).eval(), m
+
+
+def list_versions(root: str | Path, name: str) -> list[str]:
+    """Versions of ``name`` under ``root`` that hold a manifest, oldest first (numeric when possible)."""
+    d = Path(root) / name
+    vs = [p.name for p in d.iterdir() if p.is_dir() and not p.name.startswith(".")
+          and (p / "manifest.json").exists()] if d.is_dir() else []
+    return sorted(vs, key=lambda v: (0, int(v), "") if v.isdigit() else (1, 0, v))

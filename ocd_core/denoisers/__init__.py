@@ -1,0 +1,52 @@
+"""Denoisers behind one interface: ``eps(x_t (B, *delta_shape), t (B,), cond: Cond)``."""
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, Field
+from torch import nn
+
+from .compact import CompactDenoiser
+
+
+class CompactConfig(BaseModel):
+    kind: Literal["compact"] = "compact"
+    rank: int = Field(4, ge=1)
+    probes: int = Field(8, ge=1)
+    hidden: int = Field(32, ge=1)
+    pos_dim: int = Field(8, ge=1)
+    emb_dim: int = Field(64, ge=1)
+
+
+class PaperConfig(BaseModel):
+    kind: Literal["paper"] = "paper"
+    channels: int = 128
+    channel_mult: tuple[int, ...] = (1, 1, 2, 2, 4, 4)  # original MNIST config: 110 M params
+    num_res_blocks: int = 2
+    attn_resolutions: tuple[int, ...] = (16,)
+    dropout: float = 0.0
+    pad: int = 128
+
+
+DenoiserConfig = Annotated[Union[CompactConfig, PaperConfig], Field(discriminator="kind")]
+
+
+def build_denoiser(cfg: CompactConfig | PaperConfig, delta_shape: tuple[int, ...], cond_dim: int) -> nn.Module:
+    """The denoiser named by ``cfg.kind`` for deltas of ``delta_shape``."""
+    kwargs = cfg.model_dump(exclude={"kind"})
+    if cfg.kind == "compact":
+        return CompactDenoiser(tuple(delta_shape), cond_dim, **kwargs)
+    from .paper_unet import PaperUNet
+
+    return EmbOnly(PaperUNet(tuple(delta_shape), cond_dim, **kwargs))
+
+
+class EmbOnly(nn.Module):
+    """Adapts a denoiser that takes the paper's embedding tensor to the ``Cond`` interface."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x_t, t, cond):
+        return self.net(x_t, t, cond.emb)

@@ -1,0 +1,19 @@
+"""Base architectures, built by name from a bundle manifest."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from torch import nn
+
+from .lenet import LeNet5
+
+ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {"lenet5": LeNet5}
+
+
+def build_net(arch: str, **kwargs: Any) -> nn.Module:
+    """Instantiate a registered base architecture, e.g. ``build_net("lenet5", num_classes=10)``."""
+    try:
+        factory = ARCHITECTURES[arch]
+    except KeyError:
+        raise ValueError(f"unknown architecture {arch!r}; known: {sorted(ARCHITECTURES)}") from None
+    return factory(**kwargs)

@@ -1,0 +1,86 @@
+"""Noise schedule, forward noising and the DDIM sampler — independent of any denoiser.
+
+Conventions follow DDPM/DDIM (and diffusers' ``DDIMScheduler`` with ``clip_sample=False``,
+``set_alpha_to_one=True``, "leading" timestep spacing): ᾱ_t = Π_{s<=t} (1 − β_s),
+x_t = sqrt(ᾱ_t)·x_0 + sqrt(1 − ᾱ_t)·ε, and the denoiser predicts ε.
+"""
+from __future__ import annotations
+
+from typing import Callable, Literal
+
+import torch
+from pydantic import BaseModel, Field
+
+
+class ScheduleConfig(BaseModel):
+    """Linear betas; the original code uses ``linspace(1e-6, 1e-2, 1000)``."""
+
+    num_train_timesteps: int = Field(1000, ge=2)
+    beta_start: float = Field(1e-6, gt=0)
+    beta_end: float = Field(1e-2, gt=0, lt=1)
+    beta_schedule: Literal["linear"] = "linear"
+
+
+EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t (N,*), t (N,)) -> eps (N,*)
+
+
+class NoiseSchedule:
+    """β_t, ᾱ_t and the operations that use them. Tensors are float32 on ``device``."""
+
+    def __init__(self, cfg: ScheduleConfig | None = None, device: torch.device | str = "cpu"):
+        self.cfg = cfg or ScheduleConfig()
+        T = self.cfg.num_train_timesteps
+        betas = torch.linspace(self.cfg.beta_start, self.cfg.beta_end, T, dtype=torch.float64)
+        self.betas = betas.float().to(device)
+        self.alphas_cumprod = torch.cumprod(1.0 - betas, 0).float().to(device)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.cfg.num_train_timesteps
+
+    def _abar(self, t: torch.Tensor, ndim: int) -> torch.Tensor:
+        return self.alphas_cumprod[t].reshape(-1, *([1] * (ndim - 1)))
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Noise x0 (N, *) to timesteps t (N,): sqrt(ᾱ_t)·x0 + sqrt(1−ᾱ_t)·noise."""
+        a = self._abar(t, x0.ndim)
+        return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+    def ddim_timesteps(self, steps: int) -> list[int]:
+        """Descending timesteps for ``steps`` DDIM steps ("leading" spacing: 900, 800, ..., 0 for 10)."""
+        T = self.num_train_timesteps
+        if not 1 <= steps <= T:
+            raise ValueError(f"ddim steps must be in [1, {T}], got {steps}")
+        ratio = T // steps
+        return [i * ratio for i in range(steps)][::-1]
+
+    def ddim_step(self, x_t: torch.Tensor, eps: torch.Tensor, t: int, t_prev: int,
+                  eta: float = 0.0, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """One DDIM update x_t -> x_{t_prev} (t_prev < 0 means the clean end, ᾱ = 1)."""
+        a_t = self.alphas_cumprod[t]
+        a_prev = self.alphas_cumprod[t_prev] if t_prev >= 0 else torch.ones_like(a_t)
+        x0 = (x_t - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+        std = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
+        x_prev = a_prev.sqrt() * x0 + (1 - a_prev - std**2).clamp_min(0).sqrt() * eps
+        if eta > 0:
+            if noise is None:
+                raise ValueError("eta > 0 needs a noise tensor for the step")
+            x_prev = x_prev + std * noise
+        return x_prev
+
+    def ddim_sample(self, eps_fn: EpsFn, x_T: torch.Tensor, steps: int, eta: float = 0.0,
+                    step_noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Run DDIM from x_T (N, *) to x_0 with ``steps`` denoiser calls.
+
+        ``step_noise`` (steps, N, *) supplies the per-step noise when eta > 0, so a caller
+        can draw it per request (results then do not depend on batch composition).
+        """
+        ts = self.ddim_timesteps(steps)
+        ratio = self.num_train_timesteps // steps
+        x = x_T
+        for i, t in enumerate(ts):
+            t_vec = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+            eps = eps_fn(x, t_vec)
+            noise = step_noise[i] if step_noise is not None else None
+            x = self.ddim_step(x, eps, t, t - ratio, eta, noise)
+        return x

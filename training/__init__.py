@@ -1,0 +1,1 @@
+"""Offline training: data, recipes, base training, targets, OCD training, evaluation, bundles."""

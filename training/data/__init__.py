@@ -1,0 +1,1 @@
+"""Datasets available offline, with deterministic, recorded splits."""

