@@ -117,6 +117,7 @@ def fit_ocd(base: nn.Module, layer: str, targets: TargetSet, cfg: FitConfig | No
         torch.set_rng_state(state["rng"])
         hist = {k: v.tolist() for k, v in state["hist"].items()}
         start = int(state["step"])
+        ema.num_updates = start
 
     N = x0.shape[0]
     bar = tqdm(range(start, cfg.train_steps), desc="diffusion", disable=not progress, initial=start,

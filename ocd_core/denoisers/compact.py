@@ -6,8 +6,10 @@ outer product), so ε is predicted as
     ε̂ = a(e_t) · x_t + U Vᵀ / sqrt(r),      U: (B, out, r), V: (B, in, r)
 
 where e_t = PE(t)-MLP + e (conditioning) and the factors come from row / column features:
-each row i of x_t is read through k probes (data-dependent, from e_t, plus learned fixed ones):
-R = x_t · P_col (B, out, k), C = x_tᵀ · P_row (B, in, k); a shared per-row MLP maps
+each row i of x_t is read through k probes made per column from that column's latent (and e_t):
+R = x_t · P_col (B, out, k), C = x_tᵀ · P_row (B, in, k) — e.g. a probe ∝ 1[inp_j > 0] reads the
+noisy row's projection on the sample's active inputs, the sufficient statistic of a rank-1
+gradient delta. A shared per-row MLP maps
 [R_i, pos_i, act_i] (FiLM'd by e_t) to U_i, a per-column MLP maps [C_j, pos_j, inp_j] to V_j —
 row i of the delta belongs to output unit i, column j to input feature j, and the gradient
 outer product makes these the latents that decide them.
@@ -54,8 +56,8 @@ class CompactDenoiser(nn.Module):
         self.rank, self.probes, self.emb_dim = rank, probes, emb_dim
         self.time = mlp(emb_dim, emb_dim, emb_dim)
         self.cond = nn.Linear(cond_dim, emb_dim)
-        self.col_probe = nn.Linear(emb_dim, self.n_in * probes)  # P_col (B, in, k): reads rows
-        self.row_probe = nn.Linear(emb_dim, self.n_out * probes)  # P_row (B, out, k): reads columns
+        self.col_probe = _AxisNet(self.n_in, 0, pos_dim, emb_dim, hidden, probes)  # P_col (B, in, k): reads rows
+        self.row_probe = _AxisNet(self.n_out, 0, pos_dim, emb_dim, hidden, probes)  # P_row (B, out, k): reads cols
         self.rows = _AxisNet(self.n_out, probes, pos_dim, emb_dim, hidden, rank)
         self.cols = _AxisNet(self.n_in, probes, pos_dim, emb_dim, hidden, rank)
         self.skip = nn.Linear(emb_dim, 1)
@@ -64,8 +66,9 @@ class CompactDenoiser(nn.Module):
         B = x_t.shape[0]
         x = x_t.reshape(B, self.n_out, self.n_in)
         e = torch.nn.functional.silu(self.time(timestep_embedding(t, self.emb_dim)) + self.cond(cond.emb))
-        p_col = self.col_probe(e).view(B, self.n_in, self.probes) / math.sqrt(self.n_in)
-        p_row = self.row_probe(e).view(B, self.n_out, self.probes) / math.sqrt(self.n_out)
+        none = x.new_zeros(B, 1, 0)
+        p_col = self.col_probe(none.expand(B, self.n_in, 0), cond.cols, e) / math.sqrt(self.n_in)
+        p_row = self.row_probe(none.expand(B, self.n_out, 0), cond.rows, e) / math.sqrt(self.n_out)
         u = self.rows(torch.bmm(x, p_col), cond.rows, e)  # (B, out, r)
         v = self.cols(torch.bmm(x.transpose(1, 2), p_row), cond.cols, e)  # (B, in, r)
         eps = self.skip(e).unsqueeze(-1) * x + torch.bmm(u, v.transpose(1, 2)) / math.sqrt(self.rank)
