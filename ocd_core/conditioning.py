@@ -18,10 +18,11 @@ from torch import nn
 from .layers import mlp
 
 AXIS_FEATURES = 2  # per row / column: value scaled by the sample's mean magnitude, and value > 0
+ROW_FEATURES = AXIS_FEATURES + 1  # rows also carry the output error signal (Latents.grad), scaled
 
 
 class Cond(NamedTuple):
-    """emb (B, dim); rows (B, out, 2); cols (B, in_total, 2) for a weight of shape (out, in, ...)."""
+    """emb (B, dim); rows (B, out, 3); cols (B, in_total, 2) for a weight of shape (out, in, ...)."""
 
     emb: torch.Tensor
     rows: torch.Tensor
@@ -34,6 +35,8 @@ class Cond(NamedTuple):
 class CondConfig(BaseModel):
     dim: int = Field(128, ge=1, description="width of the conditioning embedding e")
     hidden: int = Field(256, ge=1)
+    output_grad: bool = Field(False, description="also give the rows the output error signal (Latents.grad); "
+                              "off = the paper's conditioning (input, activation, output)")
 
 
 def axis_features(x: torch.Tensor) -> torch.Tensor:
@@ -49,7 +52,7 @@ class CondEncoder(nn.Module):
                  weight_shape: tuple[int, ...] | None = None):
         super().__init__()
         cfg = cfg or CondConfig()
-        self.dim = cfg.dim
+        self.dim, self.output_grad = cfg.dim, cfg.output_grad
         self.weight_shape = tuple(weight_shape) if weight_shape else (d_act, d_inp)
         self.e_i = mlp(d_inp, cfg.hidden, cfg.dim, norm_input=True)
         self.e_a = mlp(d_act, cfg.hidden, cfg.dim, norm_input=True)
@@ -59,10 +62,18 @@ class CondEncoder(nn.Module):
         """The paper's e (B, dim)."""
         return self.e_i(inp.flatten(1)) + self.e_a(act.flatten(1)) + self.e_o(out.flatten(1))
 
-    def forward(self, inp: torch.Tensor, act: torch.Tensor, out: torch.Tensor) -> Cond:
+    def forward(self, inp: torch.Tensor, act: torch.Tensor, out: torch.Tensor,
+                grad: torch.Tensor | None = None) -> Cond:
         B = inp.shape[0]
         n_out, c_in = self.weight_shape[0], self.weight_shape[1]
         taps = math.prod(self.weight_shape[2:])  # kernel positions per input channel (1 for Linear)
-        rows = act.reshape(B, n_out, -1).mean(-1)  # per output unit / channel
+        rows = axis_features(act.reshape(B, n_out, -1).mean(-1))  # per output unit / channel
+        if self.output_grad:
+            if grad is None:
+                raise ValueError("this encoder conditions on the output error signal: pass Latents.grad")
+            g = grad.reshape(B, n_out, -1).mean(-1)
+            rows = torch.cat([rows, (g / (g.abs().mean(1, keepdim=True) + 1e-12)).unsqueeze(-1)], -1)
+        else:
+            rows = torch.cat([rows, rows.new_zeros(B, n_out, 1)], -1)
         cols = inp.reshape(B, c_in, -1).mean(-1).repeat_interleave(taps, 1)  # per weight column
-        return Cond(self.embed(inp, act, out), axis_features(rows), axis_features(cols))
+        return Cond(self.embed(inp, act, out), rows, axis_features(cols))

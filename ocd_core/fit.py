@@ -33,7 +33,7 @@ class FitConfig(BaseModel):
     denoiser: DenoiserConfig = CompactConfig()
     cond: CondConfig = CondConfig()
     scale: ScaleConfig = ScaleConfig()
-    train_steps: int = Field(4000, ge=1)
+    train_steps: int = Field(2000, ge=1)
     batch_size: int = Field(128, ge=1)
     lr: float = Field(1e-3, gt=0)
     scale_lr: float = Field(1e-3, gt=0)
@@ -46,12 +46,14 @@ class FitConfig(BaseModel):
 class TargetSet:
     """Per-sample targets with the latents they are conditioned on.
 
-    deltas (N, *W.shape); inp (N, d_i), act (N, d_a), out (N, d_o) taken with the base weights."""
+    deltas (N, *W.shape); inp (N, d_i), act (N, d_a), out (N, d_o), grad (N, d_a) taken with the
+    base weights (grad: Latents.grad, the label-free output error signal at the layer)."""
 
     deltas: torch.Tensor
     inp: torch.Tensor
     act: torch.Tensor
     out: torch.Tensor
+    grad: torch.Tensor
 
     @property
     def scales(self) -> torch.Tensor:
@@ -68,31 +70,32 @@ class TargetSet:
 
 @torch.no_grad()
 def build_target_set(base: nn.Module, layer: str, x: torch.Tensor, y: torch.Tensor,
-                     cfg: TargetConfig | None = None, chunk: int = 512, progress: bool = True) -> TargetSet:
+                     cfg: TargetConfig | None = None, task: Task = "classification", chunk: int = 512,
+                     progress: bool = True) -> TargetSet:
     """Overfit ``layer`` on every (x_n, y_n) alone and record the latents: a TargetSet of N samples."""
     base.eval()
     parts = []
     for i in tqdm(range(0, x.shape[0], chunk), desc="targets", disable=not progress, leave=False):
         xb, yb = x[i:i + chunk], y[i:i + chunk]
-        lat = tap(base, layer, xb)
-        parts.append((overfit_deltas(base, layer, xb, yb, cfg, chunk=chunk), *lat.flat()))
+        lat = tap(base, layer, xb, grad_task=task)
+        parts.append((overfit_deltas(base, layer, xb, yb, cfg, chunk=chunk), *lat.flat(), lat.grad.flatten(1)))
     return TargetSet(*(torch.cat(p) for p in zip(*parts)))
 
 
 def fit_ocd(base: nn.Module, layer: str, targets: TargetSet, cfg: FitConfig | None = None,
             task: Task = "classification", checkpoint: Path | None = None,
             progress: bool = True) -> tuple[OCDModel, dict[str, list[float]]]:
-    """Train conditioning + denoiser (ε-prediction MSE, EMA) and the scale network.
+    """Train conditioning + denoiser (MSE on ε or x_0 as the denoiser config says, EMA) and the scale net.
 
     Resumes from ``checkpoint`` (a weights-only torch file) when it exists; returns the
-    OCDModel with the EMA weights and the loss history (``{"eps_mse": [...], "scale_db": [...]}``).
+    OCDModel with the EMA weights and the loss history (``{"denoise_mse": [...], "scale_db": [...]}``).
     """
     cfg = cfg or FitConfig()
     torch.manual_seed(cfg.seed)
     device = next(base.parameters()).device
     keep = targets.scales > 0
     deltas, scales = targets.deltas[keep], targets.scales[keep]
-    inp, act, out = targets.inp[keep], targets.act[keep], targets.out[keep]
+    inp, act, out, grad = targets.inp[keep], targets.act[keep], targets.out[keep], targets.grad[keep]
     x0 = deltas / scales.view(-1, *([1] * (deltas.ndim - 1)))
     dims = (inp.shape[1], act.shape[1], out.shape[1])
     delta_shape = tuple(deltas.shape[1:])
@@ -107,7 +110,7 @@ def fit_ocd(base: nn.Module, layer: str, targets: TargetSet, cfg: FitConfig | No
     opt_s = torch.optim.Adam(scale_net.parameters(), lr=cfg.scale_lr)
     ema = EMA(net, cfg.ema_mu)
     schedule = NoiseSchedule(cfg.schedule, device)
-    hist: dict[str, list[float]] = {"eps_mse": [], "scale_db": []}
+    hist: dict[str, list[float]] = {"denoise_mse": [], "scale_db": []}
     start = 0
     if checkpoint is not None and Path(checkpoint).exists():
         state = torch.load(checkpoint, map_location=device, weights_only=True)
@@ -127,16 +130,18 @@ def fit_ocd(base: nn.Module, layer: str, targets: TargetSet, cfg: FitConfig | No
         idx = torch.randint(0, N, (min(cfg.batch_size, N),))
         xb = x0[idx].to(device)
         lat = (inp[idx].to(device), act[idx].to(device), out[idx].to(device))
+        g = grad[idx].to(device)
         t = torch.randint(0, schedule.num_train_timesteps, (xb.shape[0],), device=device)
         noise = torch.randn_like(xb)
-        loss = F.mse_loss(den(schedule.q_sample(xb, t, noise), t, cond(*lat)), noise)
+        target = schedule.training_target(cfg.denoiser.prediction, xb, noise)
+        loss = F.mse_loss(den(schedule.q_sample(xb, t, noise), t, cond(*lat, g)), target)
         opt.zero_grad(set_to_none=True); loss.backward(); opt.step(); sched_lr.step()
         ema.update(net)
         s_loss = scale_loss(scale_net(*lat), scales[idx].to(device))
         opt_s.zero_grad(set_to_none=True); s_loss.backward(); opt_s.step()
-        hist["eps_mse"].append(loss.item()); hist["scale_db"].append(s_loss.item())
+        hist["denoise_mse"].append(loss.item()); hist["scale_db"].append(s_loss.item())
         if step % 50 == 0:
-            bar.set_postfix(eps_mse=f"{sum(hist['eps_mse'][-50:]) / len(hist['eps_mse'][-50:]):.4f}")
+            bar.set_postfix(mse=f"{sum(hist['denoise_mse'][-50:]) / len(hist['denoise_mse'][-50:]):.4f}")
         if checkpoint is not None and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.train_steps:
             Path(checkpoint).parent.mkdir(parents=True, exist_ok=True)
             atomic_torch_save({"net": net.state_dict(), "ema": ema.shadow.state_dict(),

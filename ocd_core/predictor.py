@@ -14,6 +14,7 @@ from torch import nn
 
 from .adapt import adapted_forward
 from .schedule import NoiseSchedule, ScheduleConfig
+from .schedule import Prediction as PredictionType
 from .tap import Latents, get_layer, tap
 
 Task = Literal["classification", "regression"]
@@ -58,6 +59,7 @@ class OCDModel(nn.Module):
         super().__init__()
         self.base, self.layer, self.cond, self.denoiser, self.scale_net = base, layer, cond, denoiser, scale_net
         self.task: Task = task
+        self.prediction: PredictionType = getattr(denoiser, "prediction", "epsilon")
         self.schedule_cfg = schedule
         self.schedule = NoiseSchedule(schedule)
         self.register_buffer("mean_scale", torch.tensor(float(mean_scale)))
@@ -78,17 +80,20 @@ class OCDModel(nn.Module):
         return out.softmax(-1) if self.task == "classification" else out
 
     def latents(self, x: torch.Tensor) -> Latents:
-        return tap(self.base, self.layer, x)
+        return tap(self.base, self.layer, x, grad_task=self.task if self.cond.output_grad else None)
 
     def sample_deltas(self, lat: Latents, steps: int, ensemble: int, eta: float, x_T: torch.Tensor,
                       step_noise: torch.Tensor | None = None, scale: ScaleMode = "net") -> torch.Tensor:
         """Latents of B samples -> deltas (B*K, *W.shape), sample-major (b0k0, b0k1, ...)."""
-        e = self.cond(*lat.flat()).repeat_interleave(ensemble)  # once per request, not per step
-        unit = self.schedule.ddim_sample(lambda x, t: self.denoiser(x, t, e), x_T, steps, eta, step_noise)
+        e = self.cond(*lat.flat(), lat.grad).repeat_interleave(ensemble)  # once per request, not per step
+        def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return self.schedule.to_eps(self.prediction, self.denoiser(x, t, e), x, t)
+
+        unit = self.schedule.ddim_sample(eps, x_T, steps, eta, step_noise)
         rho = self.scale_net(*lat.flat()) if scale == "net" else self.mean_scale.expand(lat.out.shape[0])
         return unit * rho.repeat_interleave(ensemble, 0).view(-1, *([1] * (unit.ndim - 1)))
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: the tap may take one backward for Latents.grad
     def predict(self, x: torch.Tensor, steps: int = 10, ensemble: int = 1, eta: float = 0.0,
                 seeds: Sequence[int] | None = None, scale: ScaleMode = "net") -> Prediction:
         """x: (B, *input) -> Prediction with K = ``ensemble`` adapted members per sample."""

@@ -22,6 +22,7 @@ class ScheduleConfig(BaseModel):
 
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t (N,*), t (N,)) -> eps (N,*)
+Prediction = Literal["epsilon", "sample"]  # what a denoiser outputs: the noise ε, or the clean x_0
 
 
 class NoiseSchedule:
@@ -45,6 +46,17 @@ class NoiseSchedule:
         """Noise x0 (N, *) to timesteps t (N,): sqrt(ᾱ_t)·x0 + sqrt(1−ᾱ_t)·noise."""
         a = self._abar(t, x0.ndim)
         return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+    def training_target(self, prediction: Prediction, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """What the denoiser regresses: ε (the paper) or x_0."""
+        return noise if prediction == "epsilon" else x0
+
+    def to_eps(self, prediction: Prediction, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Denoiser output -> ε: identity for ε-prediction, (x_t − sqrt(ᾱ)·x̂_0) / sqrt(1 − ᾱ) for x_0."""
+        if prediction == "epsilon":
+            return out
+        a = self._abar(t, x_t.ndim)
+        return (x_t - a.sqrt() * out) / (1 - a).sqrt()
 
     def ddim_timesteps(self, steps: int) -> list[int]:
         """Descending timesteps for ``steps`` DDIM steps ("leading" spacing: 900, 800, ..., 0 for 10)."""

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import contextlib
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -16,14 +19,18 @@ from torch import nn
 class Latents:
     """Latents of one forward pass, all taken with the base weights.
 
-    inp: (B, *layer_in)  input of the layer   (e.g. (B, 120) for LeNet5 fc1)
-    act: (B, *layer_out) output of the layer  (e.g. (B, 84))
-    out: (B, *net_out)   network output       (e.g. (B, 10) logits)
+    inp:  (B, *layer_in)  input of the layer   (e.g. (B, 120) for LeNet5 fc1)
+    act:  (B, *layer_out) output of the layer  (e.g. (B, 84))
+    out:  (B, *net_out)   network output       (e.g. (B, 10) logits)
+    grad: (B, *layer_out) or None: the output's error signal carried back to the layer's output
+          for the model's own prediction, ∂CE(out, argmax out)/∂act (regression: ∂Σout/∂act).
+          It needs no label; a per-sample delta is the outer product of such a signal with inp.
     """
 
     inp: torch.Tensor
     act: torch.Tensor
     out: torch.Tensor
+    grad: torch.Tensor | None = None
 
     def flat(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The three latents flattened to (B, d_i), (B, d_a), (B, d_o)."""
@@ -39,19 +46,37 @@ def get_layer(model: nn.Module, name: str) -> nn.Module:
         raise ValueError(f"model has no layer {name!r}; Linear/Conv2d layers: {names}") from None
 
 
-def tap(model: nn.Module, layer: str, x: torch.Tensor) -> Latents:
-    """Run ``model(x)`` once and return the latents of ``layer`` (no grad is disabled here)."""
+def output_grad(out: torch.Tensor, act: torch.Tensor, task: str) -> torch.Tensor:
+    """∂CE(out, argmax out)/∂act per sample (classification) or ∂Σout/∂act (regression).
+
+    Summed over the batch, so each sample's signal does not depend on the batch size."""
+    loss = F.cross_entropy(out, out.argmax(-1), reduction="sum") if task == "classification" else out.sum()
+    return torch.autograd.grad(loss, act)[0]
+
+
+def tap(model: nn.Module, layer: str, x: torch.Tensor, grad_task: str | None = None) -> Latents:
+    """Run ``model(x)`` once and return the latents of ``layer``; with ``grad_task``
+    ("classification" / "regression") also the output error signal at the layer (one backward)."""
     module = get_layer(model, layer)
     seen: dict[str, torch.Tensor] = {}
 
-    def hook(_m: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        seen["inp"], seen["act"] = args[0], output
+    def hook(_m: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        seen["inp"] = args[0]
+        if grad_task is None:
+            seen["act"] = output
+            return None
+        seen["act"] = output.detach().requires_grad_(True)
+        return seen["act"]
 
     handle = module.register_forward_hook(hook)
     try:
-        out = model(x)
+        with torch.enable_grad() if grad_task else contextlib.nullcontext():
+            out = model(x)
+            if "inp" not in seen:
+                raise RuntimeError(f"layer {layer!r} was not called during the forward pass")
+            grad = output_grad(out, seen["act"], grad_task) if grad_task else None
     finally:
         handle.remove()
-    if "inp" not in seen:
-        raise RuntimeError(f"layer {layer!r} was not called during the forward pass")
+    if grad_task:
+        return Latents(seen["inp"].detach(), seen["act"].detach(), out.detach(), grad)
     return Latents(seen["inp"], seen["act"], out)

@@ -48,7 +48,7 @@ def _data(recipe: Recipe):
 
 def _manifest(recipe: Recipe, model, norm: Normalization, split, seed: int, version: str = "1") -> Manifest:
     fit = recipe.fit
-    lat = model.latents(torch.zeros(1, 1, 28, 28))
+    lat = model.latents(torch.zeros(1, 1, 28, 28))  # latent sizes
     return Manifest(
         name=recipe.name, version=version, task="classification", modality="image",
         input=InputSpec(shape=[1, 28, 28], normalization=norm, options={"color": "L", "invert": False}),
@@ -92,7 +92,7 @@ def _seed_stage(recipe: Recipe, parts, split, norm, seed: int, d: Path, progress
     else:
         fit = recipe.fit.model_copy(update={"seed": seed})
         model, h = fit_ocd(base, recipe.layer, targets, fit, "classification", checkpoint=d / "fit.ckpt", progress=progress)
-        hist.update(eps_mse=h["eps_mse"], scale_db=h["scale_db"])
+        hist.update(denoise_mse=h["denoise_mse"], scale_db=h["scale_db"])
         atomic_write_text(json.dumps(hist), hist_path)
         save_bundle(model, _manifest(recipe, model, norm, split, seed), bdir, overwrite=True)
         (d / "fit.ckpt").unlink(missing_ok=True)
@@ -103,7 +103,25 @@ def _seed_stage(recipe: Recipe, parts, split, norm, seed: int, d: Path, progress
         ev = evaluate(model, xte, yte, targets, recipe.fit.targets, recipe.eval.ddim_steps, recipe.eval.default_steps,
                       recipe.eval.ensemble, seed, progress=progress)
         atomic_write_text(json.dumps(ev), epath)
+    if recipe.heldout_rows and recipe.target_source != "val":
+        ev["rows"].update(_heldout_rows(recipe, base, xva, yva, xte, yte, targets, seed, d, progress))
     return {"eval": ev, "hist": hist}
+
+
+def _heldout_rows(recipe: Recipe, base, xva, yva, xte, yte, targets, seed: int, d: Path, progress: bool):
+    """Diffusion + scale trained on targets of the val split (held out from base training)."""
+    path = d / "eval_heldout.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    held = build_target_set(base, recipe.layer, xva, yva, recipe.fit.targets, progress=progress)
+    model, _ = fit_ocd(base, recipe.layer, held, recipe.fit.model_copy(update={"seed": seed}), "classification",
+                       checkpoint=d / "fit_heldout.ckpt", progress=progress)
+    ev = evaluate(model, xte, yte, targets, recipe.fit.targets, [], recipe.eval.default_steps, recipe.eval.ensemble,
+                  seed, progress=progress, only={"ocd", "ocd_ensemble"})["rows"]
+    rows = {"ocd_heldout": ev["ocd"], "ocd_heldout_ensemble": ev["ocd_ensemble"]}
+    atomic_write_text(json.dumps(rows), path)
+    (d / "fit_heldout.ckpt").unlink(missing_ok=True)
+    return rows
 
 
 def publish(bundle_dir: Path, models_dir: Path, name: str, metrics: dict[str, Any]) -> Path:
@@ -136,6 +154,9 @@ def run_recipe(recipe: Recipe, runs_dir: Path = Path("runs"), models_dir: Path =
                                               "n_test": len(split.test), "default_steps": recipe.eval.default_steps}
     notes = [f"Targets computed on the `{recipe.target_source}` split "
              f"({'held out from' if recipe.target_source == 'val' else 'seen in'} base training)."]
+    extra = Path(__file__).parent / "notes" / f"{recipe.name}.md"  # measured investigations, kept with the recipe
+    if extra.exists():
+        notes.append(extra.read_text().strip())
     report_dir = reports_dir / recipe.name
     metrics = write_report(report_dir, info, per_seed, hists, notes)
     summary = {row: {k: v["mean"] for k, v in ms.items()} for row, ms in metrics["rows"].items()}

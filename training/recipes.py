@@ -37,6 +37,8 @@ class Recipe(BaseModel):
     layer: str = "fc1"
     target_source: Literal["train", "val", "train+val"] = Field(
         "train", description="samples whose overfitted deltas train the diffusion model (val is held out from base training)")
+    heldout_rows: bool = Field(True, description="also train on val targets (held out from base training) and "
+                                                 "report rows ocd_heldout, ocd_heldout_ensemble")
     base: BaseTraining = BaseTraining()
     fit: FitConfig = FitConfig()
     eval: EvalConfig = EvalConfig()

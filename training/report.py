@@ -20,6 +20,8 @@ ROW_TITLES = {
     "ocd_ensemble": "OCD ensemble",
     "no_scale": "ablation: no scale net (global mean scale)",
     "nearest_neighbour": "ablation: nearest-neighbour delta",
+    "ocd_heldout": "OCD, targets on the val split (held out from base training)",
+    "ocd_heldout_ensemble": "OCD ensemble, targets on the val split",
 }
 
 
@@ -111,11 +113,11 @@ def _plots(out_dir: Path, agg, per_seed, histories, metric_names) -> None:
         axes[0].plot(h.get("base_train_loss", []), label=f"seed {s} train")
         if h.get("base_val_loss"):
             axes[0].plot(h["base_val_loss"], "--", label=f"seed {s} val")
-        k = max(1, len(h["eps_mse"]) // 200)
+        k = max(1, len(h["denoise_mse"]) // 200)
         smooth = lambda v: [sum(v[i:i + k]) / len(v[i:i + k]) for i in range(0, len(v), k)]  # noqa: E731
-        axes[1].plot([i * k for i in range(len(smooth(h["eps_mse"])))], smooth(h["eps_mse"]), label=f"seed {s}")
+        axes[1].plot([i * k for i in range(len(smooth(h["denoise_mse"])))], smooth(h["denoise_mse"]), label=f"seed {s}")
         axes[2].plot([i * k for i in range(len(smooth(h["scale_db"])))], smooth(h["scale_db"]), label=f"seed {s}")
-    axes[0].set(title="base model loss", xlabel="epoch"); axes[1].set(title="diffusion ε-MSE", xlabel="step", yscale="log")
+    axes[0].set(title="base model loss", xlabel="epoch"); axes[1].set(title="denoiser MSE (ε or x0 target)", xlabel="step", yscale="log")
     axes[2].set(title="scale loss (dB)", xlabel="step")
     for a in axes:
         a.legend(fontsize=7)

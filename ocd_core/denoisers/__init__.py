@@ -11,6 +11,7 @@ from .compact import CompactDenoiser
 
 class CompactConfig(BaseModel):
     kind: Literal["compact"] = "compact"
+    prediction: Literal["epsilon", "sample"] = "sample"  # x_0: its low-rank head fits the rank-1 targets
     rank: int = Field(4, ge=1)
     probes: int = Field(8, ge=1)
     hidden: int = Field(32, ge=1)
@@ -20,6 +21,7 @@ class CompactConfig(BaseModel):
 
 class PaperConfig(BaseModel):
     kind: Literal["paper"] = "paper"
+    prediction: Literal["epsilon", "sample"] = "epsilon"  # the paper's ε-prediction
     channels: int = 128
     channel_mult: tuple[int, ...] = (1, 1, 2, 2, 4, 4)  # original MNIST config: 110 M params
     num_res_blocks: int = 2
@@ -32,13 +34,17 @@ DenoiserConfig = Annotated[Union[CompactConfig, PaperConfig], Field(discriminato
 
 
 def build_denoiser(cfg: CompactConfig | PaperConfig, delta_shape: tuple[int, ...], cond_dim: int) -> nn.Module:
-    """The denoiser named by ``cfg.kind`` for deltas of ``delta_shape``."""
-    kwargs = cfg.model_dump(exclude={"kind"})
+    """The denoiser named by ``cfg.kind`` for deltas of ``delta_shape``; ``.prediction`` says
+    whether it outputs ε or x_0 (the schedule converts)."""
+    kwargs = cfg.model_dump(exclude={"kind", "prediction"})
     if cfg.kind == "compact":
-        return CompactDenoiser(tuple(delta_shape), cond_dim, **kwargs)
-    from .paper_unet import PaperUNet
+        net: nn.Module = CompactDenoiser(tuple(delta_shape), cond_dim, **kwargs)
+    else:
+        from .paper_unet import PaperUNet
 
-    return EmbOnly(PaperUNet(tuple(delta_shape), cond_dim, **kwargs))
+        net = EmbOnly(PaperUNet(tuple(delta_shape), cond_dim, **kwargs))
+    net.prediction = cfg.prediction  # what its output means: "epsilon" or "sample" (x_0)
+    return net
 
 
 class EmbOnly(nn.Module):

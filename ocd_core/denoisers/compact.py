@@ -22,7 +22,7 @@ import math
 import torch
 from torch import nn
 
-from ..conditioning import AXIS_FEATURES, Cond
+from ..conditioning import AXIS_FEATURES, ROW_FEATURES, Cond
 from ..layers import mlp, timestep_embedding
 
 
@@ -30,10 +30,10 @@ class _AxisNet(nn.Module):
     """Per-row (or per-column) MLP: probe features (B, n, k), positions (n, p) and the latent
     along that axis (B, n, 2), FiLM'd by e (B, D) -> (B, n, r)."""
 
-    def __init__(self, n: int, k: int, pos_dim: int, emb_dim: int, hidden: int, rank: int):
+    def __init__(self, n: int, k: int, pos_dim: int, emb_dim: int, hidden: int, rank: int, n_feats: int):
         super().__init__()
         self.pos = nn.Parameter(torch.randn(n, pos_dim) * 0.1)
-        self.inp = nn.Linear(k + pos_dim + AXIS_FEATURES, hidden)
+        self.inp = nn.Linear(k + pos_dim + n_feats, hidden)
         self.film = nn.Linear(emb_dim, 2 * hidden)
         self.body = nn.Sequential(nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, rank))
 
@@ -56,10 +56,11 @@ class CompactDenoiser(nn.Module):
         self.rank, self.probes, self.emb_dim = rank, probes, emb_dim
         self.time = mlp(emb_dim, emb_dim, emb_dim)
         self.cond = nn.Linear(cond_dim, emb_dim)
-        self.col_probe = _AxisNet(self.n_in, 0, pos_dim, emb_dim, hidden, probes)  # P_col (B, in, k): reads rows
-        self.row_probe = _AxisNet(self.n_out, 0, pos_dim, emb_dim, hidden, probes)  # P_row (B, out, k): reads cols
-        self.rows = _AxisNet(self.n_out, probes, pos_dim, emb_dim, hidden, rank)
-        self.cols = _AxisNet(self.n_in, probes, pos_dim, emb_dim, hidden, rank)
+        R, C = ROW_FEATURES, AXIS_FEATURES
+        self.col_probe = _AxisNet(self.n_in, 0, pos_dim, emb_dim, hidden, probes, C)  # P_col (B, in, k): reads rows
+        self.row_probe = _AxisNet(self.n_out, 0, pos_dim, emb_dim, hidden, probes, R)  # P_row (B, out, k): reads cols
+        self.rows = _AxisNet(self.n_out, probes, pos_dim, emb_dim, hidden, rank, R)
+        self.cols = _AxisNet(self.n_in, probes, pos_dim, emb_dim, hidden, rank, C)
         self.skip = nn.Linear(emb_dim, 1)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:

@@ -1,0 +1,33 @@
+# OCD Serve — the two quickstart commands: `make run` and `make test`.
+# Both create (or reuse) .venv and install what they need. torch is pinned to the CPU build
+# (torch==2.13.0 is on this project's machines' disk); a bare `torch` would pull a CUDA build.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+TORCH ?= torch==2.13.0
+
+.PHONY: run test train clean-venv
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[dev,cpu]"
+	rm -f $(VENV)/.installed-* && touch $(STAMP)
+
+# The main job on the embedded default: train the MNIST bundle if models/ has none, print its table.
+run: $(STAMP)
+	@if ls models/mnist/*/manifest.json >/dev/null 2>&1 && test -f reports/mnist/report.md; then \
+		echo "models/mnist: $$(ls models/mnist | tr '\n' ' ')(trained; 'make train' retrains)"; \
+		sed -n '/^| row/,/^$$/p' reports/mnist/report.md; \
+	else $(BIN)/ocd train mnist; fi
+
+train: $(STAMP)
+	$(BIN)/ocd train mnist
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,67 @@
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ocd_core.adapt import adapted_forward
+from ocd_core.tap import tap
+
+
+def per_sample_copies(model, layer, x, deltas):
+    outs = []
+    for xi, d in zip(x, deltas):
+        m = copy.deepcopy(model)
+        with torch.no_grad():
+            m.get_submodule(layer).weight += d
+        outs.append(m(xi.unsqueeze(0)).squeeze(0))
+    return torch.stack(outs)
+
+
+@pytest.mark.parametrize("layer,fast", [("fc1", True), ("fc1", False), ("fc2", True), ("conv2", False), ("conv1", True)])
+def test_adapted_forward_equals_modified_copies(lenet, mnist_batch, layer, fast):
+    x, _ = mnist_batch
+    w = lenet.get_submodule(layer).weight
+    deltas = torch.randn(x.shape[0], *w.shape, generator=torch.Generator().manual_seed(0)) * 0.05
+    out = adapted_forward(lenet, layer, x, deltas, fast=fast)
+    ref = per_sample_copies(lenet, layer, x, deltas)
+    assert out.shape == (20, 10)
+    assert (out - ref).abs().max().item() < 1e-5
+    assert (out - lenet(x)).abs().max().item() > 1e-3  # the deltas do change the outputs
+
+
+def test_zero_deltas_give_the_base_model(lenet, mnist_batch):
+    x, _ = mnist_batch
+    assert torch.allclose(adapted_forward(lenet, "fc1", x, torch.zeros(20, 84, 120)), lenet(x), atol=1e-6)
+
+
+def test_adapt_refuses_mismatched_deltas(lenet, mnist_batch):
+    x, _ = mnist_batch
+    with pytest.raises(ValueError, match=r"delta shape \(84, 121\) != fc1.weight \(84, 120\)"):
+        adapted_forward(lenet, "fc1", x, torch.zeros(20, 84, 121))
+    with pytest.raises(ValueError, match="19 deltas for 20 inputs"):
+        adapted_forward(lenet, "fc1", x, torch.zeros(19, 84, 120))
+
+
+def test_tap_linear_captures_input_output_and_network_output(lenet, mnist_batch):
+    x, _ = mnist_batch
+    lat = tap(lenet, "fc1", x)
+    h = F.relu(lenet.conv3(lenet.pool(F.relu(lenet.conv2(lenet.pool(F.relu(lenet.conv1(x)))))))).flatten(1)
+    assert lat.inp.shape == (20, 120) and lat.act.shape == (20, 84) and lat.out.shape == (20, 10)
+    assert torch.allclose(lat.inp, h)
+    assert torch.allclose(lat.act, lenet.fc1(h))
+    assert torch.allclose(lat.out, lenet(x))
+    assert not lenet.fc1._forward_hooks  # the hook is removed
+
+
+def test_tap_conv2d(lenet, mnist_batch):
+    x, _ = mnist_batch
+    lat = tap(lenet, "conv2", x)
+    assert lat.inp.shape == (20, 6, 14, 14) and lat.act.shape == (20, 16, 10, 10)
+    assert torch.allclose(lat.act, lenet.conv2(lat.inp))
+    assert [t.shape for t in lat.flat()] == [(20, 1176), (20, 1600), (20, 10)]
+
+
+def test_tap_unknown_layer(lenet, mnist_batch):
+    with pytest.raises(ValueError, match="model has no layer 'fc3'"):
+        tap(lenet, "fc3", mnist_batch[0])

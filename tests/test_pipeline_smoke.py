@@ -1,0 +1,62 @@
+"""End to end on a few hundred MNIST images: `ocd train mnist --variant smoke` -> bundle + report."""
+import json
+import subprocess
+import sys
+
+import torch
+
+from ocd_core.bundle import load_bundle
+from ocd_core.fit import FitConfig, build_target_set, fit_ocd
+from ocd_core.denoisers import CompactConfig
+
+
+def test_train_smoke_produces_bundle_and_report(tmp_path):
+    args = [sys.executable, "-m", "training.cli", "train", "mnist", "--variant", "smoke", "--quiet",
+            "--runs", str(tmp_path / "runs"), "--models", str(tmp_path / "models"), "--reports", str(tmp_path / "reports")]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert f"bundle: {tmp_path / 'models' / 'mnist' / '1'}" in out.stdout
+    model, m = load_bundle(tmp_path / "models" / "mnist" / "1")
+    assert m.name == "mnist" and m.layer == "fc1" and m.task == "classification" and m.labels == [str(i) for i in range(10)]
+    assert m.provenance["split_sizes"] == [200, 100, 100] and m.provenance["recipe"] == "smoke"
+    assert m.input.normalization is not None and len(m.input.normalization.mean) == 1
+    rows = {"base", "oracle", "ocd", "ocd_ensemble", "no_scale", "nearest_neighbour", "ddim_1", "ddim_2",
+            "ocd_heldout", "ocd_heldout_ensemble"}
+    assert set(m.metrics) == rows
+    report = tmp_path / "reports" / "mnist"
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert set(metrics["rows"]) == rows and metrics["seeds"] == [0, 1]
+    for row in rows:
+        assert set(metrics["rows"][row]) == {"acc", "ce"}
+        assert len(metrics["rows"][row]["acc"]["per_seed"]) == 2
+        assert 0.0 <= metrics["rows"][row]["acc"]["mean"] <= 1.0
+    assert metrics["rows"]["base"]["acc"]["gain_per_seed"] == [0.0, 0.0]
+    for png in ("training_curves.png", "ddim_steps.png", "reliability.png"):
+        assert (report / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = (report / "report.md").read_text()
+    assert "| OCD ensemble |" in text and "## Per-seed paired gain" in text
+    p = model.predict(torch.zeros(2, 1, 28, 28), steps=2, ensemble=2, seeds=[0, 1])
+    assert p.members.shape == (2, 2, 10)
+
+    # a second run resumes: every stage is found on disk, the same version is reused
+    evals = sorted((tmp_path / "runs").glob("*/seed*/eval.json"))
+    stamps = [e.stat().st_mtime_ns for e in evals]
+    again = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert [e.stat().st_mtime_ns for e in evals] == stamps
+    assert sorted(p.name for p in (tmp_path / "models" / "mnist").iterdir()) == ["1"]
+
+
+def test_diffusion_training_resumes_from_checkpoint_exactly(lenet, mnist_batch, tmp_path):
+    x, y = mnist_batch
+    targets = build_target_set(lenet, "fc1", x, y, progress=False)
+    cfg = FitConfig(train_steps=8, batch_size=8, checkpoint_every=4, denoiser=CompactConfig(hidden=8))
+    full, hist = fit_ocd(lenet, "fc1", targets, cfg, checkpoint=tmp_path / "a.ckpt", progress=False)
+    assert (tmp_path / "a.ckpt").exists() and len(hist["denoise_mse"]) == 8
+    # "interrupted" after step 4: the checkpoint holds step 4; resuming runs steps 5..8 only
+    state = torch.load(tmp_path / "a.ckpt", weights_only=True)
+    assert int(state["step"]) == 4
+    resumed, hist2 = fit_ocd(lenet, "fc1", targets, cfg, checkpoint=tmp_path / "a.ckpt", progress=False)
+    assert hist2["denoise_mse"] == hist["denoise_mse"]
+    for a, b in zip(full.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)

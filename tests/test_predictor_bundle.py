@@ -1,0 +1,116 @@
+import json
+
+import pytest
+import torch
+
+from ocd_core.bundle import ArchSpec, BundleError, InputSpec, Manifest, list_versions, load_bundle, save_bundle
+from ocd_core.conditioning import CondConfig, CondEncoder
+from ocd_core.denoisers import CompactConfig, build_denoiser
+from ocd_core.predictor import OCDModel
+from ocd_core.scale import ScaleConfig, ScaleNet, scale_loss
+from ocd_core.schedule import ScheduleConfig
+from ocd_core.targets import TargetConfig
+
+
+@pytest.fixture
+def model(lenet):
+    torch.manual_seed(1)
+    cond = CondEncoder(120, 84, 10, CondConfig(dim=16, hidden=16), weight_shape=(84, 120))
+    den = build_denoiser(CompactConfig(), (84, 120), 16)
+    scale = ScaleNet(120, 84, 10, ScaleConfig(hidden=8))
+    scale.log_offset.fill_(-7.0)
+    return OCDModel(lenet, "fc1", cond, den, scale, ScheduleConfig(), "classification", 1e-3)
+
+
+def manifest(name="mnist", version="1"):
+    return Manifest(name=name, version=version, task="classification", modality="image",
+                    input=InputSpec(shape=[1, 28, 28]), labels=[str(i) for i in range(10)],
+                    base=ArchSpec(arch="lenet5", kwargs={"num_classes": 10}), layer="fc1", latent_dims=(120, 84, 10),
+                    mean_scale=1e-3, targets=TargetConfig(), schedule=ScheduleConfig(), denoiser=CompactConfig(),
+                    cond=CondConfig(dim=16, hidden=16), scale=ScaleConfig(hidden=8))
+
+
+def test_prediction_shapes_and_uncertainty(model, mnist_batch):
+    x, _ = mnist_batch
+    p = model.predict(x, steps=5, ensemble=3, seeds=list(range(20)))
+    assert p.members.shape == (20, 3, 10) and p.mean.shape == (20, 10) and p.uncertainty.shape == (20,)
+    assert torch.allclose(p.members.sum(-1), torch.ones(20, 3), atol=1e-5)
+    assert torch.allclose(p.mean, p.members.mean(1))
+    assert torch.allclose(p.uncertainty, -(p.mean * p.mean.log()).sum(-1), atol=1e-5)
+    assert set(p.timings) == {"base", "ddim", "adapt"}
+    assert (p.members[:, 0] - p.members[:, 1]).abs().max() > 0  # members differ (different noise)
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5])
+def test_result_depends_on_own_seed_not_on_batch(model, mnist_batch, eta):
+    x, _ = mnist_batch
+    seeds = [100 + i for i in range(20)]
+    batch = model.predict(x, steps=4, ensemble=2, eta=eta, seeds=seeds).members
+    for i in (0, 7, 19):
+        alone = model.predict(x[i:i + 1], steps=4, ensemble=2, eta=eta, seeds=[seeds[i]]).members
+        assert (alone[0] - batch[i]).abs().max().item() < 1e-5
+    again = model.predict(x.flip(0), steps=4, ensemble=2, eta=eta, seeds=seeds[::-1]).members.flip(0)
+    assert (again - batch).abs().max().item() < 1e-5
+
+
+def test_regression_head_reports_std(lenet, mnist_batch):
+    m = OCDModel(lenet, "fc1", CondEncoder(120, 84, 10, CondConfig(dim=8, hidden=8), (84, 120)),
+                 build_denoiser(CompactConfig(), (84, 120), 8), ScaleNet(120, 84, 10, ScaleConfig(hidden=8)),
+                 ScheduleConfig(), "regression", 1e-3)
+    p = m.predict(mnist_batch[0][:4], steps=2, ensemble=3, seeds=[0, 1, 2, 3])
+    assert p.uncertainty.shape == (4, 10)
+    assert torch.allclose(p.uncertainty, p.members.std(1, unbiased=False))
+
+
+def test_scale_loss_is_the_papers():
+    assert scale_loss(torch.tensor([2.0]), torch.tensor([1.0])).item() == pytest.approx(10 * torch.log10(torch.tensor(1 + 1e-8)).item())
+    assert scale_loss(torch.tensor([1.0]), torch.tensor([1.0])).item() == pytest.approx(-80.0)
+
+
+def test_bundle_round_trip(model, mnist_batch, tmp_path):
+    path = save_bundle(model, manifest(), tmp_path)
+    assert path == tmp_path / "mnist" / "1"
+    assert sorted(p.name for p in path.iterdir()) == ["base.safetensors", "diffusion.safetensors",
+                                                      "manifest.json", "scale.safetensors"]
+    loaded, m = load_bundle(path)
+    x = mnist_batch[0]
+    a = model.predict(x, steps=3, ensemble=2, seeds=list(range(20))).members
+    b = loaded.predict(x, steps=3, ensemble=2, seeds=list(range(20))).members
+    assert torch.equal(a, b)
+    assert m == manifest().model_copy(update={"created": m.created})
+    assert not any(p.name.startswith(".") for p in (tmp_path / "mnist").iterdir())  # no temp dirs left
+    with pytest.raises(FileExistsError):
+        save_bundle(model, manifest(), tmp_path)
+
+
+def test_bundle_refuses_a_pickle(model, tmp_path):
+    path = save_bundle(model, manifest(), tmp_path)
+    torch.save(model.base.state_dict(), path / "base.safetensors")  # a torch.save zip in disguise
+    with pytest.raises(BundleError, match=r"base\.safetensors: is a pickle / torch.save file, refusing to load it"):
+        load_bundle(path)
+    import pickle
+    (path / "base.safetensors").write_bytes(pickle.dumps({"a": 1}))
+    with pytest.raises(BundleError, match="is a pickle"):
+        load_bundle(path)
+
+
+def test_bundle_refuses_unknown_version_and_missing_files(model, tmp_path):
+    path = save_bundle(model, manifest(), tmp_path)
+    raw = json.loads((path / "manifest.json").read_text())
+    raw["format_version"] = 99
+    (path / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(BundleError, match=r"manifest.json: unknown format_version 99; this reader supports 1"):
+        load_bundle(path)
+    raw["format_version"] = 1
+    (path / "manifest.json").write_text(json.dumps(raw))
+    (path / "scale.safetensors").unlink()
+    with pytest.raises(BundleError, match=r"scale\.safetensors: missing \(the manifest lists it\)"):
+        load_bundle(path)
+    with pytest.raises(BundleError, match="manifest.json: missing; not a bundle directory"):
+        load_bundle(tmp_path)
+
+
+def test_versions_sort_numerically(model, tmp_path):
+    for v in ("2", "10", "1"):
+        save_bundle(model, manifest(version=v), tmp_path)
+    assert list_versions(tmp_path, "mnist") == ["1", "2", "10"]

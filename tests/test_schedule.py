@@ -1,0 +1,72 @@
+import pytest
+import torch
+from diffusers import DDIMScheduler
+
+from ocd_core.schedule import NoiseSchedule, ScheduleConfig
+
+
+def reference(cfg=ScheduleConfig()):
+    return DDIMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_start=cfg.beta_start,
+                         beta_end=cfg.beta_end, beta_schedule="linear", clip_sample=False, set_alpha_to_one=True)
+
+
+def test_betas_and_alphas_match_original_code():
+    s = NoiseSchedule()
+    assert s.betas.shape == (1000,)
+    assert torch.allclose(s.betas, torch.linspace(1e-6, 1e-2, 1000))
+    assert torch.allclose(s.alphas_cumprod, torch.cumprod(1 - torch.linspace(1e-6, 1e-2, 1000, dtype=torch.float64), 0).float())
+
+
+@pytest.mark.parametrize("steps", [1, 2, 5, 10, 20, 50])
+def test_timesteps_equal_diffusers(steps):
+    ref = reference()
+    ref.set_timesteps(steps)
+    assert NoiseSchedule().ddim_timesteps(steps) == ref.timesteps.tolist()
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("steps", [2, 10])
+def test_ddim_steps_equal_diffusers(eta, steps):
+    ref, s = reference(), NoiseSchedule()
+    ref.set_timesteps(steps)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 8, 12, generator=g)
+    noises = torch.randn(steps, 3, 8, 12, generator=g)
+    eps_fn = lambda v, t: torch.sin(3 * v + t / 100)  # any deterministic "denoiser"
+    ours = s.ddim_sample(lambda v, t: eps_fn(v, t.view(-1, 1, 1).float()), x, steps, eta, noises)
+    theirs = x.clone()
+    for i, t in enumerate(ref.timesteps):
+        theirs = ref.step(eps_fn(theirs, float(t)), t, theirs, eta=eta, variance_noise=noises[i]).prev_sample
+    assert torch.allclose(ours, theirs, atol=2e-4, rtol=1e-4)
+    s.alphas_cumprod = ref.alphas_cumprod.clone()  # diffusers accumulates in float32: then bit-for-bit
+    assert torch.equal(s.ddim_sample(lambda v, t: eps_fn(v, t.view(-1, 1, 1).float()), x, steps, eta, noises), theirs)
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.7])
+@pytest.mark.parametrize("steps", [1, 2, 5, 10, 20])
+def test_ddim_with_exact_noise_oracle_recovers_x0(steps, eta):
+    s = NoiseSchedule()
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(4, 6, 7, generator=g)
+
+    def oracle(x_t, t):
+        a = s.alphas_cumprod[t].view(-1, 1, 1)
+        return (x_t - a.sqrt() * x0) / (1 - a).sqrt()
+
+    x_T = torch.randn(4, 6, 7, generator=g)
+    out = s.ddim_sample(oracle, x_T, steps, eta, torch.randn(steps, 4, 6, 7, generator=g) if eta else None)
+    assert (out - x0).abs().max().item() < 1e-4
+
+
+def test_q_sample_matches_formula():
+    s = NoiseSchedule()
+    x0, noise, t = torch.ones(2, 3), torch.full((2, 3), 2.0), torch.tensor([0, 999])
+    a = s.alphas_cumprod[t].view(-1, 1)
+    assert torch.allclose(s.q_sample(x0, t, noise), a.sqrt() + 2 * (1 - a).sqrt())
+
+
+def test_bad_step_counts_are_refused():
+    with pytest.raises(ValueError, match=r"ddim steps must be in \[1, 1000\], got 0"):
+        NoiseSchedule().ddim_timesteps(0)
+    with pytest.raises(ValueError, match="eta > 0 needs a noise tensor"):
+        NoiseSchedule().ddim_step(torch.zeros(1), torch.zeros(1), 500, 400, eta=0.5)
