@@ -104,9 +104,14 @@ def save_bundle(model: OCDModel, manifest: Manifest, root: str | Path, overwrite
         atomic_save_file(diff, tmp / manifest.files["diffusion"])
         atomic_save_file(_state(model.scale_net), tmp / manifest.files["scale"])
         atomic_write_text(manifest.model_dump_json(indent=2), tmp / "manifest.json")
-        if final.exists():
-            shutil.rmtree(final)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; readers (the service) may be another user
+        old = None
+        if final.exists():  # swap: the old version stays readable until the new one is in place
+            old = final.with_name(f".{final.name}.old{os.getpid()}")
+            os.rename(final, old)
         os.rename(tmp, final)
+        if old is not None:
+            shutil.rmtree(old)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -148,20 +153,32 @@ def load_bundle(directory: str | Path, device: torch.device | str = "cpu") -> tu
     directory = Path(directory)
     m = read_manifest(directory)
     for key in FILES:
-        if key not in m.files:
+        name = m.files.get(key)
+        if name is None:
             raise BundleError(f"{directory / 'manifest.json'}: files has no {key!r} entry")
-        _check_safetensors(directory / m.files[key])
-    base = build_net(m.base.arch, **m.base.kwargs)
-    delta_shape = tuple(get_layer(base, m.layer).weight.shape)
+        if Path(name).name != name or name in ("", ".", ".."):
+            raise BundleError(f"{directory / 'manifest.json'}: files.{key} must be a plain file name, got {name!r}")
+        _check_safetensors(directory / name)
+    try:
+        base = build_net(m.base.arch, **m.base.kwargs)
+        delta_shape = tuple(get_layer(base, m.layer).weight.shape)
+    except (ValueError, TypeError) as e:
+        raise BundleError(f"{directory / 'manifest.json'}: cannot build the base model: {e}") from None
     cond = CondEncoder(*m.latent_dims, m.cond, weight_shape=delta_shape)
     den = build_denoiser(m.denoiser, delta_shape, m.cond.dim)
     scale = ScaleNet(*m.latent_dims, m.scale)
-    diff = load_file(str(directory / m.files["diffusion"]))
+    weights = {}
+    for key in FILES:
+        try:
+            weights[key] = load_file(str(directory / m.files[key]))
+        except Exception as e:  # safetensors' own error types: truncated or corrupt file
+            raise BundleError(f"{directory / m.files[key]}: unreadable safetensors file: {e}") from None
+    diff = weights["diffusion"]
     try:
-        base.load_state_dict(load_file(str(directory / m.files["base"])))
+        base.load_state_dict(weights["base"])
         cond.load_state_dict({k[5:]: v for k, v in diff.items() if k.startswith("cond.")})
         den.load_state_dict({k[9:]: v for k, v in diff.items() if k.startswith("denoiser.")})
-        scale.load_state_dict(load_file(str(directory / m.files["scale"])))
+        scale.load_state_dict(weights["scale"])
     except RuntimeError as e:
         raise BundleError(f"{directory}: weights do not match the manifest's architecture: {e}") from None
     model = OCDModel(base, m.layer, cond, den, scale, m.schedule, m.task, m.mean_scale)

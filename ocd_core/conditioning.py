@@ -67,13 +67,18 @@ class CondEncoder(nn.Module):
         B = inp.shape[0]
         n_out, c_in = self.weight_shape[0], self.weight_shape[1]
         taps = math.prod(self.weight_shape[2:])  # kernel positions per input channel (1 for Linear)
-        rows = axis_features(act.reshape(B, n_out, -1).mean(-1))  # per output unit / channel
+
+        def per_unit(v: torch.Tensor, n: int) -> torch.Tensor:
+            """(B, ...) -> (B, n): Linear features are last (B, ..., n), conv channels first (B, n, ...)."""
+            return v.reshape(B, -1, n).mean(1) if len(self.weight_shape) == 2 else v.reshape(B, n, -1).mean(-1)
+
+        rows = axis_features(per_unit(act, n_out))  # per output unit / channel
         if self.output_grad:
             if grad is None:
                 raise ValueError("this encoder conditions on the output error signal: pass Latents.grad")
-            g = grad.reshape(B, n_out, -1).mean(-1)
+            g = per_unit(grad, n_out)
             rows = torch.cat([rows, (g / (g.abs().mean(1, keepdim=True) + 1e-12)).unsqueeze(-1)], -1)
         else:
             rows = torch.cat([rows, rows.new_zeros(B, n_out, 1)], -1)
-        cols = inp.reshape(B, c_in, -1).mean(-1).repeat_interleave(taps, 1)  # per weight column
+        cols = per_unit(inp, c_in).repeat_interleave(taps, 1)  # per weight column
         return Cond(self.embed(inp, act, out), rows, axis_features(cols))

@@ -64,8 +64,8 @@ class TargetSet:
         atomic_save_file(vars(self), path)
 
     @classmethod
-    def load(cls, path: Path) -> "TargetSet":
-        return cls(**load_file(str(path)))
+    def load(cls, path: Path, device: torch.device | str = "cpu") -> "TargetSet":
+        return cls(**load_file(str(path), device=str(device)))
 
 
 @torch.no_grad()
@@ -117,7 +117,9 @@ def fit_ocd(base: nn.Module, layer: str, targets: TargetSet, cfg: FitConfig | No
         net.load_state_dict(state["net"]); ema.shadow.load_state_dict(state["ema"])
         scale_net.load_state_dict(state["scale"]); opt.load_state_dict(state["opt"])
         opt_s.load_state_dict(state["opt_s"]); sched_lr.load_state_dict(state["sched"])
-        torch.set_rng_state(state["rng"])
+        torch.set_rng_state(state["rng"].cpu())
+        if "cuda_rng" in state and device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)
         hist = {k: v.tolist() for k, v in state["hist"].items()}
         start = int(state["step"])
         ema.num_updates = start
@@ -148,6 +150,7 @@ def fit_ocd(base: nn.Module, layer: str, targets: TargetSet, cfg: FitConfig | No
                                 "scale": scale_net.state_dict(), "opt": opt.state_dict(),
                                 "opt_s": opt_s.state_dict(), "sched": sched_lr.state_dict(),
                                 "rng": torch.get_rng_state(), "step": step + 1,
+                                **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
                                 "hist": {k: torch.tensor(v) for k, v in hist.items()}}, Path(checkpoint))
     model = OCDModel(base.eval(), layer, ema.shadow["cond"], ema.shadow["denoiser"], scale_net.eval(),
                      cfg.schedule, task, float(scales.mean()))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,19 @@ from safetensors.torch import save_file
 
 def _tmp(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+    return path.with_name(f".{path.name}.tmp{os.getpid()}-{threading.get_ident()}")
+
+
+def _replace(tmp: Path, path: Path) -> None:
+    """fsync the temp file, rename it over ``path``, fsync the directory: durable and atomic."""
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_save_file(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
@@ -19,7 +32,7 @@ def atomic_save_file(tensors: dict[str, torch.Tensor], path: str | Path, metadat
     path = Path(path)
     tmp = _tmp(path)
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    _replace(tmp, path)
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
@@ -27,11 +40,11 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
     path = Path(path)
     tmp = _tmp(path)
     torch.save(obj, tmp)
-    os.replace(tmp, path)
+    _replace(tmp, path)
 
 
 def atomic_write_text(text: str, path: str | Path) -> None:
     path = Path(path)
     tmp = _tmp(path)
     tmp.write_text(text)
-    os.replace(tmp, path)
+    _replace(tmp, path)

@@ -5,6 +5,7 @@ A request's result depends only on its input, its parameters and its seed: the i
 """
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Literal, Sequence
@@ -64,6 +65,7 @@ class OCDModel(nn.Module):
         self.schedule = NoiseSchedule(schedule)
         self.register_buffer("mean_scale", torch.tensor(float(mean_scale)))
         self.delta_shape = tuple(get_layer(base, layer).weight.shape)
+        self._lock = threading.Lock()  # taps and the adapt fast path hook the shared base model
         self.eval()
 
     def _apply(self, fn, recurse=True):  # keep the schedule's tensors on the model's device
@@ -97,6 +99,12 @@ class OCDModel(nn.Module):
     def predict(self, x: torch.Tensor, steps: int = 10, ensemble: int = 1, eta: float = 0.0,
                 seeds: Sequence[int] | None = None, scale: ScaleMode = "net") -> Prediction:
         """x: (B, *input) -> Prediction with K = ``ensemble`` adapted members per sample."""
+        with self._lock:
+            return self._predict(x, steps, ensemble, eta, seeds, scale)
+
+    def _predict(self, x, steps, ensemble, eta, seeds, scale) -> Prediction:
+        if self.training:  # per-sample results must not depend on the batch (BatchNorm, dropout)
+            self.eval()
         B = x.shape[0]
         if seeds is None:
             seeds = torch.randint(0, 2**63 - 1, (B,)).tolist()

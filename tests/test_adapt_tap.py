@@ -65,3 +65,40 @@ def test_tap_conv2d(lenet, mnist_batch):
 def test_tap_unknown_layer(lenet, mnist_batch):
     with pytest.raises(ValueError, match="model has no layer 'fc3'"):
         tap(lenet, "fc3", mnist_batch[0])
+
+
+def test_output_grad_is_the_label_free_error_signal(lenet, mnist_batch):
+    x, _ = mnist_batch
+    lat = tap(lenet, "fc1", x, grad_task="classification")
+    act = lenet.fc1(lat.inp).detach().requires_grad_(True)
+    out = lenet.fc2(F.relu(act))
+    (ref,) = torch.autograd.grad(F.cross_entropy(out, out.argmax(1), reduction="sum"), act)
+    assert lat.grad.shape == (20, 84)
+    assert torch.allclose(lat.grad, ref, atol=1e-6)
+    assert torch.allclose(lat.out, lenet(x)) and not lat.out.requires_grad
+    alone = tap(lenet, "fc1", x[3:4], grad_task="classification").grad
+    assert torch.allclose(alone[0], lat.grad[3], atol=1e-6)  # per sample, not batch-averaged
+    reg = tap(lenet, "fc1", x[:2], grad_task="regression").grad
+    assert torch.allclose(reg[0], lenet.fc2.weight.sum(0) * (lat.act[0] > 0), atol=1e-6)
+
+
+def test_ema_warm_up_and_average():
+    from ocd_core.ema import EMA
+
+    net = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        net.weight.fill_(0.0)
+    ema = EMA(net, mu=0.9)
+    with torch.no_grad():
+        net.weight.fill_(1.0)
+    ema.update(net)  # n=1: mu_1 = min(0.9, 2/11) -> s = 2/11·0 + 9/11·1
+    assert ema.shadow.weight.item() == pytest.approx(9 / 11)
+    for _ in range(200):
+        ema.update(net)
+    assert ema.shadow.weight.item() == pytest.approx(1.0, abs=1e-6)
+    plain = EMA(torch.nn.Linear(1, 1, bias=False), mu=0.9, warmup=False)
+    start = plain.shadow.weight.item()
+    with torch.no_grad():
+        net.weight.fill_(start + 1.0)
+    plain.update(net)
+    assert plain.shadow.weight.item() == pytest.approx(start + 0.1)

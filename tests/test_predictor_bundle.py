@@ -16,9 +16,9 @@ from ocd_core.targets import TargetConfig
 def model(lenet):
     torch.manual_seed(1)
     cond = CondEncoder(120, 84, 10, CondConfig(dim=16, hidden=16), weight_shape=(84, 120))
-    den = build_denoiser(CompactConfig(), (84, 120), 16)
+    den = build_denoiser(CompactConfig(prediction="epsilon"), (84, 120), 16)  # untrained: large deltas
     scale = ScaleNet(120, 84, 10, ScaleConfig(hidden=8))
-    scale.log_offset.fill_(-7.0)
+    scale.log_offset.fill_(0.0)  # deltas large enough to move the outputs visibly
     return OCDModel(lenet, "fc1", cond, den, scale, ScheduleConfig(), "classification", 1e-3)
 
 
@@ -26,7 +26,8 @@ def manifest(name="mnist", version="1"):
     return Manifest(name=name, version=version, task="classification", modality="image",
                     input=InputSpec(shape=[1, 28, 28]), labels=[str(i) for i in range(10)],
                     base=ArchSpec(arch="lenet5", kwargs={"num_classes": 10}), layer="fc1", latent_dims=(120, 84, 10),
-                    mean_scale=1e-3, targets=TargetConfig(), schedule=ScheduleConfig(), denoiser=CompactConfig(),
+                    mean_scale=1e-3, targets=TargetConfig(), schedule=ScheduleConfig(),
+                    denoiser=CompactConfig(prediction="epsilon"),
                     cond=CondConfig(dim=16, hidden=16), scale=ScaleConfig(hidden=8))
 
 
@@ -38,7 +39,8 @@ def test_prediction_shapes_and_uncertainty(model, mnist_batch):
     assert torch.allclose(p.mean, p.members.mean(1))
     assert torch.allclose(p.uncertainty, -(p.mean * p.mean.log()).sum(-1), atol=1e-5)
     assert set(p.timings) == {"base", "ddim", "adapt"}
-    assert (p.members[:, 0] - p.members[:, 1]).abs().max() > 0  # members differ (different noise)
+    assert (p.members[:, 0] - p.members[:, 1]).abs().max() > 1e-3  # members differ (different noise)
+    assert (p.mean - p.base).abs().max() > 1e-3  # the deltas change the prediction
 
 
 @pytest.mark.parametrize("eta", [0.0, 0.5])
@@ -51,6 +53,8 @@ def test_result_depends_on_own_seed_not_on_batch(model, mnist_batch, eta):
         assert (alone[0] - batch[i]).abs().max().item() < 1e-5
     again = model.predict(x.flip(0), steps=4, ensemble=2, eta=eta, seeds=seeds[::-1]).members.flip(0)
     assert (again - batch).abs().max().item() < 1e-5
+    other = model.predict(x, steps=4, ensemble=2, eta=eta, seeds=seeds[1:] + seeds[:1]).members
+    assert (other - batch).abs().max().item() > 1e-3  # the seed does decide the result
 
 
 def test_regression_head_reports_std(lenet, mnist_batch):
@@ -63,8 +67,11 @@ def test_regression_head_reports_std(lenet, mnist_batch):
 
 
 def test_scale_loss_is_the_papers():
-    assert scale_loss(torch.tensor([2.0]), torch.tensor([1.0])).item() == pytest.approx(10 * torch.log10(torch.tensor(1 + 1e-8)).item())
+    # 10·log10((ρ − ρ*)² / ρ*² + 1e-8): (3 − 2)² / 4 = 0.25 -> −6.0206 dB; (0.5 − 0.1)² / 0.01 = 16 -> 12.041 dB
+    assert scale_loss(torch.tensor([3.0]), torch.tensor([2.0])).item() == pytest.approx(-6.0206, abs=1e-4)
+    assert scale_loss(torch.tensor([0.5]), torch.tensor([0.1])).item() == pytest.approx(12.0412, abs=1e-4)
     assert scale_loss(torch.tensor([1.0]), torch.tensor([1.0])).item() == pytest.approx(-80.0)
+    assert scale_loss(torch.tensor([3.0, 0.5]), torch.tensor([2.0, 0.1])).item() == pytest.approx((-6.0206 + 12.0412) / 2, abs=1e-4)
 
 
 def test_bundle_round_trip(model, mnist_batch, tmp_path):
@@ -108,6 +115,29 @@ def test_bundle_refuses_unknown_version_and_missing_files(model, tmp_path):
         load_bundle(path)
     with pytest.raises(BundleError, match="manifest.json: missing; not a bundle directory"):
         load_bundle(tmp_path)
+
+
+def test_bundle_refuses_paths_outside_and_corrupt_files(model, tmp_path):
+    path = save_bundle(model, manifest(), tmp_path)
+    assert (path.stat().st_mode & 0o777) == 0o755  # readable by a service running as another user
+    raw = json.loads((path / "manifest.json").read_text())
+    raw["files"]["base"] = "../../etc/passwd"
+    (path / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(BundleError, match=r"files.base must be a plain file name, got '../../etc/passwd'"):
+        load_bundle(path)
+    raw["files"]["base"] = "base.safetensors"
+    (path / "manifest.json").write_text(json.dumps(raw))
+    data = (path / "diffusion.safetensors").read_bytes()
+    (path / "diffusion.safetensors").write_bytes(data[: len(data) // 2])  # truncated
+    with pytest.raises(BundleError, match=r"diffusion\.safetensors: unreadable safetensors file"):
+        load_bundle(path)
+
+
+def test_overwrite_swaps_versions_in_place(model, tmp_path):
+    save_bundle(model, manifest(), tmp_path)
+    save_bundle(model, manifest(), tmp_path, overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "mnist").iterdir()) == ["1"]
+    load_bundle(tmp_path / "mnist" / "1")
 
 
 def test_versions_sort_numerically(model, tmp_path):

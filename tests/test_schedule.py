@@ -70,3 +70,17 @@ def test_bad_step_counts_are_refused():
         NoiseSchedule().ddim_timesteps(0)
     with pytest.raises(ValueError, match="eta > 0 needs a noise tensor"):
         NoiseSchedule().ddim_step(torch.zeros(1), torch.zeros(1), 500, 400, eta=0.5)
+
+
+@pytest.mark.parametrize("steps", [1, 5, 10])
+def test_ddim_with_exact_x0_oracle_through_to_eps(steps):
+    """A denoiser that predicts x0 ("sample") exactly: converted to ε by the schedule, DDIM lands on x0."""
+    s = NoiseSchedule()
+    x0 = torch.randn(3, 5, 4, generator=torch.Generator().manual_seed(2))
+    eps_fn = lambda x_t, t: s.to_eps("sample", x0, x_t, t)
+    out = s.ddim_sample(eps_fn, torch.randn(3, 5, 4), steps)
+    assert (out - x0).abs().max().item() < 1e-4
+    t = torch.tensor([10, 500, 990])
+    noise = torch.randn(3, 5, 4)
+    assert torch.allclose(s.to_eps("sample", x0, s.q_sample(x0, t, noise), t), noise, atol=1e-3)
+    assert s.training_target("sample", x0, noise) is x0 and s.training_target("epsilon", x0, noise) is noise

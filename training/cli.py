@@ -19,7 +19,8 @@ def _train(args: argparse.Namespace) -> int:
         recipe = recipe.model_copy(update={"source": args.source})
     if args.seeds:
         recipe = recipe.model_copy(update={"seeds": [int(s) for s in args.seeds.split(",")]})
-    bundle, report = run_recipe(recipe, Path(args.runs), Path(args.models), Path(args.reports), progress=not args.quiet)
+    bundle, report = run_recipe(recipe, Path(args.runs), Path(args.models), Path(args.reports),
+                                progress=not args.quiet, device=args.device)
     print(f"bundle: {bundle}\nreport: {report / 'report.md'}\n")
     print((report / "report.md").read_text())
     return 0
@@ -45,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2")
     t.add_argument("--models", default="models"); t.add_argument("--reports", default="reports")
     t.add_argument("--runs", default="runs"); t.add_argument("--quiet", action="store_true")
+    t.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     t.set_defaults(fn=_train)
     s = sub.add_parser("show", help="print a bundle's manifest")
     s.add_argument("path"); s.set_defaults(fn=_show)

@@ -102,11 +102,15 @@ def cost(model: OCDModel, x1: torch.Tensor, steps: int, repeats: int = 20) -> di
         model.base(x1)
     with FlopCounterMode(display=False) as fo:
         model.predict(x1, steps, 1, seeds=[0])
+    sync = torch.cuda.synchronize if x1.device.type == "cuda" else (lambda: None)
+
     def ms(fn: Callable[[], Any]) -> float:
         fn()
+        sync()
         t = time.perf_counter()
         for _ in range(repeats):
             fn()
+        sync()
         return (time.perf_counter() - t) / repeats * 1000
     return {"base_flops": fb.get_total_flops(), "ocd_flops": fo.get_total_flops(),
             "base_ms": ms(lambda: model.base(x1)), "ocd_ms": ms(lambda: model.predict(x1, steps, 1, seeds=[0]))}

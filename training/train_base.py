@@ -18,7 +18,7 @@ def train_base(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str = "
     hist: dict[str, list[float]] = {"train_loss": [], "val_loss": []}
     for _ in tqdm(range(epochs), desc="base", disable=not progress, leave=False):
         model.train()
-        perm = torch.randperm(x.shape[0], generator=g)
+        perm = torch.randperm(x.shape[0], generator=g).to(x.device)
         total = 0.0
         for i in range(0, x.shape[0], batch_size):
             idx = perm[i:i + batch_size]

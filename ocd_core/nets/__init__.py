@@ -10,6 +10,11 @@ from .lenet import LeNet5
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {"lenet5": LeNet5}
 
 
+def register_architecture(name: str, factory: Callable[..., nn.Module]) -> None:
+    """Make ``factory`` buildable by name, so bundles of your own model can be loaded and served."""
+    ARCHITECTURES[name] = factory
+
+
 def build_net(arch: str, **kwargs: Any) -> nn.Module:
     """Instantiate a registered base architecture, e.g. ``build_net("lenet5", num_classes=10)``."""
     try:
