@@ -35,21 +35,34 @@ class Prediction:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def draw_noise(seeds: Sequence[int], ensemble: int, shape: Sequence[int], steps: int, eta: float,
+def draw_noise(seeds: Sequence[int], ensemble: int | Sequence[int], shape: Sequence[int], steps: int, eta: float,
                device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-sample noise: x_T (B*K, *shape) and, for eta > 0, step noise (steps, B*K, *shape).
+    """Per-sample noise: x_T (ΣK, *shape) and, for eta > 0, step noise (steps, ΣK, *shape).
 
-    Drawn on the CPU from ``torch.Generator().manual_seed(seed)`` per sample, so it is the
-    same on every device and for every batch composition.
+    Sample i gets ``ensemble`` (or ``ensemble[i]``) members, drawn on the CPU from
+    ``torch.Generator().manual_seed(seeds[i])``: the same on every device and for every
+    batch composition.
     """
+    counts = [ensemble] * len(seeds) if isinstance(ensemble, int) else list(ensemble)
     x_T, step = [], []
-    for s in seeds:
+    for s, k in zip(seeds, counts):
         g = torch.Generator().manual_seed(int(s))
-        x_T.append(torch.randn(ensemble, *shape, generator=g))
+        x_T.append(torch.randn(k, *shape, generator=g))
         if eta > 0:
-            step.append(torch.randn(steps, ensemble, *shape, generator=g))
+            step.append(torch.randn(steps, k, *shape, generator=g))
     x = torch.cat(x_T).to(device)
     return x, (torch.cat(step, dim=1).to(device) if eta > 0 else None)
+
+
+@dataclass
+class SamplePrediction:
+    """One request's share of a ragged batch: members (K, *out), mean (*out), uncertainty
+    (() entropy or (*out) std), base (*out)."""
+
+    members: torch.Tensor
+    mean: torch.Tensor
+    uncertainty: torch.Tensor
+    base: torch.Tensor
 
 
 class OCDModel(nn.Module):
@@ -84,10 +97,13 @@ class OCDModel(nn.Module):
     def latents(self, x: torch.Tensor) -> Latents:
         return tap(self.base, self.layer, x, grad_task=self.task if self.cond.output_grad else None)
 
-    def sample_deltas(self, lat: Latents, steps: int, ensemble: int, eta: float, x_T: torch.Tensor,
+    def sample_deltas(self, lat: Latents, steps: int, ensemble: int | torch.Tensor, eta: float, x_T: torch.Tensor,
                       step_noise: torch.Tensor | None = None, scale: ScaleMode = "net") -> torch.Tensor:
-        """Latents of B samples -> deltas (B*K, *W.shape), sample-major (b0k0, b0k1, ...)."""
+        """Latents of B samples -> deltas (ΣK, *W.shape), sample-major (b0k0, b0k1, ...).
+
+        ``ensemble``: K for every sample, or a (B,) tensor of per-sample counts."""
         e = self.cond(*lat.flat(), lat.grad).repeat_interleave(ensemble)  # once per request, not per step
+
         def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return self.schedule.to_eps(self.prediction, self.denoiser(x, t, e), x, t)
 
@@ -95,38 +111,54 @@ class OCDModel(nn.Module):
         rho = self.scale_net(*lat.flat()) if scale == "net" else self.mean_scale.expand(lat.out.shape[0])
         return unit * rho.repeat_interleave(ensemble, 0).view(-1, *([1] * (unit.ndim - 1)))
 
-    @torch.no_grad()  # not inference_mode: the tap may take one backward for Latents.grad
-    def predict(self, x: torch.Tensor, steps: int = 10, ensemble: int = 1, eta: float = 0.0,
-                seeds: Sequence[int] | None = None, scale: ScaleMode = "net") -> Prediction:
-        """x: (B, *input) -> Prediction with K = ``ensemble`` adapted members per sample."""
-        with self._lock:
-            return self._predict(x, steps, ensemble, eta, seeds, scale)
+    def _summary(self, members: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Ensemble mean over ``dim`` and the uncertainty: predictive entropy or ensemble std."""
+        mean = members.mean(dim)
+        if self.task == "classification":
+            return mean, -(mean * mean.clamp_min(1e-12).log()).sum(-1)
+        return mean, members.std(dim, unbiased=False)
 
-    def _predict(self, x, steps, ensemble, eta, seeds, scale) -> Prediction:
+    def _run(self, x: torch.Tensor, steps: int, counts: list[int], eta: float, seeds: Sequence[int] | None,
+             scale: ScaleMode) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        """x (B, *input) -> member outputs (ΣK, *out) after the head, base outputs (B, *out), timings."""
         if self.training:  # per-sample results must not depend on the batch (BatchNorm, dropout)
             self.eval()
         B = x.shape[0]
         if seeds is None:
             seeds = torch.randint(0, 2**63 - 1, (B,)).tolist()
-        if len(seeds) != B:
-            raise ValueError(f"{len(seeds)} seeds for {B} inputs")
+        if len(seeds) != B or len(counts) != B:
+            raise ValueError(f"{len(seeds)} seeds and {len(counts)} ensemble sizes for {B} inputs")
         sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
+        reps = torch.tensor(counts, device=x.device)
         t0 = time.perf_counter()
         lat = self.latents(x)
         sync()
         t1 = time.perf_counter()
-        x_T, step_noise = draw_noise(seeds, ensemble, self.delta_shape, steps, eta, x.device)
-        deltas = self.sample_deltas(lat, steps, ensemble, eta, x_T, step_noise, scale)
+        x_T, step_noise = draw_noise(seeds, counts, self.delta_shape, steps, eta, x.device)
+        deltas = self.sample_deltas(lat, steps, reps, eta, x_T, step_noise, scale)
         sync()
         t2 = time.perf_counter()
-        out = adapted_forward(self.base, self.layer, x.repeat_interleave(ensemble, 0), deltas)
-        members = self.head(out).view(B, ensemble, *out.shape[1:])
+        out = self.head(adapted_forward(self.base, self.layer, x.repeat_interleave(reps, 0), deltas))
         sync()
         t3 = time.perf_counter()
-        mean = members.mean(1)
-        if self.task == "classification":
-            unc = -(mean * mean.clamp_min(1e-12).log()).sum(-1)
-        else:
-            unc = members.std(1, unbiased=False)
-        return Prediction(members, mean, unc, self.head(lat.out),
-                          {"base": t1 - t0, "ddim": t2 - t1, "adapt": t3 - t2})
+        return out, self.head(lat.out), {"base": t1 - t0, "ddim": t2 - t1, "adapt": t3 - t2}
+
+    @torch.no_grad()  # not inference_mode: the tap may take one backward for Latents.grad
+    def predict(self, x: torch.Tensor, steps: int = 10, ensemble: int = 1, eta: float = 0.0,
+                seeds: Sequence[int] | None = None, scale: ScaleMode = "net") -> Prediction:
+        """x: (B, *input) -> Prediction with K = ``ensemble`` adapted members per sample."""
+        with self._lock:
+            out, base, timings = self._run(x, steps, [ensemble] * x.shape[0], eta, seeds, scale)
+        members = out.view(x.shape[0], ensemble, *out.shape[1:])
+        return Prediction(members, *self._summary(members, 1), base, timings)
+
+    @torch.no_grad()
+    def predict_ragged(self, x: torch.Tensor, steps: int, ensembles: Sequence[int], seeds: Sequence[int],
+                       eta: float = 0.0) -> tuple[list[SamplePrediction], dict[str, float]]:
+        """Like ``predict`` with a per-sample ensemble size: one DDIM loop over all ΣK members."""
+        with self._lock:
+            out, base, timings = self._run(x, steps, list(ensembles), eta, seeds, "net")
+        preds = []
+        for i, members in enumerate(out.split(list(ensembles))):
+            preds.append(SamplePrediction(members, *self._summary(members, 0), base[i]))
+        return preds, timings

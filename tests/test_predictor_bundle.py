@@ -144,3 +144,14 @@ def test_versions_sort_numerically(model, tmp_path):
     for v in ("2", "10", "1"):
         save_bundle(model, manifest(version=v), tmp_path)
     assert list_versions(tmp_path, "mnist") == ["1", "2", "10"]
+
+
+def test_ragged_ensembles_equal_separate_predictions(model, mnist_batch):
+    x, _ = mnist_batch
+    preds, timings = model.predict_ragged(x[:3], 4, [1, 3, 2], seeds=[5, 6, 7])
+    assert [p.members.shape for p in preds] == [(1, 10), (3, 10), (2, 10)]
+    for i, k in enumerate([1, 3, 2]):
+        alone = model.predict(x[i:i + 1], steps=4, ensemble=k, seeds=[5 + i])
+        assert (alone.members[0] - preds[i].members).abs().max().item() < 1e-5
+        assert (alone.uncertainty[0] - preds[i].uncertainty).abs().item() < 1e-5
+    assert set(timings) == {"base", "ddim", "adapt"}

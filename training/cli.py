@@ -1,6 +1,7 @@
 """``ocd``: the project's single entry point.
 
   ocd train <recipe> [--variant cpu|paper|smoke] [--source DIR] [--models DIR] [--reports DIR] [--runs DIR]
+  ocd serve [--host H] [--port P] [--workers N] [--models DIR] [--model name[:version],...]
   ocd show <model dir>          print a bundle's manifest summary
 """
 from __future__ import annotations
@@ -34,6 +35,27 @@ def _show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import os
+    import tempfile
+
+    import uvicorn
+
+    from service.settings import Settings
+
+    overrides = {"models_dir": args.models, "host": args.host, "port": args.port, "workers": args.workers,
+                 "models": args.model}
+    for key, value in overrides.items():  # workers read their settings from the environment
+        if value is not None:
+            os.environ[f"OCD_{key.upper()}"] = str(value)
+    s = Settings.from_env()
+    if s.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="ocd-prom-")
+    uvicorn.run("service.app:create_app", factory=True, host=s.host, port=s.port, workers=s.workers,
+                timeout_graceful_shutdown=int(s.timeout_s) + 5, log_level="info")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from training.recipes import RECIPES
 
@@ -48,6 +70,11 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--runs", default="runs"); t.add_argument("--quiet", action="store_true")
     t.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     t.set_defaults(fn=_train)
+    v = sub.add_parser("serve", help="serve every bundle in the model repository over HTTP")
+    v.add_argument("--host"); v.add_argument("--port", type=int); v.add_argument("--workers", type=int)
+    v.add_argument("--models", help="model repository directory (OCD_MODELS_DIR, default models)")
+    v.add_argument("--model", help="serve only these: name or name:version, comma-separated (OCD_MODELS)")
+    v.set_defaults(fn=_serve)
     s = sub.add_parser("show", help="print a bundle's manifest")
     s.add_argument("path"); s.set_defaults(fn=_show)
     args = p.parse_args(argv)

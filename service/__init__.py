@@ -1,0 +1,1 @@
+"""OCD Serve HTTP service: FastAPI app, dynamic batcher of per-request deltas, metrics."""

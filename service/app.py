@@ -1,0 +1,314 @@
+"""FastAPI app: /predict, the Open Inference Protocol v2, health, /metrics.
+
+A request's way: body -> schema validation -> modality decode -> batcher queue -> engine batch
+-> modality encode -> response. Client mistakes are 4xx with ``{"error": "<field>: <reason>"}``.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import ocd_core
+
+from . import metrics
+from .batcher import DeadlineExceeded, Job, QueueFull
+from .modalities import InputError
+from .registry import Registry, Served, UnknownModel
+from .schemas import (ErrorResponse, PredictRequest, PredictResponse, Timings, V2InferRequest, V2InferResponse,
+                      V2ModelMetadata)
+from .settings import Settings
+
+log = logging.getLogger("ocd.service")
+ERRORS = {c: {"model": ErrorResponse} for c in (400, 404, 413, 422, 503, 504)}
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class ClientGone(Exception):
+    pass
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for a body over ``limit`` bytes (declared or streamed)."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            resp = JSONResponse({"error": f"body: {int(declared)} bytes is over the limit of {self.limit} bytes"}, 413)
+            return await resp(scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise BodyTooLarge(f"body: over the limit of {self.limit} bytes")
+            return message
+
+        return await self.app(scope, limited, send)
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def _validation_message(errors: list[dict[str, Any]]) -> str:
+    parts = []
+    for e in errors:
+        loc = [str(p) for p in e.get("loc", ()) if p not in ("body",)]
+        parts.append(f"{'.'.join(loc) or 'body'}: {e.get('msg', 'invalid')}")
+    return "; ".join(parts)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings.from_env()
+    registry = Registry(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        registry.load()
+        yield
+        await registry.drain()  # SIGTERM: uvicorn stops accepting, in-flight requests finish, then this
+
+    app = FastAPI(title="OCD Serve", version=ocd_core.__version__, lifespan=lifespan,
+                  description="Per-sample adapted predictions: OCD (Lutati & Wolf) with dynamic batching.")
+    app.state.registry, app.state.settings = registry, settings
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+
+    @app.middleware("http")
+    async def count(request: Request, call_next):
+        start = time.monotonic()
+        request.state.start, request.state.model = start, ""
+        response = await call_next(request)
+        route = request.scope.get("route")
+        endpoint = getattr(route, "path", "other")
+        metrics.REQUESTS.labels(request.state.model, endpoint, str(response.status_code)).inc()
+        metrics.REQUEST_DURATION.labels(request.state.model, endpoint).observe(time.monotonic() - start)
+        return response
+
+    @app.exception_handler(InputError)
+    async def _input(_r, e: InputError):
+        return _error(e.status, str(e))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_r, e: RequestValidationError):
+        return _error(422, _validation_message(e.errors()))
+
+    @app.exception_handler(UnknownModel)
+    async def _unknown(_r, e: UnknownModel):
+        return _error(404, str(e))
+
+    @app.exception_handler(QueueFull)
+    async def _full(_r, e: QueueFull):
+        return _error(503, str(e), {"Retry-After": "1"})
+
+    @app.exception_handler(DeadlineExceeded)
+    async def _late(_r, e: DeadlineExceeded):
+        return _error(504, f"deadline of {settings.timeout_s:g} s exceeded ({e})")
+
+    @app.exception_handler(BodyTooLarge)
+    async def _large(_r, e: BodyTooLarge):
+        return _error(413, str(e))
+
+    @app.exception_handler(ClientGone)
+    async def _gone(_r, e: ClientGone):
+        return _error(499, "client closed the request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_r, e: StarletteHTTPException):
+        return _error(e.status_code, str(e.detail))
+
+    async def run(request: Request, served: Served, xs: list, steps: int, ensemble: int, seeds: list[int]):
+        """Queue one job per sample and wait for all, the client and the deadline."""
+        deadline = request.state.start + settings.timeout_s
+        jobs = [Job(x, steps, ensemble, s, deadline) for x, s in zip(xs, seeds)]
+        try:
+            for j in jobs:
+                served.batcher.submit(j)
+        except QueueFull:
+            for j in jobs:
+                j.future.cancel()
+            raise
+        results = asyncio.ensure_future(asyncio.gather(*(j.future for j in jobs)))
+
+        async def disconnected():
+            while not await request.is_disconnected():
+                await asyncio.sleep(0.05)
+
+        watcher = asyncio.ensure_future(disconnected())
+        done, _ = await asyncio.wait({results, watcher}, timeout=max(0.0, deadline - time.monotonic()),
+                                     return_when=asyncio.FIRST_COMPLETED)
+        watcher.cancel()
+        if results in done:
+            return [(r[0], r[1], j) for r, j in zip(results.result(), jobs)]
+        for j in jobs:  # nobody will read these: drop them before they cost inference
+            j.future.cancel()
+        results.cancel()
+        if watcher in done:
+            raise ClientGone()
+        raise DeadlineExceeded("no result in time")
+
+    def check_params(served: Served, steps: int | None, ensemble: int, field_prefix: str = "") -> int:
+        steps = steps or served.manifest.serving.ddim_steps
+        limit = min(settings.max_ddim_steps, served.manifest.schedule.num_train_timesteps)
+        if not 1 <= steps <= limit:
+            raise InputError(f"{field_prefix}ddim_steps", f"must be between 1 and {limit}, got {steps}")
+        if not 1 <= ensemble <= settings.max_ensemble:
+            raise InputError(f"{field_prefix}ensemble", f"must be between 1 and {settings.max_ensemble}, got {ensemble}")
+        return steps
+
+    async def parse_predict(request: Request) -> tuple[PredictRequest, Any]:
+        ctype = request.headers.get("content-type", "")
+        if ctype.startswith("multipart/form-data"):
+            form = await request.form()
+            upload = form.get("file")
+            if not isinstance(upload, UploadFile):
+                raise InputError("file", "a multipart request needs an image file in the field 'file'")
+            fields = {k: v for k, v in form.items() if k != "file" and isinstance(v, str)}
+            fields["input"] = None
+            if "return_uncertainty" in fields:
+                fields["return_uncertainty"] = fields["return_uncertainty"].lower() in ("1", "true", "yes")
+            try:
+                req = PredictRequest.model_validate(fields)
+            except ValidationError as e:
+                raise RequestValidationError(e.errors()) from None
+            return req, ("upload", await upload.read(), upload.filename, upload.content_type)
+        if not ctype.startswith("application/json"):
+            raise InputError("content-type", f"expected application/json or multipart/form-data, got {ctype or 'none'}", 415)
+        try:
+            body = await request.json()
+        except ValueError:
+            raise InputError("body", "not valid JSON", 400) from None
+        try:
+            req = PredictRequest.model_validate(body)
+        except ValidationError as e:
+            raise RequestValidationError(e.errors()) from None
+        return req, ("json", req.input)
+
+    predict_body = {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": {"$ref": "#/components/schemas/PredictRequest"}},
+        "multipart/form-data": {"schema": {"type": "object", "required": ["file", "model"], "properties": {
+            "file": {"type": "string", "format": "binary"}, "model": {"type": "string"},
+            "version": {"type": "string"}, "ddim_steps": {"type": "integer"}, "ensemble": {"type": "integer"},
+            "seed": {"type": "integer"}, "return_uncertainty": {"type": "boolean"}}}}}}}
+
+    @app.post("/predict", response_model=PredictResponse, responses=ERRORS, openapi_extra=predict_body,
+              summary="Adapted prediction for one input (JSON or multipart image upload)")
+    async def predict(request: Request) -> PredictResponse:
+        req, payload = await parse_predict(request)
+        served = registry.get(req.model, req.version)
+        request.state.model = served.name
+        steps = check_params(served, req.ddim_steps, req.ensemble)
+        if payload[0] == "upload":
+            x = served.modality.decode_upload(payload[1], payload[2], payload[3])
+        else:
+            x = served.modality.decode_json(payload[1], "input")
+        seed = req.seed if req.seed is not None else secrets.randbelow(2**63)
+        ((pred, timings, job),) = await run(request, served, [x], steps, req.ensemble, [seed])
+        fields = served.modality.encode(pred, req.return_uncertainty)
+        total = time.monotonic() - request.state.start
+        return PredictResponse(model=served.name, version=served.version, ddim_steps=steps, ensemble=req.ensemble,
+                               seed=seed, **fields, timings=Timings(
+                                   queue_ms=job.queue_s * 1000, inference_ms=sum(timings.values()) * 1000,
+                                   total_ms=total * 1000, batch_size=job.batch_size,
+                                   stages_ms={k: v * 1000 for k, v in timings.items()}))
+
+    # ---- Open Inference Protocol v2 -------------------------------------------------------
+    @app.get("/v2", summary="Server metadata")
+    async def v2_server():
+        return {"name": "ocd-serve", "version": ocd_core.__version__, "extensions": []}
+
+    @app.get("/v2/health/live", summary="Liveness")
+    async def live():
+        return {"live": True}
+
+    @app.get("/v2/health/ready", summary="Readiness: every model loaded", responses={503: {"model": ErrorResponse}})
+    async def ready():
+        if not registry.ready:
+            return _error(503, "models are loading or the server is draining")
+        return {"ready": True}
+
+    def metadata(served: Served) -> V2ModelMetadata:
+        return V2ModelMetadata(
+            name=served.name, versions=sorted(registry.models[served.name]), platform=f"ocd-{served.manifest.denoiser.kind}",
+            inputs=served.modality.v2_inputs(), outputs=served.modality.v2_outputs(),
+            parameters={"modality": served.manifest.modality, "task": served.manifest.task,
+                        "layer": served.manifest.layer, "labels": served.manifest.labels,
+                        "default_ddim_steps": served.manifest.serving.ddim_steps})
+
+    @app.get("/v2/models/{name}", response_model=V2ModelMetadata, responses=ERRORS, summary="Model metadata")
+    async def model_meta(name: str):
+        return metadata(registry.get(name))
+
+    @app.get("/v2/models/{name}/versions/{version}", response_model=V2ModelMetadata, responses=ERRORS)
+    async def model_version_meta(name: str, version: str):
+        return metadata(registry.get(name, version))
+
+    @app.get("/v2/models/{name}/ready", responses=ERRORS, summary="Model readiness")
+    async def model_ready(name: str):
+        served = registry.get(name)
+        return {"name": served.name, "version": served.version, "ready": registry.ready}
+
+    @app.get("/v2/models/{name}/versions/{version}/ready", responses=ERRORS)
+    async def model_version_ready(name: str, version: str):
+        served = registry.get(name, version)
+        return {"name": served.name, "version": served.version, "ready": registry.ready}
+
+    async def infer(request: Request, name: str, version: str | None, body: V2InferRequest) -> V2InferResponse:
+        served = registry.get(name, version)
+        request.state.model = served.name
+        params = body.parameters or {}
+        for key in params:
+            if key not in ("ddim_steps", "ensemble", "seed"):
+                raise InputError(f"parameters.{key}", "unknown parameter; use ddim_steps, ensemble, seed")
+        for key in ("ddim_steps", "ensemble", "seed"):
+            if key in params and (not isinstance(params[key], int) or isinstance(params[key], bool)):
+                raise InputError(f"parameters.{key}", f"must be an integer, got {params[key]!r}")
+        steps = check_params(served, params.get("ddim_steps"), params.get("ensemble", 1), "parameters.")
+        seed = params.get("seed")
+        if seed is not None and not 0 <= seed < 2**63 - 2**20:
+            raise InputError("parameters.seed", "must be between 0 and 2**63 - 2**20")
+        xs = served.modality.decode_v2([t.model_dump() for t in body.inputs])
+        base_seed = seed if seed is not None else secrets.randbelow(2**62)
+        results = await run(request, served, xs, steps, params.get("ensemble", 1),
+                            [base_seed + i for i in range(len(xs))])
+        outputs = served.modality.encode_v2([r[0] for r in results])
+        if body.outputs:
+            wanted = {o.get("name") for o in body.outputs}
+            outputs = [o for o in outputs if o["name"] in wanted]
+        return V2InferResponse(model_name=served.name, model_version=served.version, id=body.id, outputs=outputs,
+                               parameters={"ddim_steps": steps, "seed": base_seed})
+
+    @app.post("/v2/models/{name}/infer", response_model=V2InferResponse, responses=ERRORS, summary="Inference (v2)")
+    async def v2_infer(name: str, body: V2InferRequest, request: Request):
+        return await infer(request, name, None, body)
+
+    @app.post("/v2/models/{name}/versions/{version}/infer", response_model=V2InferResponse, responses=ERRORS)
+    async def v2_infer_version(name: str, version: str, body: V2InferRequest, request: Request):
+        return await infer(request, name, version, body)
+
+    @app.get("/metrics", summary="Prometheus metrics")
+    async def prometheus():
+        data, ctype = metrics.render()
+        return Response(data, media_type=ctype)
+
+    return app

@@ -1,0 +1,139 @@
+"""Dynamic batching of requests whose weight deltas differ.
+
+Requests queue per model; a batch closes at ``max_batch_size`` or ``max_wait_ms`` after its
+first request and runs on the model's inference thread (never on the event loop): one base
+forward, one DDIM loop over all members, one adapted forward. Requests with different
+``ddim_steps`` run as separate groups of the batch (the DDIM loop length differs); different
+ensemble sizes share one group (members are ragged, not padded: no wasted work). A request
+that was cancelled (client gone) or whose deadline passed is dropped before it costs inference.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from . import metrics
+
+
+class QueueFull(Exception):
+    """The model's queue is at its limit: answer 503 with Retry-After."""
+
+
+class DeadlineExceeded(Exception):
+    """The request's deadline passed while it waited: answer 504."""
+
+
+@dataclass
+class Job:
+    x: torch.Tensor  # one sample in model space, (*input_shape)
+    steps: int
+    ensemble: int
+    seed: int
+    deadline: float  # time.monotonic()
+    future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    enqueued: float = field(default_factory=time.monotonic)
+    queue_s: float = 0.0
+    batch_size: int = 0
+
+
+RunBatch = Callable[[list[Job]], tuple[list[Any], dict[str, float]]]
+
+
+class Batcher:
+    """One per served model version."""
+
+    def __init__(self, label: str, run_batch: RunBatch, max_batch_size: int, max_wait_ms: float, max_queue: int):
+        self.label, self.run_batch = label, run_batch
+        self.max_batch_size, self.max_wait = max_batch_size, max_wait_ms / 1000
+        self.queue: asyncio.Queue[Job] = asyncio.Queue(max_queue)
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"infer-{label}")
+        self.task: asyncio.Task | None = None
+        self.busy = False
+
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._loop())
+
+    def submit(self, job: Job) -> None:
+        try:
+            self.queue.put_nowait(job)
+        except asyncio.QueueFull:
+            raise QueueFull(f"model {self.label}: queue full ({self.queue.maxsize} requests waiting)") from None
+        metrics.QUEUE_DEPTH.labels(self.label).set(self.queue.qsize())
+
+    async def drain(self) -> None:
+        """Wait until every queued request has been answered, then stop."""
+        while not self.queue.empty() or self.busy:
+            await asyncio.sleep(0.01)
+        if self.task:
+            self.task.cancel()
+        self.executor.shutdown(wait=True)
+
+    async def _collect(self) -> list[Job]:
+        batch = [await self.queue.get()]
+        loop = asyncio.get_running_loop()
+        close = loop.time() + self.max_wait
+        while len(batch) < self.max_batch_size:
+            try:
+                batch.append(self.queue.get_nowait())
+                continue
+            except asyncio.QueueEmpty:
+                pass
+            remaining = close - loop.time()
+            if remaining <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(self.queue.get(), remaining))
+            except asyncio.TimeoutError:
+                break
+        return batch
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._collect()
+            self.busy = True
+            try:
+                metrics.QUEUE_DEPTH.labels(self.label).set(self.queue.qsize())
+                now = time.monotonic()
+                live = []
+                for job in batch:
+                    if job.future.done():  # cancelled: the client went away
+                        continue
+                    if now > job.deadline:
+                        job.future.set_exception(DeadlineExceeded("deadline passed while queued"))
+                        continue
+                    job.queue_s = now - job.enqueued
+                    metrics.QUEUE_DURATION.labels(self.label).observe(job.queue_s)
+                    live.append(job)
+                groups: dict[int, list[Job]] = defaultdict(list)
+                for job in live:
+                    groups[job.steps].append(job)
+                for group in groups.values():
+                    await self._run(loop, group)
+            finally:
+                self.busy = False
+
+    async def _run(self, loop: asyncio.AbstractEventLoop, group: list[Job]) -> None:
+        group = [j for j in group if not j.future.done()]
+        if not group:
+            return
+        metrics.BATCH_SIZE.labels(self.label).observe(len(group))
+        try:
+            results, timings = await loop.run_in_executor(self.executor, self.run_batch, group)
+        except Exception as e:  # a server-side failure: every request of the batch learns it
+            for job in group:
+                if not job.future.done():
+                    job.future.set_exception(e)
+            return
+        for stage, seconds in timings.items():
+            metrics.INFERENCE.labels(self.label, stage).observe(seconds)
+        for job, result in zip(group, results):
+            job.batch_size = len(group)
+            if not job.future.done():
+                job.future.set_result((result, timings))

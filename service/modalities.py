@@ -1,0 +1,199 @@
+"""One modality interface: decode a request into model-space tensors, encode predictions back.
+
+The batcher and the engine see only tensors; everything modality-specific lives here.
+A modality decodes (JSON value | uploaded file | Open Inference Protocol tensors) into one
+sample tensor of the manifest's input shape, normalised as in training. Output encoding
+depends on the task (classification / regression), shared by all modalities.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import math
+from typing import Any, ClassVar
+
+import torch
+
+from ocd_core.bundle import Manifest
+from ocd_core.predictor import SamplePrediction
+
+
+class InputError(Exception):
+    """A client's mistake: becomes a 4xx answer naming the field and the reason."""
+
+    def __init__(self, field: str, reason: str, status: int = 422):
+        super().__init__(f"{field}: {reason}")
+        self.field, self.reason, self.status = field, reason, status
+
+
+V2_NUMERIC = {"FP32", "FP64", "FP16", "INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64"}
+
+
+class Modality:
+    """Base: numeric tensors of the input shape (JSON arrays, v2 FP32 tensors) + task encoding."""
+
+    name: ClassVar[str] = "tensor"
+
+    def __init__(self, manifest: Manifest):
+        self.manifest = manifest
+        self.shape = tuple(manifest.input.shape)
+        norm = manifest.input.normalization
+        self._mean = torch.tensor(norm.mean) if norm else None
+        self._std = torch.tensor(norm.std) if norm else None
+
+    # -- decoding ---------------------------------------------------------------------
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw sample (*shape) -> model space, with the normalisation fitted at training."""
+        if self._mean is None:
+            return x
+        view = (-1,) + (1,) * (x.ndim - 1) if len(self._mean) > 1 else ()
+        return (x - self._mean.view(view)) / self._std.view(view) if view else (x - self._mean) / self._std
+
+    def decode_json(self, value: Any, field: str = "input") -> torch.Tensor:
+        """A JSON value -> one sample (*shape) in model space."""
+        return self.normalise(self.check_array(value, field))
+
+    def decode_upload(self, data: bytes, filename: str | None, content_type: str | None,
+                      field: str = "file") -> torch.Tensor:
+        raise InputError(field, f"file uploads are not supported for {self.name} models")
+
+    def check_array(self, value: Any, field: str) -> torch.Tensor:
+        """A nested list of numbers of the input shape (or its shape without a leading 1) -> tensor."""
+        if not isinstance(value, list):
+            raise InputError(field, f"expected a nested array of shape {list(self.shape)}, got {type(value).__name__}")
+        try:
+            x = torch.tensor(value, dtype=torch.float64)
+        except (TypeError, ValueError):
+            raise InputError(field, f"expected a rectangular nested array of numbers of shape {list(self.shape)}") from None
+        if tuple(x.shape) != self.shape and not (self.shape[0] == 1 and tuple(x.shape) == self.shape[1:]):
+            raise InputError(field, f"expected shape {list(self.shape)}, got {list(x.shape)}")
+        return self.check_values(x.reshape(self.shape).float(), field)
+
+    def check_values(self, x: torch.Tensor, field: str) -> torch.Tensor:
+        if not torch.isfinite(x).all():
+            raise InputError(field, "values must be finite numbers (no NaN or infinity)")
+        return x
+
+    def v2_inputs(self) -> list[dict[str, Any]]:
+        return [{"name": "input", "datatype": "FP32", "shape": [-1, *self.shape]}]
+
+    def decode_v2(self, inputs: list[dict[str, Any]]) -> list[torch.Tensor]:
+        """Open Inference Protocol request tensors -> a list of samples in model space."""
+        by_name = {t["name"]: t for t in inputs}
+        if "input" not in by_name:
+            raise InputError("inputs", f"expected an input named 'input', got {sorted(by_name)}")
+        t = by_name["input"]
+        field = "inputs[input]"
+        if t["datatype"] not in V2_NUMERIC:
+            raise InputError(f"{field}.datatype", f"expected FP32 (or another numeric type), got {t['datatype']}")
+        shape = list(t["shape"])
+        if len(shape) != len(self.shape) + 1 or tuple(shape[1:]) != self.shape or shape[0] < 1:
+            raise InputError(f"{field}.shape", f"expected [N, {', '.join(map(str, self.shape))}], got {shape}")
+        data = t["data"]
+        flat = _flatten(data)
+        if len(flat) != math.prod(shape):
+            raise InputError(f"{field}.data", f"holds {len(flat)} values, shape {shape} needs {math.prod(shape)}")
+        try:
+            x = torch.tensor(flat, dtype=torch.float64).float().view(shape)
+        except (TypeError, ValueError):
+            raise InputError(f"{field}.data", "expected numbers") from None
+        x = self.check_values(x, f"{field}.data")
+        return [self.normalise(s) for s in x]
+
+    # -- encoding ---------------------------------------------------------------------
+    def encode(self, p: SamplePrediction, return_uncertainty: bool = True) -> dict[str, Any]:
+        """One request's prediction -> response fields (label/probabilities or value, uncertainty)."""
+        if self.manifest.task == "classification":
+            labels = self.manifest.labels or [str(i) for i in range(p.mean.shape[-1])]
+            probs = p.mean.tolist()
+            out: dict[str, Any] = {"label": labels[int(p.mean.argmax())],
+                                   "probabilities": dict(zip(labels, probs))}
+        else:
+            out = {"value": p.mean.tolist()}
+        out["uncertainty"] = p.uncertainty.tolist() if return_uncertainty else None
+        return out
+
+    def v2_outputs(self) -> list[dict[str, Any]]:
+        if self.manifest.task == "classification":
+            n = len(self.manifest.labels or [])
+            return [{"name": "probabilities", "datatype": "FP32", "shape": [-1, n]},
+                    {"name": "label", "datatype": "BYTES", "shape": [-1]},
+                    {"name": "uncertainty", "datatype": "FP32", "shape": [-1]}]
+        return [{"name": "value", "datatype": "FP32", "shape": [-1, *self.manifest.input.options.get("out_shape", [1])]},
+                {"name": "uncertainty", "datatype": "FP32", "shape": [-1, *self.manifest.input.options.get("out_shape", [1])]}]
+
+    def encode_v2(self, preds: list[SamplePrediction]) -> list[dict[str, Any]]:
+        n = len(preds)
+        if self.manifest.task == "classification":
+            labels = self.manifest.labels or [str(i) for i in range(preds[0].mean.shape[-1])]
+            probs = torch.stack([p.mean for p in preds])
+            return [{"name": "probabilities", "datatype": "FP32", "shape": list(probs.shape),
+                     "data": probs.flatten().tolist()},
+                    {"name": "label", "datatype": "BYTES", "shape": [n], "data": [labels[int(i)] for i in probs.argmax(1)]},
+                    {"name": "uncertainty", "datatype": "FP32", "shape": [n],
+                     "data": [float(p.uncertainty) for p in preds]}]
+        vals = torch.stack([p.mean for p in preds])
+        unc = torch.stack([p.uncertainty for p in preds])
+        return [{"name": "value", "datatype": "FP32", "shape": list(vals.shape), "data": vals.flatten().tolist()},
+                {"name": "uncertainty", "datatype": "FP32", "shape": list(unc.shape), "data": unc.flatten().tolist()}]
+
+
+def _flatten(data: Any) -> list:
+    if isinstance(data, list) and data and isinstance(data[0], list):
+        return [v for row in data for v in _flatten(row)]
+    return data if isinstance(data, list) else [data]
+
+
+class ImageModality(Modality):
+    """Images: base64 PNG/JPEG (or a data: URL), an uploaded image file, or a nested array of
+    pixel values in [0, 1] of the input shape. Images are converted to the model's channels
+    (L or RGB) and resized to its height x width."""
+
+    name = "image"
+
+    def check_values(self, x: torch.Tensor, field: str) -> torch.Tensor:
+        x = super().check_values(x, field)
+        if x.min() < 0 or x.max() > 1:
+            raise InputError(field, f"pixel values must be in [0, 1], got [{x.min().item():g}, {x.max().item():g}]")
+        return x
+
+    def decode_json(self, value: Any, field: str = "input") -> torch.Tensor:
+        if isinstance(value, str):
+            b64 = value.split(",", 1)[1] if value.startswith("data:") and "," in value else value
+            try:
+                data = base64.b64decode(b64, validate=True)
+            except (binascii.Error, ValueError):
+                raise InputError(field, "a string input must be a base64-encoded PNG or JPEG image") from None
+            return self.normalise(self._image(data, field))
+        return super().decode_json(value, field)
+
+    def decode_upload(self, data: bytes, filename: str | None, content_type: str | None,
+                      field: str = "file") -> torch.Tensor:
+        return self.normalise(self._image(data, field))
+
+    def _image(self, data: bytes, field: str) -> torch.Tensor:
+        from PIL import Image, UnidentifiedImageError
+
+        c, h, w = self.shape
+        try:
+            img = Image.open(io.BytesIO(data))
+            if img.format not in ("PNG", "JPEG"):
+                raise InputError(field, f"expected a PNG or JPEG image, got {img.format}")
+            img = img.convert("L" if c == 1 else "RGB")
+            if img.size != (w, h):
+                img = img.resize((w, h), Image.BILINEAR)
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
+            raise InputError(field, "not a readable PNG or JPEG image", status=400) from None
+        x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).float().div(255)
+        return x.view(h, w, c).permute(2, 0, 1).contiguous()
+
+
+MODALITIES: dict[str, type[Modality]] = {"tensor": Modality, "image": ImageModality}
+
+
+def modality_for(manifest: Manifest) -> Modality:
+    try:
+        return MODALITIES[manifest.modality](manifest)
+    except KeyError:
+        raise ValueError(f"model {manifest.name}: unknown modality {manifest.modality!r}; known: {sorted(MODALITIES)}") from None

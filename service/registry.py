@@ -1,0 +1,99 @@
+"""The model repository at run time: every served (name, version), its engine and batcher."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ocd_core.bundle import BundleError, Manifest, list_versions, load_bundle
+from ocd_core.predictor import OCDModel, SamplePrediction
+
+from . import metrics
+from .batcher import Batcher, Job
+from .modalities import Modality, modality_for
+from .settings import Settings
+
+log = logging.getLogger("ocd.service")
+
+
+class UnknownModel(Exception):
+    """404: no such model or version."""
+
+
+class TorchEngine:
+    """Runs a batch of jobs through an OCDModel on the configured device (one thread per model)."""
+
+    def __init__(self, model: OCDModel, device: str):
+        self.model, self.device = model, torch.device(device)
+
+    def __call__(self, jobs: list[Job]) -> tuple[list[SamplePrediction], dict[str, float]]:
+        x = torch.stack([j.x for j in jobs]).to(self.device)
+        preds, timings = self.model.predict_ragged(x, jobs[0].steps, [j.ensemble for j in jobs],
+                                                   [j.seed for j in jobs])
+        cpu = [SamplePrediction(*(t.cpu() for t in (p.members, p.mean, p.uncertainty, p.base))) for p in preds]
+        return cpu, timings
+
+
+@dataclass
+class Served:
+    name: str
+    version: str
+    manifest: Manifest
+    modality: Modality
+    batcher: Batcher
+
+
+class Registry:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.models: dict[str, dict[str, Served]] = {}
+        self.ready = False
+
+    def _wanted(self) -> dict[str, str | None]:
+        root = Path(self.settings.models_dir)
+        if self.settings.models.strip():
+            pairs = [m.strip().split(":", 1) for m in self.settings.models.split(",") if m.strip()]
+            return {p[0]: (p[1] if len(p) > 1 else None) for p in pairs}
+        return {d.name: None for d in sorted(root.iterdir()) if d.is_dir() and list_versions(root, d.name)} \
+            if root.is_dir() else {}
+
+    def load(self) -> None:
+        """Load the latest (or the named) version of every wanted model and start its batcher."""
+        s, root, device = self.settings, Path(self.settings.models_dir), self.settings.resolved_device()
+        if s.threads:
+            torch.set_num_threads(s.threads)
+        for name, version in self._wanted().items():
+            versions = list_versions(root, name)
+            if not versions:
+                raise BundleError(f"{root / name}: no versions with a manifest.json")
+            version = version or versions[-1]
+            if version not in versions:
+                raise BundleError(f"{root / name / version}: no such version (have {versions})")
+            model, manifest = load_bundle(root / name / version, device)
+            label = f"{name}:{version}"
+            engine = TorchEngine(model, device)
+            batcher = Batcher(name, engine, s.max_batch_size, s.max_wait_ms, s.max_queue)
+            batcher.start()
+            self.models.setdefault(name, {})[version] = Served(name, version, manifest, modality_for(manifest), batcher)
+            metrics.MODEL_INFO.labels(name, version, manifest.modality, manifest.task, manifest.denoiser.kind,
+                                      device).set(1)
+            log.info("serving %s on %s (%s, layer %s)", label, device, manifest.modality, manifest.layer)
+        self.ready = True
+
+    def get(self, name: str, version: str | None = None) -> Served:
+        versions = self.models.get(name)
+        if not versions:
+            raise UnknownModel(f"unknown model {name!r}; serving {sorted(self.models)}")
+        if version is None:
+            return versions[max(versions, key=lambda v: (0, int(v), "") if v.isdigit() else (1, 0, v))]
+        if version not in versions:
+            raise UnknownModel(f"model {name!r} has no version {version!r}; serving {sorted(versions)}")
+        return versions[version]
+
+    async def drain(self) -> None:
+        self.ready = False
+        for versions in self.models.values():
+            for served in versions.values():
+                await served.batcher.drain()

@@ -1,0 +1,85 @@
+"""Typed request and response bodies (they make the OpenAPI docs at /docs)."""
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class PredictRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str = Field(description="model name, e.g. mnist")
+    version: str | None = Field(None, description="model version; latest when null")
+    input: Any = Field(description="image: base64 PNG/JPEG or a nested array of the model's input shape "
+                                   "(pixel values in [0, 1])")
+    ddim_steps: int | None = Field(None, ge=1, description="DDIM steps; the model's default when null")
+    ensemble: int = Field(1, ge=1, description="adapted models sampled with different noise; their mean is returned")
+    seed: int | None = Field(None, ge=0, lt=2**63, description="noise seed; random when null (the response says which)")
+    return_uncertainty: bool = True
+
+
+class Timings(BaseModel):
+    queue_ms: float = Field(description="time waiting for a batch")
+    inference_ms: float = Field(description="the batch's inference time (base + DDIM + adapt)")
+    total_ms: float
+    batch_size: int = Field(description="requests that shared the batch")
+    stages_ms: dict[str, float] = Field(description="the batch's time per stage: base, ddim, adapt")
+
+
+class PredictResponse(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    model: str
+    version: str
+    label: str | None = Field(None, description="classification: the ensemble's most probable label")
+    probabilities: dict[str, float] | None = Field(None, description="classification: ensemble mean per label")
+    value: list[float] | float | None = Field(None, description="regression: ensemble mean")
+    uncertainty: float | list[float] | None = Field(
+        None, description="classification: predictive entropy of the ensemble mean (nats); regression: ensemble std")
+    ddim_steps: int
+    ensemble: int
+    seed: int
+    timings: Timings
+
+
+class ErrorResponse(BaseModel):
+    error: str
+
+
+class V2Tensor(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: dict[str, Any] | None = None
+    data: list[Any]
+
+
+class V2InferRequest(BaseModel):
+    id: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="ddim_steps, ensemble, seed (sample i uses seed + i)")
+    inputs: list[V2Tensor]
+    outputs: list[dict[str, Any]] | None = None
+
+
+class V2InferResponse(BaseModel):
+    model_name: str
+    model_version: str
+    id: str | None = None
+    parameters: dict[str, Any] | None = None
+    outputs: list[V2Tensor]
+
+
+class V2TensorMeta(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class V2ModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[V2TensorMeta]
+    outputs: list[V2TensorMeta]
+    parameters: dict[str, Any] | None = None

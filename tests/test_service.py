@@ -1,0 +1,276 @@
+"""The service against a real uvicorn server on loopback: endpoints, errors, batching, overload, drain."""
+import base64
+import io
+import json
+import math
+import signal
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from PIL import Image
+
+from serving import Server, make_bundle
+
+DIGIT = [[[((r * 28 + c) % 256) / 255 for c in range(28)] for r in range(28)]]  # exact in 8-bit PNG
+
+
+def png_b64(pixels) -> str:
+    img = Image.new("L", (28, 28))
+    img.putdata([round(v * 255) for row in pixels[0] for v in row])
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("repo") / "models"
+    make_bundle(root, version="1", seed=0)
+    make_bundle(root, version="2", seed=1)
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(models):
+    s = Server(models, max_batch_size=32, max_wait_ms=20, max_body_bytes=200_000)
+    yield s
+    s.stop()
+
+
+def post(server, body, **kw):
+    return httpx.post(f"{server.url}/predict", json=body, timeout=60, **kw)
+
+
+def test_health_metadata_and_docs(server):
+    assert httpx.get(f"{server.url}/v2/health/live").json() == {"live": True}
+    assert httpx.get(f"{server.url}/v2/health/ready").json() == {"ready": True}
+    assert httpx.get(f"{server.url}/v2").json()["name"] == "ocd-serve"
+    meta = httpx.get(f"{server.url}/v2/models/mnist").json()
+    assert meta["name"] == "mnist" and meta["versions"] == ["1", "2"] and meta["platform"] == "ocd-compact"
+    assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 28, 28]}]
+    assert [o["name"] for o in meta["outputs"]] == ["probabilities", "label", "uncertainty"]
+    assert meta["outputs"][0]["shape"] == [-1, 10]
+    assert httpx.get(f"{server.url}/v2/models/mnist/ready").json() == {"name": "mnist", "version": "2", "ready": True}
+    assert httpx.get(f"{server.url}/v2/models/mnist/versions/1/ready").json()["version"] == "1"
+    r = httpx.get(f"{server.url}/v2/models/nope")
+    assert r.status_code == 404 and r.json() == {"error": "unknown model 'nope'; serving ['mnist']"}
+    assert httpx.get(f"{server.url}/v2/models/mnist/versions/9").status_code == 404
+    spec = httpx.get(f"{server.url}/openapi.json").json()
+    assert "PredictRequest" in spec["components"]["schemas"] and "PredictResponse" in spec["components"]["schemas"]
+    assert httpx.get(f"{server.url}/docs").status_code == 200
+
+
+def test_predict_json_array_base64_and_upload_agree(server):
+    a = post(server, {"model": "mnist", "input": DIGIT, "seed": 7, "ensemble": 3, "ddim_steps": 5})
+    assert a.status_code == 200, a.text
+    body = a.json()
+    assert body["model"] == "mnist" and body["version"] == "2" and body["seed"] == 7
+    assert body["ensemble"] == 3 and body["ddim_steps"] == 5
+    assert set(body["probabilities"]) == {str(i) for i in range(10)}
+    assert math.isclose(sum(body["probabilities"].values()), 1.0, abs_tol=1e-5)
+    assert body["label"] == max(body["probabilities"], key=body["probabilities"].get)
+    assert body["uncertainty"] > 0 and body["value"] is None
+    assert set(body["timings"]) == {"queue_ms", "inference_ms", "total_ms", "batch_size", "stages_ms"}
+    assert set(body["timings"]["stages_ms"]) == {"base", "ddim", "adapt"}
+    b = post(server, {"model": "mnist", "input": png_b64(DIGIT), "seed": 7, "ensemble": 3, "ddim_steps": 5}).json()
+    assert b["probabilities"] == pytest.approx(body["probabilities"], abs=1e-6)
+    raw = base64.b64decode(png_b64(DIGIT))
+    c = httpx.post(f"{server.url}/predict", files={"file": ("d.png", raw, "image/png")},
+                   data={"model": "mnist", "seed": "7", "ensemble": "3", "ddim_steps": "5"}, timeout=60)
+    assert c.status_code == 200, c.text
+    assert c.json()["probabilities"] == pytest.approx(body["probabilities"], abs=1e-6)
+    v1 = post(server, {"model": "mnist", "version": "1", "input": DIGIT, "seed": 7}).json()
+    assert v1["version"] == "1" and v1["ddim_steps"] == 10
+    no_unc = post(server, {"model": "mnist", "input": DIGIT, "seed": 7, "return_uncertainty": False}).json()
+    assert no_unc["uncertainty"] is None
+
+
+def test_seed_decides_result(server):
+    one = post(server, {"model": "mnist", "input": DIGIT, "seed": 1}).json()["probabilities"]
+    again = post(server, {"model": "mnist", "input": DIGIT, "seed": 1}).json()["probabilities"]
+    other = post(server, {"model": "mnist", "input": DIGIT, "seed": 2}).json()["probabilities"]
+    assert one == again
+    assert max(abs(one[k] - other[k]) for k in one) > 1e-4
+    auto = post(server, {"model": "mnist", "input": DIGIT}).json()
+    assert isinstance(auto["seed"], int)
+    assert post(server, {"model": "mnist", "input": DIGIT, "seed": auto["seed"]}).json()["probabilities"] == auto["probabilities"]
+
+
+@pytest.mark.parametrize("body,status,error", [
+    ({"input": DIGIT}, 422, "model: Field required"),
+    ({"model": "mnist", "input": DIGIT, "extra": 1}, 422, "extra: Extra inputs are not permitted"),
+    ({"model": "mnist", "input": [[0.5] * 27] * 28}, 422, "input: expected shape [1, 28, 28], got [28, 27]"),
+    ({"model": "mnist", "input": [[[2.0] * 28] * 28]}, 422, "input: pixel values must be in [0, 1], got [2, 2]"),
+    ({"model": "mnist", "input": [[["a"] * 28] * 28]}, 422, "input: expected a rectangular nested array of numbers"),
+    ({"model": "mnist", "input": 5}, 422, "input: expected a nested array of shape [1, 28, 28], got int"),
+    ({"model": "mnist", "input": "not base64!"}, 422, "input: a string input must be a base64-encoded PNG or JPEG image"),
+    ({"model": "mnist", "input": base64.b64encode(b"hello").decode()}, 400, "input: not a readable PNG or JPEG image"),
+    ({"model": "mnist", "input": DIGIT, "ensemble": 0}, 422, "ensemble: Input should be greater than or equal to 1"),
+    ({"model": "mnist", "input": DIGIT, "ensemble": 33}, 422, "ensemble: must be between 1 and 32, got 33"),
+    ({"model": "mnist", "input": DIGIT, "ddim_steps": 101}, 422, "ddim_steps: must be between 1 and 100, got 101"),
+    ({"model": "mnist", "input": DIGIT, "seed": -1}, 422, "seed: Input should be greater than or equal to 0"),
+    ({"model": "nope", "input": DIGIT}, 404, "unknown model 'nope'; serving ['mnist']"),
+    ({"model": "mnist", "version": "7", "input": DIGIT}, 404, "model 'mnist' has no version '7'; serving ['1', '2']"),
+])
+def test_predict_errors(server, body, status, error):
+    r = post(server, body)
+    assert r.status_code == status, r.text
+    assert r.json()["error"].startswith(error), r.json()
+
+
+def test_transport_errors(server):
+    r = httpx.post(f"{server.url}/predict", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json() == {"error": "body: not valid JSON"}
+    r = httpx.post(f"{server.url}/predict", content=b"x", headers={"content-type": "text/plain"})
+    assert r.status_code == 415 and r.json()["error"] == "content-type: expected application/json or multipart/form-data, got text/plain"
+    big = {"model": "mnist", "input": "A" * 300_000}
+    r = post(server, big)
+    assert r.status_code == 413 and "over the limit of 200000 bytes" in r.json()["error"]
+    r = httpx.post(f"{server.url}/predict", files={"other": ("a.txt", b"x")}, data={"model": "mnist"})
+    assert r.status_code == 422 and r.json()["error"] == "file: a multipart request needs an image file in the field 'file'"
+    r = httpx.post(f"{server.url}/predict", files={"file": ("a.png", b"garbage", "image/png")}, data={"model": "mnist"})
+    assert r.status_code == 400 and r.json()["error"] == "file: not a readable PNG or JPEG image"
+
+
+def test_nan_pixel_is_named(server):
+    row = ", ".join(["0.5"] * 28)
+    rows = [f"[{row}]"] * 27 + ["[" + ", ".join(["0.5"] * 27 + ["NaN"]) + "]"]
+    body = '{"model": "mnist", "input": [[' + ", ".join(rows) + "]]}"
+    r = httpx.post(f"{server.url}/predict", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 422 and r.json() == {"error": "input: values must be finite numbers (no NaN or infinity)"}
+
+
+def test_v2_infer_matches_predict(server):
+    flat = [v for row in DIGIT[0] for v in row]
+    body = {"id": "r1", "inputs": [{"name": "input", "shape": [2, 1, 28, 28], "datatype": "FP32", "data": flat + flat[::-1]}],
+            "parameters": {"ddim_steps": 5, "ensemble": 2, "seed": 40}}
+    r = httpx.post(f"{server.url}/v2/models/mnist/infer", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["model_name"] == "mnist" and out["model_version"] == "2" and out["id"] == "r1"
+    probs, labels, unc = out["outputs"]
+    assert probs["name"] == "probabilities" and probs["shape"] == [2, 10] and len(probs["data"]) == 20
+    assert labels["datatype"] == "BYTES" and labels["shape"] == [2] and unc["shape"] == [2]
+    single = post(server, {"model": "mnist", "input": DIGIT, "seed": 40, "ddim_steps": 5, "ensemble": 2}).json()
+    assert probs["data"][:10] == pytest.approx([single["probabilities"][str(i)] for i in range(10)], abs=1e-6)
+    assert labels["data"][0] == single["label"]
+    only = httpx.post(f"{server.url}/v2/models/mnist/versions/1/infer", json={**body, "outputs": [{"name": "label"}]}).json()
+    assert [o["name"] for o in only["outputs"]] == ["label"] and only["model_version"] == "1"
+
+
+@pytest.mark.parametrize("change,status,error", [
+    ({"inputs": [{"name": "input", "shape": [1, 28, 28], "datatype": "FP32", "data": [0.1] * 784}]}, 422,
+     "inputs[input].shape: expected [N, 1, 28, 28], got [1, 28, 28]"),
+    ({"inputs": [{"name": "input", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": [0.1] * 700}]}, 422,
+     "inputs[input].data: holds 700 values, shape [1, 1, 28, 28] needs 784"),
+    ({"inputs": [{"name": "x", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": [0.1] * 784}]}, 422,
+     "inputs: expected an input named 'input', got ['x']"),
+    ({"inputs": [{"name": "input", "shape": [1, 1, 28, 28], "datatype": "BYTES", "data": ["a"] * 784}]}, 422,
+     "inputs[input].datatype: expected FP32 (or another numeric type), got BYTES"),
+    ({"parameters": {"temperature": 1}}, 422, "parameters.temperature: unknown parameter; use ddim_steps, ensemble, seed"),
+    ({"parameters": {"ensemble": "5"}}, 422, "parameters.ensemble: must be an integer, got '5'"),
+    ({"parameters": {"ddim_steps": 0}}, 422, "parameters.ddim_steps: must be between 1 and 100, got 0"),
+    ({"inputs": "x"}, 422, "inputs: Input should be a valid list"),
+])
+def test_v2_errors(server, change, status, error):
+    body = {"inputs": [{"name": "input", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": [0.1] * 784}], **change}
+    r = httpx.post(f"{server.url}/v2/models/mnist/infer", json=body, timeout=60)
+    assert r.status_code == status, r.text
+    assert r.json() == {"error": error}
+
+
+def test_concurrent_requests_batch_and_stay_independent(server):
+    before = server.metric("ocd_batch_size_count", model="mnist"), server.metric("ocd_batch_size_sum", model="mnist")
+    alone = post(server, {"model": "mnist", "input": DIGIT, "seed": 99, "ensemble": 2}).json()["probabilities"]
+    bodies = [{"model": "mnist", "input": DIGIT, "seed": 99 if i % 8 == 0 else i, "ensemble": 1 + i % 3,
+               "ddim_steps": 10 if i % 5 else 5} for i in range(48)]
+    bodies = [dict(b, ensemble=2) if b["seed"] == 99 else b for b in bodies]
+    with ThreadPoolExecutor(48) as pool:
+        results = list(pool.map(lambda b: post(server, b), bodies))
+    assert [r.status_code for r in results] == [200] * 48
+    for b, r in zip(bodies, results):
+        if b["seed"] == 99 and b["ddim_steps"] == 10:
+            assert r.json()["probabilities"] == pytest.approx(alone, abs=1e-6)  # whatever shared its batch
+    count = server.metric("ocd_batch_size_count", model="mnist") - before[0]
+    size = server.metric("ocd_batch_size_sum", model="mnist") - before[1]
+    assert size == 49  # every request ran exactly once
+    assert count < 49  # so some batches held more than one request
+    assert max(r.json()["timings"]["batch_size"] for r in results) > 1
+
+
+def test_metrics_exposition(server):
+    post(server, {"model": "mnist", "input": DIGIT, "seed": 3})
+    text = httpx.get(f"{server.url}/metrics").text
+    for name in ("ocd_requests_total", "ocd_request_duration_seconds_bucket", "ocd_queue_duration_seconds_bucket",
+                 "ocd_batch_size_bucket", "ocd_queue_depth", "ocd_inference_duration_seconds_bucket", "ocd_model_info"):
+        assert name in text, name
+    assert server.metric("ocd_requests_total", model="mnist", endpoint="/predict", code="200") >= 1
+    for stage in ("base", "ddim", "adapt"):
+        assert server.metric("ocd_inference_duration_seconds_count", model="mnist", stage=stage) >= 1
+    assert server.metric("ocd_model_info", model="mnist", version="2", modality="image") == 1
+
+
+def test_overload_answers_503_and_loses_nothing(models):
+    s = Server(models, max_batch_size=1, max_queue=2, max_wait_ms=0, model="mnist:2")
+    try:
+        bodies = [{"model": "mnist", "input": DIGIT, "seed": i, "ensemble": 8, "ddim_steps": 20} for i in range(24)]
+        with ThreadPoolExecutor(24) as pool:
+            results = list(pool.map(lambda b: httpx.post(f"{s.url}/predict", json=b, timeout=120), bodies))
+        codes = [r.status_code for r in results]
+        assert set(codes) <= {200, 503} and codes.count(503) > 0 and codes.count(200) >= 3
+        for r in results:
+            if r.status_code == 503:
+                assert r.headers["retry-after"] == "1"
+                assert r.json() == {"error": "model mnist: queue full (2 requests waiting)"}
+        assert s.metric("ocd_batch_size_sum", model="mnist") == codes.count(200)
+        assert s.metric("ocd_queue_depth", model="mnist") == 0
+    finally:
+        s.stop()
+
+
+def test_deadline_504_and_disconnect_costs_nothing(models):
+    s = Server(models, max_batch_size=1, max_wait_ms=0, timeout_s=1.0, model="mnist:2")
+    try:
+        slow = {"model": "mnist", "input": DIGIT, "ensemble": 32, "ddim_steps": 100, "seed": 0}
+        with ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(httpx.post, f"{s.url}/predict", json=slow, timeout=30) for _ in range(4)]
+            results = [f.result() for f in futures]
+        codes = sorted(r.status_code for r in results)
+        assert 504 in codes, codes
+        for r in results:
+            if r.status_code == 504:
+                assert r.json()["error"].startswith("deadline of 1 s exceeded")
+        ran = s.metric("ocd_batch_size_sum", model="mnist")
+        # a request still queued when its deadline passes is dropped; one already running finishes unseen
+        assert codes.count(200) <= ran < 4
+        # a client that goes away before its batch runs: occupy the worker, send, hang up
+        blocker = ThreadPoolExecutor(1).submit(httpx.post, f"{s.url}/predict", json={**slow, "ddim_steps": 60}, timeout=30)
+        time.sleep(0.2)
+        before = s.metric("ocd_batch_size_sum", model="mnist")
+        body = json.dumps({"model": "mnist", "input": DIGIT, "seed": 5}).encode()
+        sock = socket.create_connection(("127.0.0.1", s.port))
+        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        time.sleep(0.2)
+        sock.close()
+        blocker.result()
+        time.sleep(0.5)
+        assert s.metric("ocd_batch_size_sum", model="mnist") - before == 1  # only the blocker ran
+    finally:
+        s.stop()
+
+
+def test_sigterm_drains_in_flight_requests(models):
+    s = Server(models, max_batch_size=4, max_wait_ms=50, model="mnist:2")
+    bodies = [{"model": "mnist", "input": DIGIT, "seed": i, "ensemble": 8, "ddim_steps": 30} for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(httpx.post, f"{s.url}/predict", json=b, timeout=60) for b in bodies]
+        time.sleep(0.3)
+        s.proc.send_signal(signal.SIGTERM)
+        results = [f.result() for f in futures]
+    assert [r.status_code for r in results] == [200] * 8
+    assert s.proc.wait(30) == 0
+    assert "Finished server process" in s.logs()
