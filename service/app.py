@@ -67,6 +67,36 @@ class BodyLimit:
         return await self.app(scope, limited, send)
 
 
+class Count:
+    """ASGI middleware: request count and latency by model, route template and status.
+
+    (Pure ASGI, not BaseHTTPMiddleware: that one hides client disconnects from the endpoint.)"""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.monotonic()
+        state = scope.setdefault("state", {})
+        state["start"], state["model"] = start, ""
+        status = 500
+
+        async def capture(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, capture)
+        finally:
+            endpoint = getattr(scope.get("route"), "path", "other")
+            metrics.REQUESTS.labels(state["model"], endpoint, str(status)).inc()
+            metrics.REQUEST_DURATION.labels(state["model"], endpoint).observe(time.monotonic() - start)
+
+
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
@@ -94,16 +124,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.registry, app.state.settings = registry, settings
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
 
-    @app.middleware("http")
-    async def count(request: Request, call_next):
-        start = time.monotonic()
-        request.state.start, request.state.model = start, ""
-        response = await call_next(request)
-        route = request.scope.get("route")
-        endpoint = getattr(route, "path", "other")
-        metrics.REQUESTS.labels(request.state.model, endpoint, str(response.status_code)).inc()
-        metrics.REQUEST_DURATION.labels(request.state.model, endpoint).observe(time.monotonic() - start)
-        return response
+    app.add_middleware(Count)
 
     @app.exception_handler(InputError)
     async def _input(_r, e: InputError):
@@ -168,7 +189,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         raise DeadlineExceeded("no result in time")
 
     def check_params(served: Served, steps: int | None, ensemble: int, field_prefix: str = "") -> int:
-        steps = steps or served.manifest.serving.ddim_steps
+        steps = served.manifest.serving.ddim_steps if steps is None else steps
         limit = min(settings.max_ddim_steps, served.manifest.schedule.num_train_timesteps)
         if not 1 <= steps <= limit:
             raise InputError(f"{field_prefix}ddim_steps", f"must be between 1 and {limit}, got {steps}")
@@ -305,6 +326,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.post("/v2/models/{name}/versions/{version}/infer", response_model=V2InferResponse, responses=ERRORS)
     async def v2_infer_version(name: str, version: str, body: V2InferRequest, request: Request):
         return await infer(request, name, version, body)
+
+    def openapi() -> dict[str, Any]:
+        """The generated spec plus PredictRequest, which /predict parses itself (JSON or multipart)."""
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+
+            spec = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            schema = PredictRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+            spec["components"]["schemas"].update(schema.pop("$defs", {}))
+            spec["components"]["schemas"]["PredictRequest"] = schema
+            app.openapi_schema = spec
+        return app.openapi_schema
+
+    app.openapi = openapi
 
     @app.get("/metrics", summary="Prometheus metrics")
     async def prometheus():

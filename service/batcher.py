@@ -48,11 +48,13 @@ RunBatch = Callable[[list[Job]], tuple[list[Any], dict[str, float]]]
 class Batcher:
     """One per served model version."""
 
-    def __init__(self, label: str, run_batch: RunBatch, max_batch_size: int, max_wait_ms: float, max_queue: int):
-        self.label, self.run_batch = label, run_batch
+    def __init__(self, label: str, name: str, run_batch: RunBatch, max_batch_size: int, max_wait_ms: float,
+                 max_queue: int):
+        """``label``: the model name for metrics (no per-version series); ``name``: name:version for logs."""
+        self.label, self.name, self.run_batch = label, name, run_batch
         self.max_batch_size, self.max_wait = max_batch_size, max_wait_ms / 1000
         self.queue: asyncio.Queue[Job] = asyncio.Queue(max_queue)
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"infer-{label}")
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"infer-{name}")
         self.task: asyncio.Task | None = None
         self.busy = False
 
@@ -63,7 +65,7 @@ class Batcher:
         try:
             self.queue.put_nowait(job)
         except asyncio.QueueFull:
-            raise QueueFull(f"model {self.label}: queue full ({self.queue.maxsize} requests waiting)") from None
+            raise QueueFull(f"model {self.name}: queue full ({self.queue.maxsize} requests waiting)") from None
         metrics.QUEUE_DEPTH.labels(self.label).set(self.queue.qsize())
 
     async def drain(self) -> None:

@@ -51,30 +51,33 @@ class Registry:
         self.models: dict[str, dict[str, Served]] = {}
         self.ready = False
 
-    def _wanted(self) -> dict[str, str | None]:
+    def _wanted(self) -> list[tuple[str, str]]:
+        """(name, version) pairs to load: OCD_MODELS entries (a bare name: all its versions) or everything."""
         root = Path(self.settings.models_dir)
         if self.settings.models.strip():
             pairs = [m.strip().split(":", 1) for m in self.settings.models.split(",") if m.strip()]
-            return {p[0]: (p[1] if len(p) > 1 else None) for p in pairs}
-        return {d.name: None for d in sorted(root.iterdir()) if d.is_dir() and list_versions(root, d.name)} \
-            if root.is_dir() else {}
+        else:
+            pairs = [[d.name] for d in sorted(root.iterdir()) if d.is_dir()] if root.is_dir() else []
+        wanted = []
+        for p in pairs:
+            versions = list_versions(root, p[0])
+            if not versions:
+                raise BundleError(f"{root / p[0]}: no versions with a manifest.json")
+            if len(p) > 1 and p[1] not in versions:
+                raise BundleError(f"{root / p[0] / p[1]}: no such version (have {versions})")
+            wanted += [(p[0], v) for v in ([p[1]] if len(p) > 1 else versions)]
+        return wanted
 
     def load(self) -> None:
-        """Load the latest (or the named) version of every wanted model and start its batcher."""
+        """Load every wanted model version and start its batcher (requests default to the latest)."""
         s, root, device = self.settings, Path(self.settings.models_dir), self.settings.resolved_device()
         if s.threads:
             torch.set_num_threads(s.threads)
-        for name, version in self._wanted().items():
-            versions = list_versions(root, name)
-            if not versions:
-                raise BundleError(f"{root / name}: no versions with a manifest.json")
-            version = version or versions[-1]
-            if version not in versions:
-                raise BundleError(f"{root / name / version}: no such version (have {versions})")
+        for name, version in self._wanted():
             model, manifest = load_bundle(root / name / version, device)
             label = f"{name}:{version}"
             engine = TorchEngine(model, device)
-            batcher = Batcher(name, engine, s.max_batch_size, s.max_wait_ms, s.max_queue)
+            batcher = Batcher(name, label, engine, s.max_batch_size, s.max_wait_ms, s.max_queue)
             batcher.start()
             self.models.setdefault(name, {})[version] = Served(name, version, manifest, modality_for(manifest), batcher)
             metrics.MODEL_INFO.labels(name, version, manifest.modality, manifest.task, manifest.denoiser.kind,

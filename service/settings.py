@@ -9,7 +9,8 @@ from pydantic import BaseModel, Field, ValidationError
 
 class Settings(BaseModel):
     models_dir: str = Field("models", description="model repository: <dir>/<name>/<version>/manifest.json")
-    models: str = Field("", description="comma list of name or name:version to serve (empty: every model, latest version)")
+    models: str = Field("", description="comma list of name or name:version to serve (empty: every model; "
+                                        "a bare name: all its versions; requests default to the latest)")
     host: str = "0.0.0.0"
     port: int = Field(8000, ge=1, le=65535)
     workers: int = Field(1, ge=1, description="uvicorn worker processes")

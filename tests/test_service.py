@@ -224,14 +224,14 @@ def test_overload_answers_503_and_loses_nothing(models):
         for r in results:
             if r.status_code == 503:
                 assert r.headers["retry-after"] == "1"
-                assert r.json() == {"error": "model mnist: queue full (2 requests waiting)"}
+                assert r.json() == {"error": "model mnist:2: queue full (2 requests waiting)"}
         assert s.metric("ocd_batch_size_sum", model="mnist") == codes.count(200)
         assert s.metric("ocd_queue_depth", model="mnist") == 0
     finally:
         s.stop()
 
 
-def test_deadline_504_and_disconnect_costs_nothing(models):
+def test_deadline_504(models):
     s = Server(models, max_batch_size=1, max_wait_ms=0, timeout_s=1.0, model="mnist:2")
     try:
         slow = {"model": "mnist", "input": DIGIT, "ensemble": 32, "ddim_steps": 100, "seed": 0}
@@ -246,10 +246,18 @@ def test_deadline_504_and_disconnect_costs_nothing(models):
         ran = s.metric("ocd_batch_size_sum", model="mnist")
         # a request still queued when its deadline passes is dropped; one already running finishes unseen
         assert codes.count(200) <= ran < 4
+    finally:
+        s.stop()
+
+
+def test_disconnected_client_costs_no_inference(models):
+    s = Server(models, max_batch_size=1, max_wait_ms=0, model="mnist:2")
+    slow = {"model": "mnist", "input": DIGIT, "ensemble": 32, "ddim_steps": 100, "seed": 0}
+    try:
         # a client that goes away before its batch runs: occupy the worker, send, hang up
-        blocker = ThreadPoolExecutor(1).submit(httpx.post, f"{s.url}/predict", json={**slow, "ddim_steps": 60}, timeout=30)
-        time.sleep(0.2)
         before = s.metric("ocd_batch_size_sum", model="mnist")
+        blocker = ThreadPoolExecutor(1).submit(httpx.post, f"{s.url}/predict", json=slow, timeout=30)
+        time.sleep(0.2)
         body = json.dumps({"model": "mnist", "input": DIGIT, "seed": 5}).encode()
         sock = socket.create_connection(("127.0.0.1", s.port))
         sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -272,5 +280,7 @@ def test_sigterm_drains_in_flight_requests(models):
         s.proc.send_signal(signal.SIGTERM)
         results = [f.result() for f in futures]
     assert [r.status_code for r in results] == [200] * 8
-    assert s.proc.wait(30) == 0
-    assert "Finished server process" in s.logs()
+    # uvicorn re-raises the signal after its graceful shutdown, so the exit status is -SIGTERM
+    assert s.proc.wait(30) in (0, -signal.SIGTERM)
+    logs = s.logs()
+    assert "Waiting for application shutdown" in logs and "Finished server process" in logs
