@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from .split import check_split, split_model
 from .tap import get_layer
 
 
@@ -46,54 +47,68 @@ def _weight_key(model: nn.Module, layer: str) -> str:
     return f"{layer}.weight"
 
 
+def _params(module: nn.Module) -> dict[str, torch.Tensor]:
+    params = {k: p.detach() for k, p in module.named_parameters()}
+    params.update(dict(module.named_buffers()))
+    return params
+
+
 @torch.no_grad()
-def _chunk_deltas(model, key, params, x, y, cfg: TargetConfig) -> torch.Tensor:
+def _chunk_deltas(model: nn.Module, key: str, inputs: tuple[torch.Tensor, ...], y: torch.Tensor,
+                  cfg: TargetConfig) -> torch.Tensor:
+    """``model(*inputs)`` -> output; inputs batched on dim 0 (the input, or the split's live values)."""
+    params = _params(model)
     base_w = params[key]
 
-    def loss_of(w: torch.Tensor, xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
-        out = functional_call(model, {**params, key: w}, (xi.unsqueeze(0),))
+    def loss_of(w: torch.Tensor, yi: torch.Tensor, *xi: torch.Tensor) -> torch.Tensor:
+        out = functional_call(model, {**params, key: w}, tuple(t.unsqueeze(0) for t in xi))
         return sample_loss(cfg.loss, out, yi.unsqueeze(0))
 
     per_sample_grad = vmap(grad(loss_of))
-    w = base_w.expand(x.shape[0], *base_w.shape).clone()  # (B, *W.shape)
-    m = torch.zeros_like(w)
-    v = torch.zeros_like(w)
-    b1, b2 = cfg.betas
-    for step in range(1, cfg.steps + 1):
+    w = base_w.expand(y.shape[0], *base_w.shape).clone()  # (B, *W.shape): one copy per sample
+    # Adam and SGD act elementwise, so one optimizer over the stack equals one per sample.
+    opt = _optimizer(cfg, w)
+    for _ in range(cfg.steps):
         with torch.enable_grad():
-            g = per_sample_grad(w, x, y)
-        if cfg.optimizer == "adam":  # same arithmetic as torch.optim.Adam (single-tensor path)
-            m.lerp_(g, 1 - b1)
-            v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            bc1, bc2 = 1 - b1**step, 1 - b2**step
-            denom = (v.sqrt() / bc2**0.5).add_(cfg.eps)
-            w.addcdiv_(m, denom, value=-cfg.lr / bc1)
-        elif cfg.optimizer == "sgd":
-            if cfg.momentum:
-                m = g.clone() if step == 1 else m.mul_(cfg.momentum).add_(g)
-                g = m
-            w.add_(g, alpha=-cfg.lr)
-        else:
-            raise ValueError(f"unknown optimizer {cfg.optimizer!r}; use 'adam' or 'sgd'")
+            w.grad = per_sample_grad(w, y, *inputs)
+        opt.step()
     return w - base_w
 
 
+def _optimizer(cfg: TargetConfig, w: torch.Tensor) -> torch.optim.Optimizer:
+    fused = w.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam([w], lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD([w], lr=cfg.lr, momentum=cfg.momentum, fused=fused)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}; use 'adam' or 'sgd'")
+
+
 def overfit_deltas(model: nn.Module, layer: str, x: torch.Tensor, y: torch.Tensor,
-                   cfg: TargetConfig | None = None, chunk: int = 512) -> torch.Tensor:
+                   cfg: TargetConfig | None = None, chunk: int = 512, split: bool = True) -> torch.Tensor:
     """Vectorised per-sample deltas of ``layer``'s weight.
 
     x: (N, *input) samples, y: (N,) labels or (N, *target). Returns (N, *W.shape).
-    The model is used in eval mode and is not modified.
+    The model is used in eval mode and is not modified. With ``split`` (and a model torch.fx
+    can trace) the part upstream of the layer runs once, only the rest at every step.
     """
     cfg = cfg or TargetConfig()
     key = _weight_key(model, layer)
     was_training = model.training
     model.eval()
-    params = {k: p.detach() for k, p in model.named_parameters()}
-    params.update({k: b for k, b in model.named_buffers()})
+    parts_of = split_model(model, layer) if split else None
+    if parts_of is not None and not check_split(model, parts_of, x[:2]):
+        parts_of = None
     try:
-        parts = [_chunk_deltas(model, key, params, x[i:i + chunk], y[i:i + chunk], cfg)
-                 for i in range(0, x.shape[0], chunk)]
+        parts = []
+        for i in range(0, x.shape[0], chunk):
+            xb, yb = x[i:i + chunk], y[i:i + chunk]
+            if parts_of is None:
+                parts.append(_chunk_deltas(model, key, (xb,), yb, cfg))
+            else:
+                with torch.no_grad():
+                    live = parts_of.head(xb)
+                parts.append(_chunk_deltas(parts_of.tail, key, tuple(live), yb, cfg))
     finally:
         model.train(was_training)
     return torch.cat(parts)
@@ -101,7 +116,9 @@ def overfit_deltas(model: nn.Module, layer: str, x: torch.Tensor, y: torch.Tenso
 
 def overfit_deltas_reference(model: nn.Module, layer: str, x: torch.Tensor, y: torch.Tensor,
                              cfg: TargetConfig | None = None) -> torch.Tensor:
-    """The original recipe, one sample at a time: deepcopy, an optimizer on the layer, ``steps`` steps."""
+    """The original recipe, one sample at a time (``utils_OCD.overfitting_batch``): deepcopy the
+    model, an optimizer on the layer's weight only, ``steps`` steps; every parameter keeps
+    requires_grad, as there. Differs from the original only in using eval mode."""
     cfg = cfg or TargetConfig()
     key = _weight_key(model, layer)
     base_w = dict(model.named_parameters())[key].detach()
@@ -109,8 +126,6 @@ def overfit_deltas_reference(model: nn.Module, layer: str, x: torch.Tensor, y: t
     for xi, yi in zip(x, y):
         m = copy.deepcopy(model).eval()
         w = dict(m.named_parameters())[key]
-        for p in m.parameters():
-            p.requires_grad_(p is w)
         if cfg.optimizer == "adam":
             opt = torch.optim.Adam([w], lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, foreach=False)
         else:
