@@ -161,7 +161,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def run(request: Request, served: Served, xs: list, steps: int, ensemble: int, seeds: list[int]):
         """Queue one job per sample and wait for all, the client and the deadline."""
         deadline = request.state.start + settings.timeout_s
-        jobs = [Job(x, steps, ensemble, s, deadline) for x, s in zip(xs, seeds)]
+        jobs = [Job(x, steps, ensemble, s, deadline, gone=request.is_disconnected) for x, s in zip(xs, seeds)]
         try:
             for j in jobs:
                 served.batcher.submit(j)
@@ -169,24 +169,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             for j in jobs:
                 j.future.cancel()
             raise
-        results = asyncio.ensure_future(asyncio.gather(*(j.future for j in jobs)))
-
-        async def disconnected():
-            while not await request.is_disconnected():
-                await asyncio.sleep(0.05)
-
-        watcher = asyncio.ensure_future(disconnected())
-        done, _ = await asyncio.wait({results, watcher}, timeout=max(0.0, deadline - time.monotonic()),
-                                     return_when=asyncio.FIRST_COMPLETED)
-        watcher.cancel()
-        if results in done:
-            return [(r[0], r[1], j) for r, j in zip(results.result(), jobs)]
-        for j in jobs:  # nobody will read these: drop them before they cost inference
-            j.future.cancel()
-        results.cancel()
-        if watcher in done:
-            raise ClientGone()
-        raise DeadlineExceeded("no result in time")
+        futures = [j.future for j in jobs]
+        _, pending = await asyncio.wait(futures, timeout=max(0.0, deadline - time.monotonic()))
+        if pending:
+            for f in futures:  # nobody will read these: drop them before they cost inference
+                f.cancel()
+            raise DeadlineExceeded("no result in time")
+        if any(f.cancelled() for f in futures):
+            raise ClientGone()  # the batcher saw the client hang up
+        return [(*f.result(), j) for f, j in zip(futures, jobs)]
 
     def check_params(served: Served, steps: int | None, ensemble: int, field_prefix: str = "") -> int:
         steps = served.manifest.serving.ddim_steps if steps is None else steps

@@ -14,7 +14,7 @@ import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import torch
 
@@ -40,6 +40,7 @@ class Job:
     enqueued: float = field(default_factory=time.monotonic)
     queue_s: float = 0.0
     batch_size: int = 0
+    gone: Callable[[], Awaitable[bool]] | None = None  # has the client hung up? (checked before running)
 
 
 RunBatch = Callable[[list[Job]], tuple[list[Any], dict[str, float]]]
@@ -105,7 +106,9 @@ class Batcher:
                 now = time.monotonic()
                 live = []
                 for job in batch:
-                    if job.future.done():  # cancelled: the client went away
+                    if not job.future.done() and job.gone is not None and await job.gone():
+                        job.future.cancel()  # the client went away: it costs no inference
+                    if job.future.done():
                         continue
                     if now > job.deadline:
                         job.future.set_exception(DeadlineExceeded("deadline passed while queued"))
