@@ -13,15 +13,17 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[dev,cpu]"
+	$(BIN)/python -m pip install -q -e ".[train,dev,cpu]"
 	rm -f $(VENV)/.installed-* && touch $(STAMP)
 
-# The main job on the embedded default: train the MNIST bundle if models/ has none, print its table.
+# The main job on the embedded default: train the MNIST bundle if models/ has none (printing its
+# evaluation table), then serve every bundle in models/ on :8000 (OCD_* settings apply).
 run: $(STAMP)
 	@if ls models/mnist/*/manifest.json >/dev/null 2>&1 && test -f reports/mnist/report.md; then \
 		echo "models/mnist: $$(ls models/mnist | tr '\n' ' ')(trained; 'make train' retrains)"; \
 		sed -n '/^| row/,/^$$/p' reports/mnist/report.md; \
 	else $(BIN)/ocd train mnist; fi
+	$(BIN)/ocd serve
 
 train: $(STAMP)
 	$(BIN)/ocd train mnist

@@ -19,6 +19,7 @@ def _replace(tmp: Path, path: Path) -> None:
     """fsync the temp file, rename it over ``path``, fsync the directory: durable and atomic."""
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
+    os.chmod(tmp, 0o644)  # readable by a service running as another user (some writers make 0600)
     os.replace(tmp, path)
     fd = os.open(path.parent, os.O_RDONLY)
     try:

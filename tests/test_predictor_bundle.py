@@ -120,6 +120,7 @@ def test_bundle_refuses_unknown_version_and_missing_files(model, tmp_path):
 def test_bundle_refuses_paths_outside_and_corrupt_files(model, tmp_path):
     path = save_bundle(model, manifest(), tmp_path)
     assert (path.stat().st_mode & 0o777) == 0o755  # readable by a service running as another user
+    assert all((f.stat().st_mode & 0o777) == 0o644 for f in path.iterdir())
     raw = json.loads((path / "manifest.json").read_text())
     raw["files"]["base"] = "../../etc/passwd"
     (path / "manifest.json").write_text(json.dumps(raw))

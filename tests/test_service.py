@@ -313,3 +313,19 @@ def test_trained_bundle_end_to_end():
         assert [a["probabilities"][str(k)] for k in range(10)] == pytest.approx(p.tolist(), abs=1e-5)
     assert sum(lab == int(y[i]) for lab, i in zip(labels, test)) >= 22  # ~96 % accurate model
     assert torch.isfinite(ref.uncertainty).all()
+
+
+def test_metrics_are_correct_with_several_workers(models):
+    s = Server(models, workers=2, model="mnist:2")
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            codes = [r.status_code for r in pool.map(
+                lambda i: post(s, {"model": "mnist", "input": DIGIT, "seed": i, "ddim_steps": 2}), range(40))]
+        assert codes == [200] * 40
+        # /metrics aggregates every worker's samples, whichever worker answers the scrape
+        for _ in range(3):
+            assert s.metric("ocd_requests_total", model="mnist", endpoint="/predict", code="200") == 40
+            assert s.metric("ocd_batch_size_sum", model="mnist") == 40
+        assert s.metric("ocd_model_info", model="mnist", version="2") == 2  # one per live worker
+    finally:
+        s.stop()

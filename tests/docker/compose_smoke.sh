@@ -24,6 +24,7 @@ echo "waiting for the service to be healthy..."
 cid=$($COMPOSE ps -q ocd)
 for _ in $(seq 90); do
   [ "$(docker inspect -f '{{.State.Health.Status}}' "$cid")" = healthy ] && break
+  [ "$(docker inspect -f '{{.State.Status}}' "$cid")" = running ] || break
   sleep 2
 done
 [ "$(docker inspect -f '{{.State.Health.Status}}' "$cid")" = healthy ] || { $COMPOSE logs ocd; exit 1; }
@@ -46,7 +47,8 @@ echo "predict: $answer"
 label=$(echo "$answer" | $PY -c 'import json,sys; print(json.load(sys.stdin)["label"])')
 [ "$label" = "$expected" ] || { echo "expected label $expected, got $label"; exit 1; }
 
-curl -sf localhost:8000/metrics | grep -E '^ocd_requests_total\{.*endpoint="/predict".*code="200".*\} [1-9]'
+curl -sf localhost:8000/metrics | grep '^ocd_requests_total{' | grep 'endpoint="/predict"' | grep 'code="200"' \
+  | grep -E '\} [1-9]'
 echo "waiting for Prometheus to scrape the service..."
 for _ in $(seq 30); do
   up=$(curl -sf 'localhost:9090/api/v1/query?query=up%7Bjob%3D%22ocd%22%7D' || true)
@@ -55,7 +57,11 @@ for _ in $(seq 30); do
 done
 echo "prometheus: $up"
 echo "$up" | grep -q '"value":\[[0-9.]*,"1"\]'
-count=$(curl -sf 'localhost:9090/api/v1/query?query=sum(ocd_requests_total%7Bendpoint%3D%22%2Fpredict%22%7D)')
+for _ in $(seq 15); do  # the next scrape after the /predict
+  count=$(curl -sf 'localhost:9090/api/v1/query?query=sum(ocd_requests_total%7Bendpoint%3D%22%2Fpredict%22%7D)' || true)
+  echo "$count" | grep -q '"value":\[[0-9.]*,"[1-9]' && break
+  sleep 2
+done
 echo "prometheus ocd_requests_total: $count"
 echo "$count" | grep -q '"value":\[[0-9.]*,"[1-9]'
 echo "compose smoke: OK"
