@@ -1,21 +1,25 @@
 """Serving benchmark against a real server it starts: throughput and p50/p99 latency at
 concurrency 1, 16 and 64, dynamic batching on vs off (OCD_MAX_BATCH_SIZE=1).
 
-Requests are base64 PNG MNIST test digits, 10 DDIM steps, ensemble 1, fixed seeds.
+Requests are base64 PNG MNIST digits, 10 DDIM steps, ensemble 1, fixed seeds, sent by up to
+4 client processes of blocking keep-alive connections (a single asyncio client in Python would
+be the bottleneck at concurrency 64 on a 2-core machine).
 Last line: ``speedup: <ratio>x`` = throughput at concurrency 64, batching on / off (goal >= 10x).
 Usage: python bench/serve.py [--seconds 8] [--models models] [--model mnist]
 """
 from __future__ import annotations
 
 import argparse
-import asyncio
 import base64
+import http.client
 import io
+import json
+import multiprocessing as mp
 import statistics
+import threading
 import time
 from pathlib import Path
 
-import httpx
 from PIL import Image
 
 from service.launch import ROOT, Server
@@ -33,28 +37,53 @@ def bodies(model: str, n: int = 256) -> list[dict]:
     return out
 
 
-async def load(url: str, reqs: list[dict], concurrency: int, seconds: float) -> dict[str, float]:
+def _client(port: int, payloads: list[bytes], threads: int, offset: int, stop_at: float, out) -> None:
+    """One load process: ``threads`` blocking keep-alive connections (http.client is light)."""
     lat: list[float] = []
-    errors = 0
-    stop = time.perf_counter() + seconds
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
-        async def worker(k: int) -> None:
-            nonlocal errors
-            i = k
-            while time.perf_counter() < stop:
-                t = time.perf_counter()
-                r = await client.post("/predict", json=reqs[i % len(reqs)])
-                if r.status_code == 200:
-                    lat.append(time.perf_counter() - t)
-                else:
-                    errors += 1
-                i += concurrency
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker(k) for k in range(concurrency)))
-        wall = time.perf_counter() - t0
-    lat.sort()
-    return {"rps": len(lat) / wall, "p50_ms": 1000 * statistics.median(lat),
+    errors = [0]
+
+    def run(k: int) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        i = k
+        while time.time() < stop_at:
+            t = time.perf_counter()
+            conn.request("POST", "/predict", payloads[i % len(payloads)], {"Content-Type": "application/json"})
+            r = conn.getresponse()
+            r.read()
+            if r.status == 200:
+                lat.append(time.perf_counter() - t)
+            else:
+                errors[0] += 1
+            i += threads
+        conn.close()
+
+    pool = [threading.Thread(target=run, args=(offset + k,)) for k in range(threads)]
+    for th in pool:
+        th.start()
+    for th in pool:
+        th.join()
+    out.put((lat, errors[0]))
+
+
+def load(port: int, reqs: list[dict], concurrency: int, seconds: float) -> dict[str, float]:
+    """``concurrency`` connections spread over up to 4 client processes, for ``seconds``."""
+    payloads = [json.dumps(r).encode() for r in reqs]
+    procs = min(4, concurrency)
+    share = [concurrency // procs + (1 if i < concurrency % procs else 0) for i in range(procs)]
+    ctx = mp.get_context("fork")
+    out = ctx.Queue()
+    start = time.time() + 0.5
+    stop_at = start + seconds
+    ps = [ctx.Process(target=_client, args=(port, payloads, n, sum(share[:i]), stop_at, out))
+          for i, n in enumerate(share)]
+    for p in ps:
+        p.start()
+    results = [out.get() for _ in ps]
+    for p in ps:
+        p.join()
+    lat = sorted(x for r in results for x in r[0])
+    errors = sum(r[1] for r in results)
+    return {"rps": len(lat) / seconds, "p50_ms": 1000 * statistics.median(lat),
             "p99_ms": 1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))], "n": len(lat), "errors": errors}
 
 
@@ -64,16 +93,17 @@ def main() -> None:
     p.add_argument("--models", default=str(ROOT / "models"))
     p.add_argument("--model", default="mnist")
     p.add_argument("--concurrency", default="1,16,64")
+    p.add_argument("--threads", type=int, default=1, help="server torch threads (OCD_THREADS; 0: torch default)")
     a = p.parse_args()
     reqs = bodies(a.model)
     levels = [int(c) for c in a.concurrency.split(",")]
     results: dict[tuple[str, int], dict[str, float]] = {}
     for mode, batch in (("on", 64), ("off", 1)):
-        server = Server(Path(a.models), model=a.model, max_batch_size=batch, max_wait_ms=2, threads=0)
+        server = Server(Path(a.models), model=a.model, max_batch_size=batch, max_wait_ms=2, threads=a.threads)
         try:
-            asyncio.run(load(server.url, reqs, 4, 1.0))  # warm-up
+            load(server.port, reqs, 4, 1.0)  # warm-up
             for c in levels:
-                results[(mode, c)] = r = asyncio.run(load(server.url, reqs, c, a.seconds))
+                results[(mode, c)] = r = load(server.port, reqs, c, a.seconds)
                 print(f"batching {mode:3s} concurrency {c:3d}: {r['rps']:8.1f} req/s  p50 {r['p50_ms']:8.1f} ms  "
                       f"p99 {r['p99_ms']:8.1f} ms  ({r['n']} ok, {r['errors']} errors)", flush=True)
             mean_batch = server.metric("ocd_batch_size_sum") / max(server.metric("ocd_batch_size_count"), 1)

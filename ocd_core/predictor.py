@@ -104,10 +104,8 @@ class OCDModel(nn.Module):
         ``ensemble``: K for every sample, or a (B,) tensor of per-sample counts."""
         e = self.cond(*lat.flat(), lat.grad).repeat_interleave(ensemble)  # once per request, not per step
 
-        def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return self.schedule.to_eps(self.prediction, self.denoiser(x, t, e), x, t)
-
-        unit = self.schedule.ddim_sample(eps, x_T, steps, eta, step_noise)
+        unit = self.schedule.ddim_sample(lambda x, t: self.denoiser(x, t, e), x_T, steps, eta, step_noise,
+                                         self.prediction)
         rho = self.scale_net(*lat.flat()) if scale == "net" else self.mean_scale.expand(lat.out.shape[0])
         return unit * rho.repeat_interleave(ensemble, 0).view(-1, *([1] * (unit.ndim - 1)))
 

@@ -34,6 +34,7 @@ class NoiseSchedule:
         betas = torch.linspace(self.cfg.beta_start, self.cfg.beta_end, T, dtype=torch.float64)
         self.betas = betas.float().to(device)
         self.alphas_cumprod = torch.cumprod(1.0 - betas, 0).float().to(device)
+        self._abar_host = self.alphas_cumprod.double().cpu().tolist()  # scalars for the sampler
 
     @property
     def num_train_timesteps(self) -> int:
@@ -80,10 +81,12 @@ class NoiseSchedule:
             x_prev = x_prev + std * noise
         return x_prev
 
-    def ddim_sample(self, eps_fn: EpsFn, x_T: torch.Tensor, steps: int, eta: float = 0.0,
-                    step_noise: torch.Tensor | None = None) -> torch.Tensor:
+    def ddim_sample(self, model_fn: EpsFn, x_T: torch.Tensor, steps: int, eta: float = 0.0,
+                    step_noise: torch.Tensor | None = None, prediction: Prediction = "epsilon") -> torch.Tensor:
         """Run DDIM from x_T (N, *) to x_0 with ``steps`` denoiser calls.
 
+        ``model_fn(x_t, t)`` returns ε or, with ``prediction="sample"``, x̂_0 (then each step is
+        two fused passes: x_prev = c_0·x̂_0 + c_x·x_t, the same update written in x̂_0).
         ``step_noise`` (steps, N, *) supplies the per-step noise when eta > 0, so a caller
         can draw it per request (results then do not depend on batch composition).
         """
@@ -92,7 +95,19 @@ class NoiseSchedule:
         x = x_T
         for i, t in enumerate(ts):
             t_vec = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-            eps = eps_fn(x, t_vec)
+            out = model_fn(x, t_vec)
             noise = step_noise[i] if step_noise is not None else None
-            x = self.ddim_step(x, eps, t, t - ratio, eta, noise)
+            if prediction == "epsilon":
+                x = self.ddim_step(x, out, t, t - ratio, eta, noise)
+                continue
+            if eta > 0 and noise is None:
+                raise ValueError("eta > 0 needs a noise tensor for the step")
+            a_t = self._abar_host[t]
+            a_prev = self._abar_host[t - ratio] if t - ratio >= 0 else 1.0
+            std = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
+            c_eps = max(1 - a_prev - std**2, 0.0) ** 0.5
+            c_x = c_eps / (1 - a_t) ** 0.5  # ε = (x_t − sqrt(ᾱ_t)·x̂_0) / sqrt(1 − ᾱ_t)
+            # in place on the denoiser's fresh output: no new full-size tensor per step
+            x_next = out.mul_(a_prev**0.5 - c_x * a_t**0.5).add_(x, alpha=c_x)
+            x = x_next.add_(noise, alpha=std) if eta > 0 else x_next
         return x

@@ -84,3 +84,16 @@ def test_ddim_with_exact_x0_oracle_through_to_eps(steps):
     noise = torch.randn(3, 5, 4)
     assert torch.allclose(s.to_eps("sample", x0, s.q_sample(x0, t, noise), t), noise, atol=1e-3)
     assert s.training_target("sample", x0, noise) is x0 and s.training_target("epsilon", x0, noise) is noise
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.6])
+@pytest.mark.parametrize("steps", [1, 3, 10])
+def test_x0_sampler_equals_the_eps_sampler(steps, eta):
+    """prediction="sample" (fused x̂0 update) == converting x̂0 to ε and taking the usual DDIM step."""
+    s = NoiseSchedule()
+    g = torch.Generator().manual_seed(3)
+    x_T, noise = torch.randn(2, 7, 5, generator=g), torch.randn(steps, 2, 7, 5, generator=g)
+    x0_fn = lambda x, t: torch.tanh(x) * 0.5 + t.view(-1, 1, 1) / 2000  # any x̂0-predicting "denoiser"
+    fused = s.ddim_sample(x0_fn, x_T, steps, eta, noise if eta else None, prediction="sample")
+    via_eps = s.ddim_sample(lambda x, t: s.to_eps("sample", x0_fn(x, t), x, t), x_T, steps, eta, noise if eta else None)
+    assert (fused - via_eps).abs().max().item() < 1e-4

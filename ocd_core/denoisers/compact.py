@@ -72,5 +72,5 @@ class CompactDenoiser(nn.Module):
         p_row = self.row_probe(none.expand(B, self.n_out, 0), cond.rows, e) / math.sqrt(self.n_out)
         u = self.rows(torch.bmm(x, p_col), cond.rows, e)  # (B, out, r)
         v = self.cols(torch.bmm(x.transpose(1, 2), p_row), cond.cols, e)  # (B, in, r)
-        eps = self.skip(e).unsqueeze(-1) * x + torch.bmm(u, v.transpose(1, 2)) / math.sqrt(self.rank)
-        return eps.reshape(x_t.shape)
+        out = (self.skip(e).unsqueeze(-1) * x).baddbmm_(u, v.transpose(1, 2), alpha=1 / math.sqrt(self.rank))
+        return out.reshape(x_t.shape)
