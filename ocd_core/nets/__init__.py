@@ -6,8 +6,9 @@ from typing import Any, Callable
 from torch import nn
 
 from .lenet import LeNet5
+from .mlp import TabularMLP
 
-ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {"lenet5": LeNet5}
+ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {"lenet5": LeNet5, "mlp": TabularMLP}
 
 
 def register_architecture(name: str, factory: Callable[..., nn.Module]) -> None:

