@@ -189,7 +189,69 @@ class ImageModality(Modality):
         return x.view(h, w, c).permute(2, 0, 1).contiguous()
 
 
-MODALITIES: dict[str, type[Modality]] = {"tensor": Modality, "image": ImageModality}
+class TabularModality(Modality):
+    """A row of named fields: {"carat": 0.3, "cut": "Ideal", ...}, encoded with the preprocessing
+    fitted at training (stored in the manifest). v2: one named input per field, N rows each."""
+
+    name = "tabular"
+
+    def __init__(self, manifest: Manifest):
+        super().__init__(manifest)
+        from ocd_core.preprocess import TabularSpec
+
+        self.spec = TabularSpec.model_validate(manifest.input.options["tabular"])
+
+    def decode_json(self, value: Any, field: str = "input") -> torch.Tensor:
+        from ocd_core.preprocess import RowError, encode_row
+
+        try:
+            return encode_row(self.spec, value, field)
+        except RowError as e:
+            raise InputError(e.field, e.reason) from None
+
+    def v2_inputs(self) -> list[dict[str, Any]]:
+        return [{"name": f.name, "datatype": "FP32" if f.kind == "number" else "BYTES", "shape": [-1]}
+                for f in self.spec.fields]
+
+    def decode_v2(self, inputs: list[dict[str, Any]]) -> list[torch.Tensor]:
+        names = [f.name for f in self.spec.fields]
+        by_name = {t["name"]: t for t in inputs}
+        for name in by_name:
+            if name not in names:
+                raise InputError(f"inputs[{name}]", f"unknown input; expected {names}")
+        columns, n = {}, None
+        for name in names:
+            if name not in by_name:
+                raise InputError(f"inputs[{name}]", "missing input")
+            data = _flatten(by_name[name]["data"])
+            if n is not None and len(data) != n:
+                raise InputError(f"inputs[{name}].data", f"holds {len(data)} rows, other inputs hold {n}")
+            n, columns[name] = len(data), data
+        return [self.decode_json({k: columns[k][i] for k in names}, f"inputs[row {i}]") for i in range(n or 0)]
+
+    def encode(self, p: SamplePrediction, return_uncertainty: bool = True) -> dict[str, Any]:
+        if self.manifest.task == "classification":
+            return super().encode(p, return_uncertainty)
+        from ocd_core.preprocess import decode_target
+
+        value = decode_target(self.spec, p.mean)
+        std = p.uncertainty * self.spec.target_std
+        scalar = value.numel() == 1
+        return {"value": value.item() if scalar else value.tolist(),
+                "uncertainty": (std.item() if scalar else std.tolist()) if return_uncertainty else None}
+
+    def encode_v2(self, preds: list[SamplePrediction]) -> list[dict[str, Any]]:
+        if self.manifest.task == "classification":
+            return super().encode_v2(preds)
+        from ocd_core.preprocess import decode_target
+
+        vals = torch.stack([decode_target(self.spec, p.mean) for p in preds])
+        unc = torch.stack([p.uncertainty * self.spec.target_std for p in preds])
+        return [{"name": "value", "datatype": "FP32", "shape": list(vals.shape), "data": vals.flatten().tolist()},
+                {"name": "uncertainty", "datatype": "FP32", "shape": list(unc.shape), "data": unc.flatten().tolist()}]
+
+
+MODALITIES: dict[str, type[Modality]] = {"tensor": Modality, "image": ImageModality, "tabular": TabularModality}
 
 
 def modality_for(manifest: Manifest) -> Modality:

@@ -12,7 +12,8 @@ class PredictRequest(BaseModel):
     model: str = Field(description="model name, e.g. mnist")
     version: str | None = Field(None, description="model version; latest when null")
     input: Any = Field(description="image: base64 PNG/JPEG or a nested array of the model's input shape "
-                                   "(pixel values in [0, 1])")
+                                   "(pixel values in [0, 1]); tabular: an object of named fields, "
+                                   "e.g. {\"carat\": 0.3, \"cut\": \"Ideal\", ...}")
     ddim_steps: int | None = Field(None, ge=1, description="DDIM steps; the model's default when null")
     ensemble: int = Field(1, ge=1, description="adapted models sampled with different noise; their mean is returned")
     seed: int | None = Field(None, ge=0, lt=2**63, description="noise seed; random when null (the response says which)")
