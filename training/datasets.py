@@ -3,6 +3,7 @@ training split, tensors per part, and what the bundle's manifest records about t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -63,5 +64,27 @@ def _tabular(recipe: Recipe) -> Prepared:
                                                     "target_transform": transform})
 
 
-def prepare(recipe: Recipe) -> Prepared:
-    return _mnist(recipe) if recipe.dataset == "mnist" else _tabular(recipe)
+def _audio(recipe: Recipe, cache: Path) -> Prepared:
+    from ocd_core.audio import AudioSpec
+    from training.data.spoken_digits import build, voice_split
+
+    spec = AudioSpec()
+    x, y, voices = build(spec, recipe.audio_variants, recipe.audio_accents, recipe.split_seed, cache)
+    train, val, test = voice_split(voices, recipe.holdout_every)
+    split = Split(seed=recipe.split_seed, train=train, val=val, test=test)
+    tr = torch.tensor(train)
+    mean, std = x[tr].mean().item(), x[tr].std().item()  # fitted on the training split only
+    return Prepared(_parts((x - mean) / std, y, split), split,
+                    InputSpec(shape=list(x.shape[1:]), normalization=Normalization(mean=[mean], std=[std]),
+                              options={"audio": spec.model_dump()}),
+                    [str(i) for i in range(10)], "classification", "audio", recipe.arch,
+                    {"source": "espeak-ng", "voices": len(set(voices)), "clips": len(voices),
+                     "test_voices": sorted({voices[i] for i in test})[:5] + ["..."]})
+
+
+def prepare(recipe: Recipe, cache: Path = Path("runs/cache")) -> Prepared:
+    if recipe.dataset == "mnist":
+        return _mnist(recipe)
+    if recipe.dataset == "spoken_digits":
+        return _audio(recipe, cache)
+    return _tabular(recipe)

