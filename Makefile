@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 TORCH ?= torch==2.13.0
 
-.PHONY: run test train clean-venv
+.PHONY: run test train clean-venv espeak
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,7 +28,13 @@ run: $(STAMP)
 train: $(STAMP)
 	$(BIN)/ocd train mnist
 
-test: $(STAMP)
+# espeak-ng (Debian) synthesises the spoken-digit audio; installed here when we are root.
+espeak:
+	@command -v espeak-ng >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng >/dev/null; } || \
+		{ echo "espeak-ng is missing: sudo apt-get install espeak-ng"; exit 1; }
+
+test: $(STAMP) espeak
 	$(BIN)/python -m pytest
 
 clean-venv:

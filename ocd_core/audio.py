@@ -117,8 +117,8 @@ def log_mel(x: torch.Tensor, spec: AudioSpec, fb: torch.Tensor | None = None) ->
     return torch.log(fb @ stft.abs().pow(2) + 1e-6)
 
 
-def clip_to_features(x: torch.Tensor, rate: int, spec: AudioSpec) -> torch.Tensor:
+def clip_to_features(x: torch.Tensor, rate: int, spec: AudioSpec, fb: torch.Tensor | None = None) -> torch.Tensor:
     """A mono clip at any rate -> (1, n_mels, frames) log-mel of its model window."""
     if x.shape[-1] / rate > spec.max_seconds:
         raise AudioError(f"clip is {x.shape[-1] / rate:.2f} s long; the limit is {spec.max_seconds:g} s", 422)
-    return log_mel(window(resample(x, rate, spec.sample_rate), spec), spec).unsqueeze(0)
+    return log_mel(window(resample(x, rate, spec.sample_rate), spec), spec, fb).unsqueeze(0)

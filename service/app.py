@@ -194,7 +194,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             form = await request.form()
             upload = form.get("file")
             if not isinstance(upload, UploadFile):
-                raise InputError("file", "a multipart request needs an image file in the field 'file'")
+                raise InputError("file", "a multipart request needs the file (image or WAV) in the field 'file'")
             fields = {k: v for k, v in form.items() if k != "file" and isinstance(v, str)}
             fields["input"] = None
             if "return_uncertainty" in fields:

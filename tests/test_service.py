@@ -130,7 +130,7 @@ def test_transport_errors(server):
     r = post(server, big)
     assert r.status_code == 413 and "over the limit of 200000 bytes" in r.json()["error"]
     r = httpx.post(f"{server.url}/predict", files={"other": ("a.txt", b"x")}, data={"model": "mnist"})
-    assert r.status_code == 422 and r.json()["error"] == "file: a multipart request needs an image file in the field 'file'"
+    assert r.status_code == 422 and r.json()["error"] == "file: a multipart request needs the file (image or WAV) in the field 'file'"
     r = httpx.post(f"{server.url}/predict", files={"file": ("a.png", b"garbage", "image/png")}, data={"model": "mnist"})
     assert r.status_code == 400 and r.json()["error"] == "file: not a readable PNG or JPEG image"
 
