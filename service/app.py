@@ -6,8 +6,10 @@ A request's way: body -> schema validation -> modality decode -> batcher queue -
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import secrets
+import struct
 import time
 from contextlib import asynccontextmanager
 from typing import Any
@@ -95,6 +97,43 @@ class Count:
             endpoint = getattr(scope.get("route"), "path", "other")
             metrics.REQUESTS.labels(state["model"], endpoint, str(status)).inc()
             metrics.REQUEST_DURATION.labels(state["model"], endpoint).observe(time.monotonic() - start)
+
+
+V2_DTYPES = {"FP32": "<f4", "FP64": "<f8", "FP16": "<f2", "INT8": "<i1", "INT16": "<i2", "INT32": "<i4",
+             "INT64": "<i8", "UINT8": "<u1", "UINT16": "<u2", "UINT32": "<u4", "UINT64": "<u8", "BOOL": "?"}
+
+
+def _binary_inputs(inputs: Any, blob: bytes) -> Any:
+    """Inputs whose parameters give ``binary_data_size`` take their data from ``blob``, in order."""
+    import numpy as np
+
+    if not isinstance(inputs, list):
+        return inputs
+    out, offset = [], 0
+    for t in inputs:
+        size = (t.get("parameters") or {}).get("binary_data_size") if isinstance(t, dict) else None
+        if size is None:
+            out.append(t)
+            continue
+        name = t.get("name")
+        if not isinstance(size, int) or size < 0 or offset + size > len(blob):
+            raise InputError(f"inputs[{name}].parameters.binary_data_size", f"{size!r} does not fit the {len(blob)} bytes sent")
+        chunk, offset = blob[offset:offset + size], offset + size
+        dtype = t.get("datatype")
+        if dtype == "BYTES":  # 4-byte little-endian length, then the bytes, per element
+            data, i = [], 0
+            while i < len(chunk):
+                (k,) = struct.unpack_from("<I", chunk, i)
+                data.append(chunk[i + 4:i + 4 + k].decode("utf-8", errors="replace"))
+                i += 4 + k
+        elif dtype in V2_DTYPES:
+            if size % np.dtype(V2_DTYPES[dtype]).itemsize:
+                raise InputError(f"inputs[{name}].parameters.binary_data_size", f"{size} is not a whole number of {dtype}")
+            data = np.frombuffer(chunk, dtype=V2_DTYPES[dtype]).tolist()
+        else:
+            raise InputError(f"inputs[{name}].datatype", f"unknown datatype {dtype!r}")
+        out.append({**t, "data": data})
+    return out
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -285,12 +324,34 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         served = registry.get(name, version)
         return {"name": served.name, "version": served.version, "ready": registry.ready}
 
+    async def parse_v2(request: Request) -> V2InferRequest:
+        """JSON body, or the binary tensor extension (JSON header + raw tensor bytes) that
+        Triton's clients send by default. Answers are always JSON tensors."""
+        raw = await request.body()
+        header_len = request.headers.get("inference-header-content-length")
+        try:
+            n = int(header_len) if header_len is not None else len(raw)
+            if not 0 <= n <= len(raw):
+                raise ValueError
+        except ValueError:
+            raise InputError("Inference-Header-Content-Length", f"must be an integer in [0, {len(raw)}]") from None
+        try:
+            body = json.loads(raw[:n])
+        except ValueError:
+            raise InputError("body", "not valid JSON", 400) from None
+        try:
+            req = V2InferRequest.model_validate(body if not isinstance(body, dict) else
+                                                {**body, "inputs": _binary_inputs(body.get("inputs"), raw[n:])})
+        except ValidationError as e:
+            raise RequestValidationError(e.errors()) from None
+        return req
+
     async def infer(request: Request, name: str, version: str | None, body: V2InferRequest) -> V2InferResponse:
         served = registry.get(name, version)
         request.state.model = served.name
         params = body.parameters or {}
-        for key in params:
-            if key not in ("ddim_steps", "ensemble", "seed"):
+        for key in params:  # binary_data_output: Triton clients ask for it; answers are always JSON tensors
+            if key not in ("ddim_steps", "ensemble", "seed", "binary_data_output"):
                 raise InputError(f"parameters.{key}", "unknown parameter; use ddim_steps, ensemble, seed")
         for key in ("ddim_steps", "ensemble", "seed"):
             if key in params and (not isinstance(params[key], int) or isinstance(params[key], bool)):
@@ -310,23 +371,30 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return V2InferResponse(model_name=served.name, model_version=served.version, id=body.id, outputs=outputs,
                                parameters={"ddim_steps": steps, "seed": base_seed})
 
-    @app.post("/v2/models/{name}/infer", response_model=V2InferResponse, responses=ERRORS, summary="Inference (v2)")
-    async def v2_infer(name: str, body: V2InferRequest, request: Request):
-        return await infer(request, name, None, body)
+    v2_body = {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": {"$ref": "#/components/schemas/V2InferRequest"}}}}}
 
-    @app.post("/v2/models/{name}/versions/{version}/infer", response_model=V2InferResponse, responses=ERRORS)
-    async def v2_infer_version(name: str, version: str, body: V2InferRequest, request: Request):
-        return await infer(request, name, version, body)
+    @app.post("/v2/models/{name}/infer", response_model=V2InferResponse, responses=ERRORS, summary="Inference (v2)",
+              openapi_extra=v2_body)
+    async def v2_infer(name: str, request: Request):
+        return await infer(request, name, None, await parse_v2(request))
+
+    @app.post("/v2/models/{name}/versions/{version}/infer", response_model=V2InferResponse, responses=ERRORS,
+              openapi_extra=v2_body)
+    async def v2_infer_version(name: str, version: str, request: Request):
+        return await infer(request, name, version, await parse_v2(request))
 
     def openapi() -> dict[str, Any]:
-        """The generated spec plus PredictRequest, which /predict parses itself (JSON or multipart)."""
+        """The generated spec plus the request bodies that /predict (JSON or multipart) and the v2
+        infer routes (JSON or the binary tensor extension) parse themselves."""
         if app.openapi_schema is None:
             from fastapi.openapi.utils import get_openapi
 
             spec = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-            schema = PredictRequest.model_json_schema(ref_template="#/components/schemas/{model}")
-            spec["components"]["schemas"].update(schema.pop("$defs", {}))
-            spec["components"]["schemas"]["PredictRequest"] = schema
+            for model in (PredictRequest, V2InferRequest):
+                schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                spec["components"]["schemas"].update(schema.pop("$defs", {}))
+                spec["components"]["schemas"][model.__name__] = schema
             app.openapi_schema = spec
         return app.openapi_schema
 

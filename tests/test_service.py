@@ -59,7 +59,8 @@ def test_health_metadata_and_docs(server):
     assert r.status_code == 404 and r.json() == {"error": "unknown model 'nope'; serving ['mnist']"}
     assert httpx.get(f"{server.url}/v2/models/mnist/versions/9").status_code == 404
     spec = httpx.get(f"{server.url}/openapi.json").json()
-    assert "PredictRequest" in spec["components"]["schemas"] and "PredictResponse" in spec["components"]["schemas"]
+    for schema in ("PredictRequest", "PredictResponse", "V2InferRequest", "V2InferResponse", "V2ModelMetadata"):
+        assert schema in spec["components"]["schemas"], schema
     assert httpx.get(f"{server.url}/docs").status_code == 200
 
 
@@ -329,3 +330,28 @@ def test_metrics_are_correct_with_several_workers(models):
         assert s.metric("ocd_model_info", model="mnist", version="2") == 2  # one per live worker
     finally:
         s.stop()
+
+
+def test_standard_v2_client_works(server):
+    """Triton's own HTTP client (JSON tensors) against our Open Inference Protocol endpoints."""
+    import numpy as np
+    import tritonclient.http as triton
+
+    client = triton.InferenceServerClient(url=server.url.removeprefix("http://"))
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("mnist")
+    meta = client.get_model_metadata("mnist")
+    assert meta["inputs"][0]["shape"] == [-1, 1, 28, 28]
+    x = np.asarray(DIGIT, dtype=np.float32)[None]
+    inp = triton.InferInput("input", [1, 1, 28, 28], "FP32")
+    inp.set_data_from_numpy(x, binary_data=False)
+    outs = [triton.InferRequestedOutput(n, binary_data=False) for n in ("probabilities", "label")]
+    result = client.infer("mnist", [inp], outputs=outs, parameters={"seed": 11, "ensemble": 2})
+    probs = result.as_numpy("probabilities")
+    assert probs.shape == (1, 10) and abs(float(probs.sum()) - 1) < 1e-5
+    single = post(server, {"model": "mnist", "input": DIGIT, "seed": 11, "ensemble": 2}).json()
+    assert probs[0].tolist() == pytest.approx([single["probabilities"][str(i)] for i in range(10)], abs=1e-6)
+    assert result.as_numpy("label")[0] in (single["label"], single["label"].encode())
+    binary = triton.InferInput("input", [1, 1, 28, 28], "FP32")
+    binary.set_data_from_numpy(x)  # the client's default: the binary tensor extension
+    again = client.infer("mnist", [binary], parameters={"seed": 11, "ensemble": 2})
+    assert again.as_numpy("probabilities").tolist() == probs.tolist()
