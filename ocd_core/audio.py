@@ -38,7 +38,9 @@ class AudioError(ValueError):
 
 
 def read_wav(data: bytes) -> tuple[torch.Tensor, int]:
-    """WAV bytes (PCM 8/16/24/32-bit, any channels) -> mono waveform (T,) in [-1, 1], sample rate."""
+    """WAV bytes (WAVE_FORMAT_PCM, 8/16/24/32-bit, any channels) -> mono waveform (T,) in [-1, 1], rate.
+
+    Python's ``wave`` refuses WAVE_FORMAT_EXTENSIBLE and float WAVs: those are 400s, saying so."""
     try:
         with wave.open(io.BytesIO(data), "rb") as w:
             channels, width, rate, n = w.getnchannels(), w.getsampwidth(), w.getframerate(), w.getnframes()

@@ -56,9 +56,15 @@ def encode_value(f: FieldSpec, value: Any, where: str) -> list[float]:
             value = f.fill
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise RowError(where, f"expected a number, got {type(value).__name__}")
+        try:
+            value = float(value)
+        except OverflowError:
+            value = math.inf
         if not math.isfinite(value):
             raise RowError(where, "must be a finite number (no NaN or infinity)")
-        return [(float(value) - f.mean) / f.std]
+        if abs(value) > 1e30:
+            raise RowError(where, f"{value:g} is out of range (|value| <= 1e30)")
+        return [(value - f.mean) / f.std]
     cols = [0.0] * f.width
     if missing:
         if not f.missing_category:

@@ -17,6 +17,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -111,18 +112,23 @@ def _binary_inputs(inputs: Any, blob: bytes) -> Any:
         return inputs
     out, offset = [], 0
     for t in inputs:
-        size = (t.get("parameters") or {}).get("binary_data_size") if isinstance(t, dict) else None
+        params = t.get("parameters") if isinstance(t, dict) else None
+        size = params.get("binary_data_size") if isinstance(params, dict) else None
         if size is None:
             out.append(t)
             continue
         name = t.get("name")
-        if not isinstance(size, int) or size < 0 or offset + size > len(blob):
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0 or offset + size > len(blob):
             raise InputError(f"inputs[{name}].parameters.binary_data_size", f"{size!r} does not fit the {len(blob)} bytes sent")
         chunk, offset = blob[offset:offset + size], offset + size
         dtype = t.get("datatype")
+        if not isinstance(dtype, str):
+            raise InputError(f"inputs[{name}].datatype", "must be a string")
         if dtype == "BYTES":  # 4-byte little-endian length, then the bytes, per element
             data, i = [], 0
             while i < len(chunk):
+                if i + 4 > len(chunk) or i + 4 + struct.unpack_from("<I", chunk, i)[0] > len(chunk):
+                    raise InputError(f"inputs[{name}].data", "BYTES element runs past binary_data_size")
                 (k,) = struct.unpack_from("<I", chunk, i)
                 data.append(chunk[i + 4:i + 4 + k].decode("utf-8", errors="replace"))
                 i += 4 + k
@@ -246,8 +252,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if not ctype.startswith("application/json"):
             raise InputError("content-type", f"expected application/json or multipart/form-data, got {ctype or 'none'}", 415)
         try:
-            body = await request.json()
-        except ValueError:
+            body = json.loads(await request.body())
+        except (ValueError, RecursionError):
             raise InputError("body", "not valid JSON", 400) from None
         try:
             req = PredictRequest.model_validate(body)
@@ -269,10 +275,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         served = registry.get(req.model, req.version)
         request.state.model = served.name
         steps = check_params(served, req.ddim_steps, req.ensemble)
+        # decoding (PIL, FFT resampling, ...) runs off the event loop
         if payload[0] == "upload":
-            x = served.modality.decode_upload(payload[1], payload[2], payload[3])
+            x = await run_in_threadpool(served.modality.decode_upload, payload[1], payload[2], payload[3])
         else:
-            x = served.modality.decode_json(payload[1], "input")
+            x = await run_in_threadpool(served.modality.decode_json, payload[1], "input")
         seed = req.seed if req.seed is not None else secrets.randbelow(2**63)
         ((pred, timings, job),) = await run(request, served, [x], steps, req.ensemble, [seed])
         fields = served.modality.encode(pred, req.return_uncertainty)
@@ -337,7 +344,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise InputError("Inference-Header-Content-Length", f"must be an integer in [0, {len(raw)}]") from None
         try:
             body = json.loads(raw[:n])
-        except ValueError:
+        except (ValueError, RecursionError):
             raise InputError("body", "not valid JSON", 400) from None
         try:
             req = V2InferRequest.model_validate(body if not isinstance(body, dict) else
@@ -360,13 +367,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         seed = params.get("seed")
         if seed is not None and not 0 <= seed < 2**63 - 2**20:
             raise InputError("parameters.seed", "must be between 0 and 2**63 - 2**20")
-        xs = served.modality.decode_v2([t.model_dump() for t in body.inputs])
+        xs = await run_in_threadpool(served.modality.decode_v2, [t.model_dump() for t in body.inputs])
+        if not xs:
+            raise InputError("inputs", "holds no samples")
+        if len(xs) > settings.max_queue:
+            raise InputError("inputs", f"{len(xs)} samples in one request; the limit is {settings.max_queue}", 413)
         base_seed = seed if seed is not None else secrets.randbelow(2**62)
         results = await run(request, served, xs, steps, params.get("ensemble", 1),
                             [base_seed + i for i in range(len(xs))])
         outputs = served.modality.encode_v2([r[0] for r in results])
         if body.outputs:
-            wanted = {o.get("name") for o in body.outputs}
+            wanted = {o.name for o in body.outputs}
             outputs = [o for o in outputs if o["name"] in wanted]
         return V2InferResponse(model_name=served.name, model_version=served.version, id=body.id, outputs=outputs,
                                parameters={"ddim_steps": steps, "seed": base_seed})

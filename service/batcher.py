@@ -75,10 +75,11 @@ class Batcher:
             await asyncio.sleep(0.01)
         if self.task:
             self.task.cancel()
-        self.executor.shutdown(wait=True)
+        self.executor.shutdown(wait=False)  # idle: nothing is running on it
 
     async def _collect(self) -> list[Job]:
         batch = [await self.queue.get()]
+        self.busy = True  # from the first dequeue: drain() must wait for these jobs too
         loop = asyncio.get_running_loop()
         close = loop.time() + self.max_wait
         while len(batch) < self.max_batch_size:
@@ -100,7 +101,6 @@ class Batcher:
         loop = asyncio.get_running_loop()
         while True:
             batch = await self._collect()
-            self.busy = True
             try:
                 metrics.QUEUE_DEPTH.labels(self.label).set(self.queue.qsize())
                 now = time.monotonic()
@@ -121,6 +121,10 @@ class Batcher:
                     groups[job.steps].append(job)
                 for group in groups.values():
                     await self._run(loop, group)
+            except Exception as e:  # never let one batch kill the model's batcher
+                for job in batch:
+                    if not job.future.done():
+                        job.future.set_exception(e)
             finally:
                 self.busy = False
 

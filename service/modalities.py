@@ -64,7 +64,7 @@ class Modality:
             raise InputError(field, f"expected a nested array of shape {list(self.shape)}, got {type(value).__name__}")
         try:
             x = torch.tensor(value, dtype=torch.float64)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError, RuntimeError):
             raise InputError(field, f"expected a rectangular nested array of numbers of shape {list(self.shape)}") from None
         if tuple(x.shape) != self.shape and not (self.shape[0] == 1 and tuple(x.shape) == self.shape[1:]):
             raise InputError(field, f"expected shape {list(self.shape)}, got {list(x.shape)}")
@@ -96,7 +96,7 @@ class Modality:
             raise InputError(f"{field}.data", f"holds {len(flat)} values, shape {shape} needs {math.prod(shape)}")
         try:
             x = torch.tensor(flat, dtype=torch.float64).float().view(shape)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError, RuntimeError):
             raise InputError(f"{field}.data", "expected numbers") from None
         x = self.check_values(x, f"{field}.data")
         return [self.normalise(s) for s in x]
@@ -145,6 +145,9 @@ def _flatten(data: Any) -> list:
     return data if isinstance(data, list) else [data]
 
 
+MAX_PIXELS = 4096 * 4096
+
+
 class ImageModality(Modality):
     """Images: base64 PNG/JPEG (or a data: URL), an uploaded image file, or a nested array of
     pixel values in [0, 1] of the input shape. Images are converted to the model's channels
@@ -178,8 +181,10 @@ class ImageModality(Modality):
         c, h, w = self.shape
         try:
             img = Image.open(io.BytesIO(data))
-            if img.format not in ("PNG", "JPEG"):
+            if img.format not in ("PNG", "JPEG", "MPO"):  # MPO: the JPEG that many phone cameras write
                 raise InputError(field, f"expected a PNG or JPEG image, got {img.format}")
+            if img.width * img.height > MAX_PIXELS:
+                raise InputError(field, f"image is {img.width}x{img.height}; the limit is {MAX_PIXELS} pixels", 413)
             img = img.convert("L" if c == 1 else "RGB")
             if img.size != (w, h):
                 img = img.resize((w, h), Image.BILINEAR)
@@ -228,6 +233,7 @@ class TabularModality(Modality):
                 raise InputError(f"inputs[{name}].data", f"holds {len(data)} rows, other inputs hold {n}")
             n, columns[name] = len(data), data
         return [self.decode_json({k: columns[k][i] for k in names}, f"inputs[row {i}]") for i in range(n or 0)]
+    # (Training encodes val/test categories unseen in train as missing; a request with one gets 422.)
 
     def encode(self, p: SamplePrediction, return_uncertainty: bool = True) -> dict[str, Any]:
         if self.manifest.task == "classification":

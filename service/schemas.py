@@ -56,11 +56,16 @@ class V2Tensor(BaseModel):
     data: list[Any]
 
 
+class V2RequestedOutput(BaseModel):
+    name: str
+    parameters: dict[str, Any] | None = None
+
+
 class V2InferRequest(BaseModel):
     id: str | None = None
     parameters: dict[str, Any] | None = Field(None, description="ddim_steps, ensemble, seed (sample i uses seed + i)")
     inputs: list[V2Tensor]
-    outputs: list[dict[str, Any]] | None = None
+    outputs: list[V2RequestedOutput] | None = None
 
 
 class V2InferResponse(BaseModel):

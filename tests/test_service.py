@@ -355,3 +355,30 @@ def test_standard_v2_client_works(server):
     binary.set_data_from_numpy(x)  # the client's default: the binary tensor extension
     again = client.infer("mnist", [binary], parameters={"seed": 11, "ensemble": 2})
     assert again.as_numpy("probabilities").tolist() == probs.tolist()
+
+
+def test_hostile_inputs_get_4xx_not_500(server):
+    deep = '{"model": "mnist", "input": ' + "[" * 50000 + "]" * 50000 + "}"
+    r = httpx.post(f"{server.url}/predict", content=deep, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json() == {"error": "body: not valid JSON"}
+    huge = '{"model": "mnist", "input": [[[' + "9" * 400 + "]]]}"
+    r = httpx.post(f"{server.url}/predict", content=huge, headers={"content-type": "application/json"})
+    assert r.status_code == 422 and r.json()["error"].startswith("input: expected")
+    v2 = f"{server.url}/v2/models/mnist/infer"
+    r = httpx.post(v2, json={"inputs": [{"name": "input", "shape": [0, 1, 28, 28], "datatype": "FP32", "data": []}]})
+    assert r.status_code == 422 and r.json() == {"error": "inputs[input].shape: expected [N, 1, 28, 28], got [0, 1, 28, 28]"}
+    r = httpx.post(v2, json={"inputs": [{"name": "input", "shape": [1, 1, 28, 28], "datatype": "FP32",
+                                          "data": [0.1] * 784}], "outputs": [{"name": [1]}]})
+    assert r.status_code == 422 and r.json()["error"].startswith("outputs.0.name: Input should be a valid string")
+    header = json.dumps({"inputs": [{"name": "input", "shape": [1, 1, 28, 28], "datatype": "FP32",
+                                     "parameters": {"binary_data_size": 10_000}}]}).encode()
+    r = httpx.post(v2, content=header + b"\0" * 16, headers={"Inference-Header-Content-Length": str(len(header))})
+    assert r.status_code == 422 and r.json() == {"error": "inputs[input].parameters.binary_data_size: 10000 does not fit the 16 bytes sent"}
+    r = httpx.post(v2, content=b"{}", headers={"Inference-Header-Content-Length": "99"})
+    assert r.status_code == 422 and r.json() == {"error": "Inference-Header-Content-Length: must be an integer in [0, 2]"}
+    big = Image.new("L", (5000, 4000))
+    buf = io.BytesIO()
+    big.save(buf, format="PNG")
+    r = post(server, {"model": "mnist", "input": base64.b64encode(buf.getvalue()).decode()})
+    assert r.status_code == 413 and r.json() == {"error": "input: image is 5000x4000; the limit is 16777216 pixels"}
+    assert httpx.get(f"{server.url}/v2/health/ready").status_code == 200  # and the server is fine

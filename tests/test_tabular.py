@@ -127,3 +127,12 @@ def test_v2_named_inputs_match_predict(server):
     short = [dict(i, data=i["data"][:1], shape=[1]) if i["name"] == "z" else i for i in inputs]
     bad = httpx.post(f"{server.url}/v2/models/diamonds/infer", json={"inputs": short})
     assert bad.status_code == 422 and bad.json() == {"error": "inputs[z].data: holds 1 rows, other inputs hold 2"}
+
+
+def test_out_of_range_numbers_are_refused():
+    spec = TabularSpec(target="y", fields=[FieldSpec(name="a", kind="number")])
+    for value, msg in [(10**400, "input.a: must be a finite number (no NaN or infinity)"),
+                       (1e300, "input.a: 1e+300 is out of range (|value| <= 1e30)")]:
+        with pytest.raises(RowError) as e:
+            encode_row(spec, {"a": value})
+        assert str(e.value) == msg
