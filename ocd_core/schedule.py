@@ -21,7 +21,7 @@ class ScheduleConfig(BaseModel):
     beta_schedule: Literal["linear"] = "linear"
 
 
-EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t (N,*), t (N,)) -> eps (N,*)
+ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t (N,*), t (N,)) -> eps or x0 (N,*)
 Prediction = Literal["epsilon", "sample"]  # what a denoiser outputs: the noise ε, or the clean x_0
 
 
@@ -81,7 +81,7 @@ class NoiseSchedule:
             x_prev = x_prev + std * noise
         return x_prev
 
-    def ddim_sample(self, model_fn: EpsFn, x_T: torch.Tensor, steps: int, eta: float = 0.0,
+    def ddim_sample(self, model_fn: ModelFn, x_T: torch.Tensor, steps: int, eta: float = 0.0,
                     step_noise: torch.Tensor | None = None, prediction: Prediction = "epsilon") -> torch.Tensor:
         """Run DDIM from x_T (N, *) to x_0 with ``steps`` denoiser calls.
 
