@@ -60,3 +60,19 @@ def test_diffusion_training_resumes_from_checkpoint_exactly(lenet, mnist_batch, 
     assert hist2["denoise_mse"] == hist["denoise_mse"]
     for a, b in zip(full.state_dict().values(), resumed.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_select_layer_writes_the_ranking_into_the_report(tmp_path):
+    from training.pipeline import run_recipe
+    from training.recipes import RECIPES
+    from training.select_layer import select_layer
+
+    recipe = RECIPES["credit"]("smoke")
+    run_recipe(recipe, tmp_path / "runs", tmp_path / "models", tmp_path / "reports", progress=False, device="cpu")
+    rows = select_layer(recipe, tmp_path / "models", tmp_path / "reports", tmp_path / "runs", draws=8, samples=50)
+    assert [r["rank"] for r in rows] == [1, 2, 3] and sorted(r["layer"] for r in rows) == ["fc1", "fc2", "out"]
+    assert rows[0]["score"] == 1.0
+    text = (tmp_path / "reports" / "credit" / "report.md").read_text()
+    assert text.count("## Layer selection") == 1 and f"| 1 | {rows[0]['layer']} |" in text
+    select_layer(recipe, tmp_path / "models", tmp_path / "reports", tmp_path / "runs", draws=8, samples=50)
+    assert (tmp_path / "reports" / "credit" / "report.md").read_text().count("## Layer selection") == 1

@@ -2,6 +2,7 @@
 
   ocd train <recipe> [--variant cpu|paper|smoke] [--source DIR] [--models DIR] [--reports DIR] [--runs DIR]
   ocd serve [--host H] [--port P] [--workers N] [--models DIR] [--model name[:version],...]
+  ocd select-layer <recipe> [--draws N] [--samples N]   rank layers (paper's criterion) into the report
   ocd show <model dir>          print a bundle's manifest summary
 """
 from __future__ import annotations
@@ -56,6 +57,17 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _select(args: argparse.Namespace) -> int:
+    from training.recipes import RECIPES
+    from training.select_layer import select_layer
+
+    rows = select_layer(RECIPES[args.recipe](args.variant), Path(args.models), Path(args.reports), Path(args.runs),
+                        draws=args.draws, samples=args.samples)
+    for r in rows:
+        print(f"{r['rank']:2d}. {r['layer']:12s} entropy {r['entropy']:.4f}  score {r['score']:.3f}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from training.recipes import RECIPES
 
@@ -75,6 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--models", help="model repository directory (OCD_MODELS_DIR, default models)")
     v.add_argument("--model", help="serve only these: name or name:version, comma-separated (OCD_MODELS)")
     v.set_defaults(fn=_serve)
+    ls = sub.add_parser("select-layer", help="rank layers by the paper's loss-entropy criterion; write it to the report")
+    ls.add_argument("recipe", choices=sorted(RECIPES)); ls.add_argument("--variant", default="cpu")
+    ls.add_argument("--draws", type=int, default=100); ls.add_argument("--samples", type=int, default=500)
+    ls.add_argument("--models", default="models"); ls.add_argument("--reports", default="reports")
+    ls.add_argument("--runs", default="runs")
+    ls.set_defaults(fn=_select)
     s = sub.add_parser("show", help="print a bundle's manifest")
     s.add_argument("path"); s.set_defaults(fn=_show)
     args = p.parse_args(argv)

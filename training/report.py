@@ -102,6 +102,10 @@ def write_report(out_dir: Path, recipe: dict[str, Any], per_seed: dict[int, dict
     if notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     lines += ["## Recipe", "", "```json", json.dumps(recipe, indent=2), "```", ""]
+    if (out_dir / "layer_selection.json").exists():  # written by `ocd select-layer`; kept across retraining
+        from training.select_layer import layer_section
+
+        lines += [layer_section(json.loads((out_dir / "layer_selection.json").read_text()))]
     atomic_write_text("\n".join(lines), out_dir / "report.md")
     _plots(out_dir, agg, per_seed, histories, metric_names)
     return metrics_json
