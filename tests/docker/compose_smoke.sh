@@ -49,19 +49,18 @@ label=$(echo "$answer" | $PY -c 'import json,sys; print(json.load(sys.stdin)["la
 
 curl -sf localhost:8000/metrics | grep '^ocd_requests_total{' | grep 'endpoint="/predict"' | grep 'code="200"' \
   | grep -E '\} [1-9]'
+prom_wait() {  # $1: URL-encoded PromQL, $2: pattern the answer must match; retries while Prometheus scrapes
+  local ans=""
+  for _ in $(seq 30); do
+    ans=$(curl -sf "localhost:9090/api/v1/query?query=$1" || true)
+    echo "$ans" | grep -q "$2" && { echo "$ans"; return 0; }
+    sleep 2
+  done
+  echo "$ans"; return 1
+}
 echo "waiting for Prometheus to scrape the service..."
-for _ in $(seq 30); do
-  up=$(curl -sf 'localhost:9090/api/v1/query?query=up%7Bjob%3D%22ocd%22%7D' || true)
-  echo "$up" | grep -q '"value":\[[0-9.]*,"1"\]' && break
-  sleep 2
-done
-echo "prometheus: $up"
-echo "$up" | grep -q '"value":\[[0-9.]*,"1"\]'
-for _ in $(seq 15); do  # the next scrape after the /predict
-  count=$(curl -sf 'localhost:9090/api/v1/query?query=sum(ocd_requests_total%7Bendpoint%3D%22%2Fpredict%22%7D)' || true)
-  echo "$count" | grep -q '"value":\[[0-9.]*,"[1-9]' && break
-  sleep 2
-done
+up=$(prom_wait 'up%7Bjob%3D%22ocd%22%7D' '"value":\[[0-9.]*,"1"\]')  # set -e: a failed wait ends the script
+echo "prometheus up: $up"
+count=$(prom_wait 'sum(ocd_requests_total%7Bendpoint%3D%22%2Fpredict%22%7D)' '"value":\[[0-9.]*,"[1-9]')
 echo "prometheus ocd_requests_total: $count"
-echo "$count" | grep -q '"value":\[[0-9.]*,"[1-9]'
 echo "compose smoke: OK"
