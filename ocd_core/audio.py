@@ -5,7 +5,6 @@ The service and the training pipeline share it, so a clip is featurised identica
 from __future__ import annotations
 
 import io
-import math
 import wave
 
 import torch

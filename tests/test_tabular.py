@@ -4,7 +4,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-import torch
 
 from ocd_core.bundle import load_bundle
 from ocd_core.preprocess import FieldSpec, RowError, TabularSpec, encode_row

@@ -45,3 +45,11 @@ def test_delta_of_linear_layer_is_nearly_rank_one(lenet, mnist_batch):
 def test_unknown_layer_names_the_candidates(lenet, mnist_batch):
     with pytest.raises(ValueError, match=r"model has no layer 'fc9'; Linear/Conv2d layers: \['conv1', 'conv2', 'conv3', 'fc1', 'fc2'\]"):
         overfit_deltas(lenet, "fc9", *mnist_batch)
+
+
+def test_targets_work_under_no_grad(lenet, mnist_batch):
+    """Evaluation calls overfit_deltas inside torch.no_grad (the oracle row): same deltas."""
+    x, y = mnist_batch
+    with torch.no_grad():
+        inside = overfit_deltas(lenet, "fc1", x, y)
+    assert torch.equal(inside, overfit_deltas(lenet, "fc1", x, y))

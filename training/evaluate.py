@@ -74,8 +74,7 @@ def evaluate(model: OCDModel, x: torch.Tensor, y: torch.Tensor, train: TargetSet
 
     jobs: dict[str, Callable[[], torch.Tensor]] = {
         "base": lambda: model.head(model.base(x)),
-        "oracle": lambda: adapted(lambda s: torch.enable_grad()(overfit_deltas)(
-            model.base, model.layer, x[s], y[s], target_cfg)),
+        "oracle": lambda: adapted(lambda s: overfit_deltas(model.base, model.layer, x[s], y[s], target_cfg)),
         "ocd": lambda: ocd(default_steps, 1),
         "ocd_ensemble": lambda: ocd(default_steps, ensemble),
         "no_scale": lambda: ocd(default_steps, 1, "mean"),

@@ -121,11 +121,12 @@ def publish(bundle_dir: Path, models_dir: Path, name: str, metrics: dict[str, An
     """Copy a trained bundle into the model repository as the next version (same run -> same version)."""
     src = bundle_dir / name / "1"
     manifest = json.loads((src / "manifest.json").read_text())
-    for v in list_versions(models_dir, name):
+    existing = list_versions(models_dir, name)
+    for v in existing:
         old = json.loads((models_dir / name / v / "manifest.json").read_text())
         if old.get("provenance", {}).get("run_id") == manifest["provenance"]["run_id"]:
             return models_dir / name / v
-    versions = [int(v) for v in list_versions(models_dir, name) if v.isdigit()]
+    versions = [int(v) for v in existing if v.isdigit()]
     model, m = load_bundle(src)
     m = m.model_copy(update={"version": str(max(versions, default=0) + 1), "metrics": metrics})
     return save_bundle(model, m, models_dir)
@@ -135,7 +136,6 @@ def run_recipe(recipe: Recipe, runs_dir: Path = Path("runs"), models_dir: Path =
                reports_dir: Path = Path("reports"), progress: bool = True,
                device: torch.device | str | None = None) -> tuple[Path, Path]:
     """The whole pipeline for every seed of ``recipe``; returns (bundle directory, report directory)."""
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     device = torch.device(device) if device else default_device()
     prep = prepare(recipe, runs_dir / "cache")
     split = prep.split

@@ -6,7 +6,6 @@ import json
 import re
 from pathlib import Path
 
-import torch
 
 from ocd_core.bundle import list_versions, load_bundle
 from ocd_core.io import atomic_write_text
