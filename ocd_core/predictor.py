@@ -13,8 +13,9 @@ from typing import Literal, Sequence
 import torch
 from torch import nn
 
-from .adapt import adapted_forward
+from .adapt import LowRankDelta, adapted_forward
 from .schedule import NoiseSchedule, ScheduleConfig
+from .split import Split, check_split, split_model
 from .schedule import Prediction as PredictionType
 from .tap import Latents, get_layer, tap
 
@@ -84,7 +85,20 @@ class OCDModel(nn.Module):
     def _apply(self, fn, recurse=True):  # keep the schedule's tensors on the model's device
         out = super()._apply(fn, recurse)
         self.schedule = NoiseSchedule(self.schedule_cfg, device=self.mean_scale.device)
+        self.__dict__.pop("_split", None)
         return out
+
+    def _upstream(self, x: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], nn.Module]:
+        """x -> (the values alive at the layer, the model that maps them to the output).
+
+        The part of the base model upstream of the adapted layer is the same for every ensemble
+        member, so it runs once per request: the latents and the adapted forward start from it
+        (torch.fx split; models it cannot split run whole)."""
+        if "_split" not in self.__dict__:
+            split = split_model(self.base, self.layer)
+            self.__dict__["_split"] = split if split is not None and check_split(self.base, split, x[:2]) else None
+        split: Split | None = self.__dict__["_split"]
+        return ((x,), self.base) if split is None else (tuple(split.head(x)), split.tail)
 
     @property
     def device(self) -> torch.device:
@@ -94,20 +108,37 @@ class OCDModel(nn.Module):
         """Network output -> probabilities (classification) or values (regression)."""
         return out.softmax(-1) if self.task == "classification" else out
 
-    def latents(self, x: torch.Tensor) -> Latents:
-        return tap(self.base, self.layer, x, grad_task=self.task if self.cond.output_grad else None)
+    def latents(self, x: torch.Tensor | tuple[torch.Tensor, ...], model: nn.Module | None = None) -> Latents:
+        """Latents of x (B, *input) through the base model (or of upstream values through ``model``)."""
+        return tap(model or self.base, self.layer, x, grad_task=self.task if self.cond.output_grad else None)
+
+    def lowrank_ok(self, eta: float) -> bool:
+        """Whether DDIM can run in factor space: a deterministic sampler and a denoiser that predicts
+        x_0 as s·x_t + U Vᵀ from static linear reads of x_t (``CompactDenoiser(static_probes=True)``)."""
+        return eta == 0 and self.prediction == "sample" and getattr(self.denoiser, "static_probes", False)
 
     def sample_deltas(self, lat: Latents, steps: int, ensemble: int | torch.Tensor, eta: float, x_T: torch.Tensor,
-                      step_noise: torch.Tensor | None = None, scale: ScaleMode = "net") -> torch.Tensor:
+                      step_noise: torch.Tensor | None = None, scale: ScaleMode = "net",
+                      lowrank: bool = False) -> torch.Tensor | LowRankDelta:
         """Latents of B samples -> deltas (ΣK, *W.shape), sample-major (b0k0, b0k1, ...).
 
-        ``ensemble``: K for every sample, or a (B,) tensor of per-sample counts."""
-        e = self.cond(*lat.flat(), lat.grad).repeat_interleave(ensemble)  # once per request, not per step
-
+        ``ensemble``: K for every sample, or a (B,) tensor of per-sample counts. With ``lowrank``
+        (and ``lowrank_ok(eta)``) a LowRankDelta that is never formed."""
+        e = self.cond(*lat.flat(), lat.grad)  # once per request, not per step or member
+        if hasattr(self.denoiser, "prepare"):
+            e = self.denoiser.prepare(e)
+        e = e.repeat_interleave(ensemble)
+        rho = self.scale_net(*lat.flat()) if scale == "net" else self.mean_scale.expand(lat.out.shape[0])
+        rho = rho.repeat_interleave(ensemble, 0)
+        if lowrank and self.lowrank_ok(eta):
+            den = self.denoiser
+            a, u, v = self.schedule.ddim_sample_lowrank(lambda r, t: den.factors(r, t, e),
+                                                        lambda u, v: den.read_lowrank(u, v, e),
+                                                        den.read(x_T, e), steps)
+            return LowRankDelta(rho, a, x_T, u, v)
         unit = self.schedule.ddim_sample(lambda x, t: self.denoiser(x, t, e), x_T, steps, eta, step_noise,
                                          self.prediction)
-        rho = self.scale_net(*lat.flat()) if scale == "net" else self.mean_scale.expand(lat.out.shape[0])
-        return unit * rho.repeat_interleave(ensemble, 0).view(-1, *([1] * (unit.ndim - 1)))
+        return unit * rho.view(-1, *([1] * (unit.ndim - 1)))
 
     def _summary(self, members: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Ensemble mean over ``dim`` and the uncertainty: predictive entropy or ensemble std."""
@@ -129,14 +160,15 @@ class OCDModel(nn.Module):
         sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
         reps = torch.tensor(counts, device=x.device)
         t0 = time.perf_counter()
-        lat = self.latents(x)
+        live, tail = self._upstream(x)
+        lat = self.latents(live, tail)
         sync()
         t1 = time.perf_counter()
         x_T, step_noise = draw_noise(seeds, counts, self.delta_shape, steps, eta, x.device)
-        deltas = self.sample_deltas(lat, steps, reps, eta, x_T, step_noise, scale)
+        deltas = self.sample_deltas(lat, steps, reps, eta, x_T, step_noise, scale, lowrank=True)
         sync()
         t2 = time.perf_counter()
-        out = self.head(adapted_forward(self.base, self.layer, x.repeat_interleave(reps, 0), deltas))
+        out = self.head(adapted_forward(tail, self.layer, tuple(v.repeat_interleave(reps, 0) for v in live), deltas))
         sync()
         t3 = time.perf_counter()
         return out, self.head(lat.out), {"base": t1 - t0, "ddim": t2 - t1, "adapt": t3 - t2}

@@ -21,6 +21,9 @@ class ScheduleConfig(BaseModel):
     beta_schedule: Literal["linear"] = "linear"
 
 
+Reads = tuple[torch.Tensor, ...]  # a linear map of x_t, e.g. projections (N, out, k), (N, in, k)
+FactorFn = Callable[[Reads, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # -> s, U, V
+ReadFn = Callable[[torch.Tensor, torch.Tensor], Reads]  # (U, V) -> the reads of U Vᵀ
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t (N,*), t (N,)) -> eps or x0 (N,*)
 Prediction = Literal["epsilon", "sample"]  # what a denoiser outputs: the noise ε, or the clean x_0
 
@@ -111,3 +114,41 @@ class NoiseSchedule:
             x_next = out.mul_(a_prev**0.5 - c_x * a_t**0.5).add_(x, alpha=c_x)
             x = x_next.add_(noise, alpha=std) if eta > 0 else x_next
         return x
+
+    def ddim_sample_lowrank(self, factor_fn: FactorFn, read_fn: ReadFn, reads_T: Reads,
+                            steps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """DDIM (eta = 0) for an x̂_0-denoiser of the form x̂_0 = s·x_t + U Vᵀ that sees x_t only
+        through a linear map ``reads``, without ever forming x_t.
+
+        Each update x_prev = c_0·x̂_0 + c_x·x_t keeps the state x_t = a·x_T + Σ_j U_j V_jᵀ, and the
+        reads follow by linearity: reads(x_prev) = (c_0·s + c_x)·reads(x_t) + c_0·read_fn(U, V).
+        ``reads_T`` (each (N, ...)) are the reads of x_T; ``factor_fn(reads, t)`` returns s (N,),
+        U (N, out, r), V (N, in, r). Returns a (N,), U (N, out, m), V (N, in, m) with
+        x_0 = a·x_T + U Vᵀ and m = r·steps; equal to ``ddim_sample`` on the dense x_T up to float error.
+        """
+        ts = self.ddim_timesteps(steps)
+        ratio = self.num_train_timesteps // steps
+        N = reads_T[0].shape[0]
+        reads = reads_T
+        us: list[torch.Tensor] = []
+        vs: list[torch.Tensor] = []
+        alphas: list[torch.Tensor] = []
+        c0s: list[float] = []
+        for t in ts:
+            s, u, v = factor_fn(reads, torch.full((N,), t, device=reads[0].device, dtype=torch.long))
+            a_t = self._abar_host[t]
+            a_prev = self._abar_host[t - ratio] if t - ratio >= 0 else 1.0
+            c_x = ((1 - a_prev) / (1 - a_t)) ** 0.5
+            c_0 = a_prev**0.5 - c_x * a_t**0.5
+            alpha = c_0 * s + c_x  # (N,): the factor on x_t
+            new = read_fn(u, v)
+            reads = tuple(r.mul(alpha.view(-1, *[1] * (r.ndim - 1))).add_(n, alpha=c_0)
+                          for r, n in zip(reads, new))
+            us.append(u), vs.append(v), alphas.append(alpha), c0s.append(c_0)
+        # U_j's weight in x_0: c_0,j times the factors on x_t of every later step
+        al = torch.stack(alphas, 1)  # (N, steps)
+        later = torch.cat([torch.flip(torch.cumprod(torch.flip(al[:, 1:], [1]), 1), [1]), al.new_ones(N, 1)], 1)
+        coef = later * al.new_tensor(c0s)  # (N, steps)
+        r = us[0].shape[-1]
+        u_all = torch.cat(us, -1) * coef.repeat_interleave(r, 1).unsqueeze(1)
+        return al.prod(1), u_all, torch.cat(vs, -1)

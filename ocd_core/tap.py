@@ -54,9 +54,10 @@ def output_grad(out: torch.Tensor, act: torch.Tensor, task: str) -> torch.Tensor
     return torch.autograd.grad(loss, act)[0]
 
 
-def tap(model: nn.Module, layer: str, x: torch.Tensor, grad_task: str | None = None) -> Latents:
-    """Run ``model(x)`` once and return the latents of ``layer``; with ``grad_task``
-    ("classification" / "regression") also the output error signal at the layer (one backward)."""
+def tap(model: nn.Module, layer: str, x: torch.Tensor | tuple[torch.Tensor, ...],
+        grad_task: str | None = None) -> Latents:
+    """Run ``model(x)`` (``model(*x)`` for a tuple) once and return the latents of ``layer``; with
+    ``grad_task`` ("classification" / "regression") also the output error signal at the layer (one backward)."""
     module = get_layer(model, layer)
     seen: dict[str, torch.Tensor] = {}
 
@@ -71,7 +72,7 @@ def tap(model: nn.Module, layer: str, x: torch.Tensor, grad_task: str | None = N
     handle = module.register_forward_hook(hook)
     try:
         with torch.enable_grad() if grad_task else contextlib.nullcontext():
-            out = model(x)
+            out = model(*x) if isinstance(x, tuple) else model(x)
             if "inp" not in seen:
                 raise RuntimeError(f"layer {layer!r} was not called during the forward pass")
             grad = output_grad(out, seen["act"], grad_task) if grad_task else None

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ocd_core.adapt import adapted_forward
+from ocd_core.adapt import LowRankDelta, adapted_forward
 from ocd_core.tap import tap
 
 
@@ -102,3 +102,19 @@ def test_ema_warm_up_and_average():
         net.weight.fill_(start + 1.0)
     plain.update(net)
     assert plain.shadow.weight.item() == pytest.approx(start + 0.1)
+
+
+@pytest.mark.parametrize("layer,fast", [("fc1", True), ("conv2", False)])
+def test_lowrank_delta_applies_like_its_dense_form(lenet, mnist_batch, layer, fast):
+    """Δ = ρ·(a·X + U Vᵀ) applied without forming it (Linear) or formed (conv) == the dense delta."""
+    x, _ = mnist_batch
+    g = torch.Generator().manual_seed(3)
+    shape = lenet.get_submodule(layer).weight.shape
+    n_in = shape[1:].numel()
+    d = LowRankDelta(rho=torch.rand(20, generator=g) * 0.05, a=torch.randn(20, generator=g),
+                     x=torch.randn(20, *shape, generator=g), u=torch.randn(20, shape[0], 6, generator=g),
+                     v=torch.randn(20, n_in, 6, generator=g))
+    dense = (d.rho * d.a).view(20, 1, 1) * d.x.reshape(20, shape[0], n_in) + d.rho.view(20, 1, 1) * d.u @ d.v.transpose(1, 2)
+    assert d.shape == (20, *shape) and torch.allclose(d.dense(), dense.view(20, *shape), atol=1e-6)
+    out = adapted_forward(lenet, layer, x, d, fast=fast)
+    assert (out - per_sample_copies(lenet, layer, x, dense.view(20, *shape))).abs().max().item() < 1e-4

@@ -6,7 +6,8 @@ import torch
 from ocd_core.bundle import ArchSpec, BundleError, InputSpec, Manifest, list_versions, load_bundle, save_bundle
 from ocd_core.conditioning import CondConfig, CondEncoder
 from ocd_core.denoisers import CompactConfig, build_denoiser
-from ocd_core.predictor import OCDModel
+from ocd_core.adapt import LowRankDelta, adapted_forward
+from ocd_core.predictor import OCDModel, draw_noise
 from ocd_core.scale import ScaleConfig, ScaleNet, scale_loss
 from ocd_core.schedule import ScheduleConfig
 from ocd_core.targets import TargetConfig
@@ -156,3 +157,44 @@ def test_ragged_ensembles_equal_separate_predictions(model, mnist_batch):
         assert (alone.members[0] - preds[i].members).abs().max().item() < 1e-5
         assert (alone.uncertainty[0] - preds[i].uncertainty).abs().item() < 1e-5
     assert set(timings) == {"base", "ddim", "adapt"}
+
+
+@pytest.fixture
+def fast_model(lenet):
+    """A model on the factor-space path: x̂_0-prediction with static probes."""
+    torch.manual_seed(2)
+    cond = CondEncoder(120, 84, 10, CondConfig(dim=16, hidden=16), weight_shape=(84, 120))
+    den = build_denoiser(CompactConfig(static_probes=True, depth=1, hidden=16, probes=4), (84, 120), 16)
+    scale = ScaleNet(120, 84, 10, ScaleConfig(hidden=8))
+    scale.log_offset.fill_(0.0)
+    return OCDModel(lenet, "fc1", cond, den, scale, ScheduleConfig(), "classification", 1e-3)
+
+
+def test_lowrank_sampling_equals_dense(fast_model, mnist_batch):
+    """DDIM in factor space (never forming Δ) == the dense sampler, and the predictions match."""
+    m, (x, _) = fast_model, mnist_batch
+    assert m.lowrank_ok(0.0) and not m.lowrank_ok(0.5)
+    with torch.no_grad():
+        lat = m.latents(x)
+        reps = torch.full((20,), 2)
+        x_T, _ = draw_noise(list(range(20)), 2, (84, 120), 10, 0.0, "cpu")
+        low = m.sample_deltas(lat, 10, reps, 0.0, x_T, lowrank=True)
+        dense = m.sample_deltas(lat, 10, reps, 0.0, x_T, lowrank=False)
+        assert isinstance(low, LowRankDelta) and low.u.shape == (40, 84, 40) and low.v.shape == (40, 120, 40)
+        assert low.dense().shape == dense.shape == (40, 84, 120)
+        assert (low.dense() - dense).abs().max().item() < 1e-5 * dense.abs().max().item()
+        xs = x.repeat_interleave(2, 0)
+        want = adapted_forward(m.base, "fc1", xs, dense).softmax(-1)
+    p = m.predict(x, steps=10, ensemble=2, seeds=list(range(20)))
+    assert (p.members.reshape(40, 10) - want).abs().max().item() < 1e-5
+    assert (p.mean - p.base).abs().max() > 1e-3  # the deltas do change the prediction
+
+
+def test_upstream_split_gives_the_full_model_result(model, mnist_batch):
+    x, _ = mnist_batch
+    live, tail = model._upstream(x)
+    assert [v.shape for v in live] == [(20, 120)] and tail is not model.base  # conv stack runs once
+    split = model.predict(x, steps=3, ensemble=2, seeds=list(range(20))).members
+    model.__dict__["_split"] = None  # no split: every member runs the whole base model
+    whole = model.predict(x, steps=3, ensemble=2, seeds=list(range(20))).members
+    assert (split - whole).abs().max().item() < 1e-5

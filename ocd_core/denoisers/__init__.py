@@ -17,6 +17,9 @@ class CompactConfig(BaseModel):
     hidden: int = Field(32, ge=1)
     pos_dim: int = Field(8, ge=1)
     emb_dim: int = Field(64, ge=1)
+    depth: int = Field(2, ge=1, le=2, description="hidden layers of each per-row / per-column MLP")
+    static_probes: bool = Field(False, description="probes made once per request, not per step: DDIM can then "
+                                "run in factor space (see schedule.ddim_sample_lowrank)")
 
 
 class PaperConfig(BaseModel):
