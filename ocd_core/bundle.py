@@ -6,6 +6,7 @@ or ``torch.save`` file in their place is refused with an error naming the file.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -183,6 +184,16 @@ def load_bundle(directory: str | Path, device: torch.device | str = "cpu") -> tu
         raise BundleError(f"{directory}: weights do not match the manifest's architecture: {e}") from None
     model = OCDModel(base, m.layer, cond, den, scale, m.schedule, m.task, m.mean_scale)
     return model.to(device).eval(), m
+
+
+def weights_digest(directory: str | Path) -> str:
+    """SHA-256 over the bundle's safetensors files (sorted by role): what derived files (ONNX) were made from."""
+    directory = Path(directory)
+    m = read_manifest(directory)
+    h = hashlib.sha256()
+    for key in sorted(m.files):
+        h.update((directory / m.files[key]).read_bytes())
+    return h.hexdigest()
 
 
 def list_versions(root: str | Path, name: str) -> list[str]:

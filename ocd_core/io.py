@@ -44,8 +44,12 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
     _replace(tmp, path)
 
 
-def atomic_write_text(text: str, path: str | Path) -> None:
+def atomic_write_bytes(data: bytes, path: str | Path) -> None:
     path = Path(path)
     tmp = _tmp(path)
-    tmp.write_text(text)
+    tmp.write_bytes(data)
     _replace(tmp, path)
+
+
+def atomic_write_text(text: str, path: str | Path) -> None:
+    atomic_write_bytes(text.encode(), path)

@@ -188,7 +188,9 @@ class OCDModel(nn.Module):
         """Like ``predict`` with a per-sample ensemble size: one DDIM loop over all ΣK members."""
         with self._lock:
             out, base, timings = self._run(x, steps, list(ensembles), eta, seeds, "net")
-        preds = []
-        for i, members in enumerate(out.split(list(ensembles))):
-            preds.append(SamplePrediction(members, *self._summary(members, 0), base[i]))
-        return preds, timings
+        return self.split_ragged(out, base, ensembles), timings
+
+    def split_ragged(self, out: torch.Tensor, base: torch.Tensor, ensembles: Sequence[int]) -> list[SamplePrediction]:
+        """Member outputs (ΣK, *out) and base outputs (B, *out), after the head -> one SamplePrediction per sample."""
+        return [SamplePrediction(members, *self._summary(members, 0), base[i])
+                for i, members in enumerate(out.split(list(ensembles)))]

@@ -19,7 +19,7 @@ QUEUE_DEPTH = Gauge("ocd_queue_depth", "Requests waiting", ["model"], multiproce
 INFERENCE = Histogram("ocd_inference_duration_seconds", "Per-batch inference time by stage", ["model", "stage"],
                       buckets=LATENCY)
 MODEL_INFO = Gauge("ocd_model_info", "Loaded models (value 1)", ["model", "version", "modality", "task", "denoiser",
-                                                                  "device"], multiprocess_mode="liveall")
+                                                                  "device", "backend"], multiprocess_mode="liveall")
 
 
 def render() -> tuple[bytes, str]:

@@ -13,6 +13,7 @@ from ocd_core.predictor import OCDModel, SamplePrediction
 from . import metrics
 from .batcher import Batcher, Job
 from .modalities import Modality, modality_for
+from .onnx_engine import OnnxOCD
 from .settings import Settings
 
 log = logging.getLogger("ocd.service")
@@ -22,10 +23,10 @@ class UnknownModel(Exception):
     """404: no such model or version."""
 
 
-class TorchEngine:
-    """Runs a batch of jobs through an OCDModel on the configured device (one thread per model)."""
+class Engine:
+    """Runs a batch of jobs through a predictor (an OCDModel, or OnnxOCD for ``OCD_BACKEND=onnx``)."""
 
-    def __init__(self, model: OCDModel, device: str):
+    def __init__(self, model: OCDModel | OnnxOCD, device: str):
         self.model, self.device = model, torch.device(device)
 
     def __call__(self, jobs: list[Job]) -> tuple[list[SamplePrediction], dict[str, float]]:
@@ -74,15 +75,21 @@ class Registry:
         if s.threads:
             torch.set_num_threads(s.threads)
         for name, version in self._wanted():
-            model, manifest = load_bundle(root / name / version, device)
+            path = root / name / version
+            if s.backend == "onnx":  # the torch bundle on the CPU keeps the schedule; ORT runs the networks
+                model, manifest = load_bundle(path, "cpu")
+                engine = Engine(OnnxOCD(path, model, device, s.threads), "cpu")
+            else:
+                model, manifest = load_bundle(path, device)
+                engine = Engine(model, device)
             label = f"{name}:{version}"
-            engine = TorchEngine(model, device)
             batcher = Batcher(name, label, engine, s.max_batch_size, s.max_wait_ms, s.max_queue)
             batcher.start()
             self.models.setdefault(name, {})[version] = Served(name, version, manifest, modality_for(manifest), batcher)
             metrics.MODEL_INFO.labels(name, version, manifest.modality, manifest.task, manifest.denoiser.kind,
-                                      device).set(1)
-            log.info("serving %s on %s (%s, layer %s)", label, device, manifest.modality, manifest.layer)
+                                      device, s.backend).set(1)
+            log.info("serving %s on %s with %s (%s, layer %s)", label, device, s.backend, manifest.modality,
+                     manifest.layer)
         self.ready = True
 
     def get(self, name: str, version: str | None = None) -> Served:

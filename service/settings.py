@@ -15,7 +15,8 @@ class Settings(BaseModel):
     port: int = Field(8000, ge=1, le=65535)
     workers: int = Field(1, ge=1, description="uvicorn worker processes")
     device: str = Field("auto", description="auto (CUDA when available), cpu, cuda, cuda:N")
-    backend: Literal["torch"] = "torch"
+    backend: Literal["torch", "onnx"] = Field("torch", description="torch, or onnx: ONNX Runtime on the bundle's "
+                                              "exported graphs (`ocd export-onnx <bundle dir>` writes them)")
     max_batch_size: int = Field(64, ge=1, description="requests per batch (1 turns batching off)")
     max_wait_ms: float = Field(5.0, ge=0, description="how long a batch waits for more requests after its first")
     max_queue: int = Field(1024, ge=1, description="queued requests per model; beyond it: 503 + Retry-After")

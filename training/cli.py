@@ -3,6 +3,7 @@
   ocd train <recipe> [--variant cpu|paper|smoke] [--source DIR] [--models DIR] [--reports DIR] [--runs DIR]
   ocd serve [--host H] [--port P] [--workers N] [--models DIR] [--model name[:version],...]
   ocd select-layer <recipe> [--draws N] [--samples N]   rank layers (paper's criterion) into the report
+  ocd export-onnx <model dir>...  write the ONNX graphs OCD_BACKEND=onnx serves
   ocd show <model dir>          print a bundle's manifest summary
 """
 from __future__ import annotations
@@ -57,6 +58,15 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from training.export_onnx import export_onnx
+
+    for d in args.paths:
+        for p in export_onnx(d):
+            print(p)
+    return 0
+
+
 def _select(args: argparse.Namespace) -> int:
     from training.recipes import RECIPES
     from training.select_layer import select_layer
@@ -93,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     ls.add_argument("--models", default="models"); ls.add_argument("--reports", default="reports")
     ls.add_argument("--runs", default="runs")
     ls.set_defaults(fn=_select)
+    e = sub.add_parser("export-onnx", help="export bundles' networks to ONNX (for OCD_BACKEND=onnx)")
+    e.add_argument("paths", nargs="+", metavar="model_dir"); e.set_defaults(fn=_export)
     s = sub.add_parser("show", help="print a bundle's manifest")
     s.add_argument("path"); s.set_defaults(fn=_show)
     args = p.parse_args(argv)

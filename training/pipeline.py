@@ -22,6 +22,7 @@ from ocd_core.io import atomic_save_file, atomic_write_text
 from ocd_core.nets import build_net
 from training.datasets import Prepared, prepare
 from training.evaluate import evaluate
+from training.export_onnx import ExportError, export_onnx
 from training.recipes import Recipe
 from training.report import write_report
 from training.train_base import train_base
@@ -129,7 +130,12 @@ def publish(bundle_dir: Path, models_dir: Path, name: str, metrics: dict[str, An
     versions = [int(v) for v in existing if v.isdigit()]
     model, m = load_bundle(src)
     m = m.model_copy(update={"version": str(max(versions, default=0) + 1), "metrics": metrics})
-    return save_bundle(model, m, models_dir)
+    path = save_bundle(model, m, models_dir)
+    try:  # the graphs OCD_BACKEND=onnx serves; optional: the torch backend needs none
+        export_onnx(path)
+    except (ExportError, ImportError, torch.onnx.OnnxExporterError) as e:
+        print(f"no ONNX graphs for {path}: {e}")
+    return path
 
 
 def run_recipe(recipe: Recipe, runs_dir: Path = Path("runs"), models_dir: Path = Path("models"),

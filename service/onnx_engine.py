@@ -1,0 +1,99 @@
+"""ONNX Runtime backend (``OCD_BACKEND=onnx``): the bundle's exported graphs, the same sampler.
+
+The networks run in ONNX Runtime (CPU execution provider, or CUDA with onnxruntime-gpu); the noise
+is drawn per request exactly as the torch path draws it and the DDIM loop is the same
+``NoiseSchedule.ddim_sample``, so for the same seeds both backends agree within float error
+(tests/test_onnx.py checks 1e-4). Graphs come from ``ocd export-onnx <bundle dir>``.
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ocd_core.bundle import BundleError, weights_digest
+from ocd_core.predictor import OCDModel, SamplePrediction, draw_noise
+
+GRAPHS = ("base", "cond", "denoiser_step", "scale", "adapt")
+
+
+def providers_for(device: str) -> list[str]:
+    import onnxruntime as ort
+
+    have = ort.get_available_providers()
+    if device.startswith("cuda"):
+        if "CUDAExecutionProvider" not in have:
+            raise BundleError(f"device {device!r} needs onnxruntime-gpu (CUDAExecutionProvider); have {have}")
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+class OnnxOCD:
+    """``predict_ragged`` of an OCDModel, with every network in ONNX Runtime.
+
+    ``model`` (the torch bundle, on the CPU) supplies the schedule, the head and the ensemble summary only."""
+
+    def __init__(self, directory: str | Path, model: OCDModel, device: str = "cpu", threads: int = 0):
+        import onnxruntime as ort
+
+        directory = Path(directory)
+        info_path = directory / "onnx.json"
+        missing = [g for g in GRAPHS if not (directory / f"{g}.onnx").is_file()]
+        if missing or not info_path.is_file():
+            raise BundleError(f"{directory}: no ONNX graphs ({', '.join(missing) or 'onnx.json'} missing); "
+                              f"run `ocd export-onnx {directory}`")
+        self.info = json.loads(info_path.read_text())
+        if self.info.get("weights_sha256") != weights_digest(directory):
+            raise BundleError(f"{directory}: the ONNX graphs were exported from other weights; "
+                              f"run `ocd export-onnx {directory}` again")
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        providers = providers_for(device)
+        self.sessions = {g: ort.InferenceSession(str(directory / f"{g}.onnx"), opts, providers=providers)
+                         for g in GRAPHS}
+        self.model, self.device = model, device
+        self._lock = threading.Lock()
+
+    def run(self, graph: str, *inputs: np.ndarray) -> list[np.ndarray]:
+        """Feed the graph's inputs in order."""
+        sess = self.sessions[graph]
+        return sess.run(None, {i.name: v for i, v in zip(sess.get_inputs(), inputs)})
+
+    def _run(self, x: torch.Tensor, steps: int, counts: list[int], eta: float,
+             seeds: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        m = self.model
+        reps = np.asarray(counts)
+        t0 = time.perf_counter()
+        inp, act, out, *live = self.run("base", x.detach().cpu().numpy().astype(np.float32, copy=False))
+        t1 = time.perf_counter()
+        ctx = [np.repeat(c, reps, 0) for c in self.run("cond", inp, act, out)]
+        rho = np.repeat(self.run("scale", inp, act, out)[0], reps, 0)
+        x_T, step_noise = draw_noise(seeds, counts, m.delta_shape, steps, eta, "cpu")
+
+        def step(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return torch.from_numpy(self.run("denoiser_step", x_t.numpy(), t.numpy(), *ctx)[0])
+
+        unit = m.schedule.ddim_sample(step, x_T, steps, eta, step_noise, m.prediction)
+        deltas = (unit * torch.from_numpy(rho).view(-1, *([1] * (unit.ndim - 1)))).numpy()
+        t2 = time.perf_counter()
+        adapted = self.run("adapt", deltas, *(np.repeat(v, reps, 0) for v in live))[0]
+        t3 = time.perf_counter()
+        return (m.head(torch.from_numpy(adapted)), m.head(torch.from_numpy(out)),
+                {"base": t1 - t0, "ddim": t2 - t1, "adapt": t3 - t2})
+
+    @torch.no_grad()
+    def predict_ragged(self, x: torch.Tensor, steps: int, ensembles: Sequence[int], seeds: Sequence[int],
+                       eta: float = 0.0) -> tuple[list[SamplePrediction], dict[str, float]]:
+        """Same contract as ``OCDModel.predict_ragged``: x (B, *input), one seed and ensemble size per sample."""
+        if len(seeds) != x.shape[0] or len(ensembles) != x.shape[0]:
+            raise ValueError(f"{len(seeds)} seeds and {len(ensembles)} ensemble sizes for {x.shape[0]} inputs")
+        with self._lock:
+            out, base, timings = self._run(x, steps, list(ensembles), eta, seeds)
+        return self.model.split_ragged(out, base, ensembles), timings
