@@ -41,8 +41,9 @@ class LowRankDelta:
         """inp (N, ..., in) -> Δ_n applied: (N, ..., out)."""
         lead = inp.shape[1:-1]
         h = inp.reshape(inp.shape[0], -1, inp.shape[-1])  # (N, L, in)
-        out = torch.bmm(h, self.x.view(self.u.shape[0], self.u.shape[1], -1).transpose(1, 2)).mul_(self.a.view(-1, 1, 1))
-        out = out.baddbmm_(torch.bmm(h, self.v), self.u.transpose(1, 2)).mul_(self.rho.view(-1, 1, 1))
+        noise = torch.bmm(h, self.x.view(self.u.shape[0], self.u.shape[1], -1).transpose(1, 2))
+        out = torch.baddbmm(noise * self.a.view(-1, 1, 1), torch.bmm(h, self.v), self.u.transpose(1, 2))
+        out = out * self.rho.view(-1, 1, 1)
         return out.reshape(inp.shape[0], *lead, -1)
 
 

@@ -98,7 +98,7 @@ class NoiseSchedule:
         x = x_T
         for i, t in enumerate(ts):
             t_vec = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-            out = model_fn(x, t_vec)
+            out = model_fn(x, t_vec).to(x.dtype)  # the state stays in its dtype (e.g. fp32 under autocast)
             noise = step_noise[i] if step_noise is not None else None
             if prediction == "epsilon":
                 x = self.ddim_step(x, out, t, t - ratio, eta, noise)
@@ -135,7 +135,8 @@ class NoiseSchedule:
         alphas: list[torch.Tensor] = []
         c0s: list[float] = []
         for t in ts:
-            s, u, v = factor_fn(reads, torch.full((N,), t, device=reads[0].device, dtype=torch.long))
+            s, u, v = (z.to(reads[0].dtype) for z in
+                       factor_fn(reads, torch.full((N,), t, device=reads[0].device, dtype=torch.long)))
             a_t = self._abar_host[t]
             a_prev = self._abar_host[t - ratio] if t - ratio >= 0 else 1.0
             c_x = ((1 - a_prev) / (1 - a_t)) ** 0.5

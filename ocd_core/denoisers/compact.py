@@ -137,4 +137,4 @@ class CompactDenoiser(nn.Module):
             ctx = ctx._replace(p_col=self.col_probe.step(ctx.p_col, None, e) / math.sqrt(self.n_in),
                                p_row=self.row_probe.step(ctx.p_row, None, e) / math.sqrt(self.n_out))
         s, u, v = self.factors(self.read(x, ctx), t, ctx, e)
-        return (s.view(B, 1, 1) * x).baddbmm_(u, v.transpose(1, 2)).reshape(x_t.shape)
+        return torch.baddbmm(s.view(B, 1, 1) * x, u, v.transpose(1, 2)).reshape(x_t.shape)
