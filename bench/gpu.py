@@ -112,7 +112,7 @@ def main() -> None:
     from bench.serve import bodies, load
     from service.launch import Server
 
-    server = Server(Path(a.bundle).parents[1], model=m.name, max_batch_size=256, max_wait_ms=2, threads=0,
+    server = Server(Path(a.bundle).parents[1], models=m.name, max_batch_size=256, max_wait_ms=2, threads=0,
                     device=str(device))
     try:
         reqs = bodies(m.name)

@@ -99,7 +99,7 @@ def main() -> None:
     levels = [int(c) for c in a.concurrency.split(",")]
     results: dict[tuple[str, int], dict[str, float]] = {}
     for mode, batch in (("on", 64), ("off", 1)):
-        server = Server(Path(a.models), model=a.model, max_batch_size=batch, max_wait_ms=2, threads=a.threads)
+        server = Server(Path(a.models), models=a.model, max_batch_size=batch, max_wait_ms=2, threads=a.threads)
         try:
             load(server.port, reqs, 4, 1.0)  # warm-up
             for c in levels:

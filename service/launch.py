@@ -25,6 +25,11 @@ class Server:
     """``ocd serve`` in a subprocess on a free loopback port."""
 
     def __init__(self, models_dir: Path, **settings):
+        from .settings import Settings
+
+        unknown = sorted(set(settings) - set(Settings.model_fields))
+        if unknown:
+            raise TypeError(f"unknown settings {unknown}; see service.settings.Settings")
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "OCD_THREADS": "1", **{f"OCD_{k.upper()}": str(v) for k, v in settings.items()}}

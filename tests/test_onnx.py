@@ -18,7 +18,7 @@ pytest.importorskip("onnxruntime")
 
 def exported(tmp_path, name):
     d = tmp_path / name / "1"
-    shutil.copytree(ROOT / "models" / name / "1", d)
+    shutil.copytree(ROOT / "models" / name / "1", d, ignore=shutil.ignore_patterns("*.onnx", "onnx.json"))
     files = export_onnx(d)
     assert sorted(p.name for p in files) == ["adapt.onnx", "base.onnx", "cond.onnx", "denoiser_step.onnx",
                                               "onnx.json", "scale.onnx"]
@@ -68,7 +68,7 @@ def test_onnx_runtime_matches_torch_per_stage_and_end_to_end(tmp_path, name):
 
 def test_stale_or_missing_graphs_are_refused(tmp_path):
     d = tmp_path / "mnist" / "1"
-    shutil.copytree(ROOT / "models" / "mnist" / "1", d)
+    shutil.copytree(ROOT / "models" / "mnist" / "1", d, ignore=shutil.ignore_patterns("*.onnx", "onnx.json"))
     model, _ = load_bundle(d)
     with pytest.raises(BundleError, match=r"no ONNX graphs \(base, cond, denoiser_step, scale, adapt missing\); "
                                           r"run `ocd export-onnx"):

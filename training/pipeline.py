@@ -159,7 +159,11 @@ def run_recipe(recipe: Recipe, runs_dir: Path = Path("runs"), models_dir: Path =
     extra = Path(__file__).parent / "notes" / f"{recipe.name}.md"  # measured investigations, kept with the recipe
     if extra.exists():
         notes.append(extra.read_text().strip())
-    report_dir = reports_dir / recipe.name
+    report_dir = reports_dir / (recipe.report or recipe.name)
+    ranking = reports_dir / recipe.name / "layer_selection.json"  # the same base model: same layer ranking
+    if report_dir.name != recipe.name and ranking.exists() and not (report_dir / ranking.name).exists():
+        report_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(ranking.read_text(), report_dir / ranking.name)
     metrics = write_report(report_dir, info, per_seed, hists, notes)
     summary = {row: {k: v["mean"] for k, v in ms.items()} for row, ms in metrics["rows"].items()}
     bundle = publish(root / f"seed{recipe.seeds[0]}" / "bundle", models_dir, recipe.name, summary)

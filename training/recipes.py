@@ -47,6 +47,7 @@ class Recipe(BaseModel):
     fit: FitConfig = FitConfig()
     eval: EvalConfig = EvalConfig()
     seeds: list[int] = [0, 1, 2]
+    report: str | None = Field(None, description="report directory under reports/ (default: the recipe name)")
 
 
 FAST_DENOISER = CompactConfig(static_probes=True, depth=1, hidden=16, probes=4)
@@ -59,7 +60,7 @@ def mnist_recipe(variant: str = "cpu") -> Recipe:
     if variant == "cpu":
         return Recipe()
     if variant == "fast":
-        return Recipe(variant="fast", fit=FitConfig(denoiser=FAST_DENOISER))
+        return Recipe(variant="fast", report="mnist-fast", fit=FitConfig(denoiser=FAST_DENOISER))
     if variant == "paper":
         return Recipe(variant="paper", fit=FitConfig(denoiser=PaperConfig(), train_steps=100_000, batch_size=64,
                                                      lr=1e-4, ema_mu=0.9999, targets=TargetConfig()))
