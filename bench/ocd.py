@@ -66,7 +66,8 @@ def ensemble(model, manifest, reps: int) -> None:
 
 
 def steps_curve(model, manifest, reports: Path, reps: int) -> None:
-    metrics = reports / manifest.name / "metrics.json"
+    variant = manifest.provenance.get("recipe", "cpu")  # the report of the recipe that trained this bundle
+    metrics = reports / (manifest.name if variant == "cpu" else f"{manifest.name}-{variant}") / "metrics.json"
     rows = json.loads(metrics.read_text())["rows"] if metrics.exists() else {}
     key = "acc" if manifest.task == "classification" else "mse"
     x = inputs(manifest, 64)

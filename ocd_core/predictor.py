@@ -45,14 +45,17 @@ def draw_noise(seeds: Sequence[int], ensemble: int | Sequence[int], shape: Seque
     batch composition.
     """
     counts = [ensemble] * len(seeds) if isinstance(ensemble, int) else list(ensemble)
-    x_T, step = [], []
+    total = sum(counts)
+    x = torch.empty(total, *shape)  # filled in place: no per-sample tensors to concatenate
+    step = torch.empty(steps, total, *shape) if eta > 0 else None
+    i = 0
     for s, k in zip(seeds, counts):
         g = torch.Generator().manual_seed(int(s))
-        x_T.append(torch.randn(k, *shape, generator=g))
-        if eta > 0:
-            step.append(torch.randn(steps, k, *shape, generator=g))
-    x = torch.cat(x_T).to(device)
-    return x, (torch.cat(step, dim=1).to(device) if eta > 0 else None)
+        torch.randn(k, *shape, generator=g, out=x[i:i + k])
+        if step is not None:
+            step[:, i:i + k] = torch.randn(steps, k, *shape, generator=g)
+        i += k
+    return x.to(device), (step.to(device) if step is not None else None)
 
 
 @dataclass
