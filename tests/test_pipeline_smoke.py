@@ -2,6 +2,9 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 import torch
 
@@ -21,7 +24,7 @@ def test_train_smoke_produces_bundle_and_report(tmp_path):
     assert m.provenance["split_sizes"] == [200, 100, 100] and m.provenance["recipe"] == "smoke"
     assert m.input.normalization is not None and len(m.input.normalization.mean) == 1
     rows = {"base", "oracle", "ocd", "ocd_ensemble", "no_scale", "nearest_neighbour", "ddim_1", "ddim_2",
-            "ocd_heldout", "ocd_heldout_ensemble"}
+            "ocd_heldout", "ocd_heldout_ensemble", "alt_layer"}
     assert set(m.metrics) == rows
     report = tmp_path / "reports" / "mnist"
     metrics = json.loads((report / "metrics.json").read_text())
@@ -35,6 +38,7 @@ def test_train_smoke_produces_bundle_and_report(tmp_path):
         assert (report / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = (report / "report.md").read_text()
     assert "| OCD ensemble |" in text and "## Per-seed paired gain" in text
+    assert "| ablation: alternative layer `fc2` instead of `fc1` (1 sample) |" in text
     p = model.predict(torch.zeros(2, 1, 28, 28), steps=2, ensemble=2, seeds=[0, 1])
     assert p.members.shape == (2, 2, 10)
 
@@ -60,6 +64,17 @@ def test_diffusion_training_resumes_from_checkpoint_exactly(lenet, mnist_batch, 
     assert hist2["denoise_mse"] == hist["denoise_mse"]
     for a, b in zip(full.state_dict().values(), resumed.state_dict().values()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["mnist", "diamonds", "credit", "spoken_digits"])
+def test_alt_layer_is_the_top_ranked_other_layer(name):
+    """The ablation's layer is the committed ranking's best layer other than the one OCD adapts."""
+    from training.recipes import RECIPES
+
+    recipe = RECIPES[name]("cpu")
+    sel = json.loads((Path(__file__).parents[1] / "reports" / name / "layer_selection.json").read_text())
+    assert sel["used_layer"] == recipe.layer
+    assert recipe.alt_layer == next(r["layer"] for r in sel["ranking"] if r["layer"] != recipe.layer)
 
 
 def test_select_layer_writes_the_ranking_into_the_report(tmp_path):

@@ -99,7 +99,26 @@ def _seed_stage(recipe: Recipe, prep: Prepared, seed: int, d: Path, progress: bo
         atomic_write_text(json.dumps(ev), epath)
     if recipe.heldout_rows and recipe.target_source != "val":
         ev["rows"].update(_heldout_rows(recipe, task, base, xva, yva, xte, yte, targets, seed, d, progress))
+    if recipe.alt_layer:
+        xs, ys = torch.cat([p[0] for p in src]), torch.cat([p[1] for p in src])
+        ev["rows"].update(_alt_layer_rows(recipe, task, base, xs, ys, xte, yte, seed, d, progress))
     return {"eval": ev, "hist": hist}
+
+
+def _alt_layer_rows(recipe: Recipe, task: str, base, xs, ys, xte, yte, seed: int, d: Path, progress: bool):
+    """The alternative-layer ablation: the same recipe with ``recipe.alt_layer`` as the adapted layer."""
+    path = d / "eval_alt_layer.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    targets = build_target_set(base, recipe.alt_layer, xs, ys, recipe.fit.targets, task=task, progress=progress)
+    model, _ = fit_ocd(base, recipe.alt_layer, targets, recipe.fit.model_copy(update={"seed": seed}), task,
+                       checkpoint=d / "fit_alt_layer.ckpt", progress=progress)
+    ev = evaluate(model, xte, yte, targets, recipe.fit.targets, [], recipe.eval.default_steps, recipe.eval.ensemble,
+                  seed, progress=progress, only={"ocd"})["rows"]
+    rows = {"alt_layer": ev["ocd"]}
+    atomic_write_text(json.dumps(rows), path)
+    (d / "fit_alt_layer.ckpt").unlink(missing_ok=True)
+    return rows
 
 
 def _heldout_rows(recipe: Recipe, task: str, base, xva, yva, xte, yte, targets, seed: int, d: Path, progress: bool):
@@ -118,7 +137,7 @@ def _heldout_rows(recipe: Recipe, task: str, base, xva, yva, xte, yte, targets, 
     return rows
 
 
-def publish(bundle_dir: Path, models_dir: Path, name: str, metrics: dict[str, Any]) -> Path:
+def publish(bundle_dir: Path, models_dir: Path, name: str, metrics: dict[str, Any], serve_steps: int = 10) -> Path:
     """Copy a trained bundle into the model repository as the next version (same run -> same version)."""
     src = bundle_dir / name / "1"
     manifest = json.loads((src / "manifest.json").read_text())
@@ -129,7 +148,8 @@ def publish(bundle_dir: Path, models_dir: Path, name: str, metrics: dict[str, An
             return models_dir / name / v
     versions = [int(v) for v in existing if v.isdigit()]
     model, m = load_bundle(src)
-    m = m.model_copy(update={"version": str(max(versions, default=0) + 1), "metrics": metrics})
+    m = m.model_copy(update={"version": str(max(versions, default=0) + 1), "metrics": metrics,
+                             "serving": m.serving.model_copy(update={"ddim_steps": serve_steps})})
     path = save_bundle(model, m, models_dir)
     try:  # the graphs OCD_BACKEND=onnx serves; optional: the torch backend needs none
         export_onnx(path)
@@ -166,5 +186,6 @@ def run_recipe(recipe: Recipe, runs_dir: Path = Path("runs"), models_dir: Path =
         atomic_write_text(ranking.read_text(), report_dir / ranking.name)
     metrics = write_report(report_dir, info, per_seed, hists, notes)
     summary = {row: {k: v["mean"] for k, v in ms.items()} for row, ms in metrics["rows"].items()}
-    bundle = publish(root / f"seed{recipe.seeds[0]}" / "bundle", models_dir, recipe.name, summary)
+    bundle = publish(root / f"seed{recipe.seeds[0]}" / "bundle", models_dir, recipe.name, summary,
+                     recipe.eval.serve_steps or recipe.eval.default_steps)
     return bundle, report_dir

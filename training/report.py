@@ -72,6 +72,8 @@ def write_report(out_dir: Path, recipe: dict[str, Any], per_seed: dict[int, dict
     lines += [head, "|" + "---|" * (1 + 2 * len(metric_names))]
     for row, ms in agg.items():
         title = ROW_TITLES.get(row, f"DDIM {row.split('_')[1]} steps (1 sample)" if row.startswith("ddim_") else row)
+        if row == "alt_layer":
+            title = f"ablation: alternative layer `{recipe.get('alt_layer')}` instead of `{recipe.get('layer')}` (1 sample)"
         cells = []
         for m in metric_names:
             v = ms[m]
