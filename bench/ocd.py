@@ -67,8 +67,11 @@ def ensemble(model, manifest, reps: int) -> None:
 
 def steps_curve(model, manifest, reports: Path, reps: int) -> None:
     variant = manifest.provenance.get("recipe", "cpu")  # the report of the recipe that trained this bundle
-    metrics = reports / (manifest.name if variant == "cpu" else f"{manifest.name}-{variant}") / "metrics.json"
-    rows = json.loads(metrics.read_text())["rows"] if metrics.exists() else {}
+    rows = {}
+    for path in sorted(reports.glob("*/metrics.json")):
+        rep = json.loads(path.read_text())
+        if rep["recipe"].get("name") == manifest.name and rep["recipe"].get("variant") == variant:
+            rows = rep["rows"]
     key = "acc" if manifest.task == "classification" else "mse"
     x = inputs(manifest, 64)
     tb = timeit(lambda: model.base(x), reps)
@@ -116,14 +119,19 @@ def denoisers(skip_paper: bool) -> None:
                "compact fast (static probes, 1x16)": CompactConfig(static_probes=True, depth=1, hidden=16, probes=4)}
     if not skip_paper:
         configs["paper UNet (128 ch, 128x128)"] = PaperConfig()
-    print("\n| denoiser | params | MFLOP / step / sample | ms / step (batch 1) |")
+    print("\n| denoiser | params | MFLOP / step / sample (as served) | ms / dense step (batch 1) |")
     print("|---|---|---|---|")
     with torch.no_grad():
         for name, cfg in configs.items():
             den = build_denoiser(cfg, shape, dim).eval()
             x, t = torch.randn(1, *shape), torch.tensor([500])
             with FlopCounterMode(display=False) as fc:
-                den(x, t, cond)
+                if getattr(den, "static_probes", False) and cfg.prediction == "sample":
+                    ctx = den.prepare(cond)  # served in factor space: one step = factors + reads of the new term
+                    s_, u, v = den.factors(den.read(x, ctx), t, ctx)
+                    den.read_lowrank(u, v, ctx)
+                else:
+                    den(x, t, cond)
             ms = timeit(lambda: den(x, t, cond), 3 if cfg.kind == "paper" else 50, 1) * 1e3
             params = sum(p.numel() for p in den.parameters())
             print(f"| {name} | {params:,} | {fc.get_total_flops() / 1e6:,.2f} | {ms:.2f} |")

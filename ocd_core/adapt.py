@@ -34,8 +34,10 @@ class LowRankDelta:
 
     def dense(self) -> torch.Tensor:
         """(N, *W.shape) materialised."""
-        w = (self.rho * self.a).view(-1, 1, 1) * self.x.reshape(self.u.shape[0], self.u.shape[1], -1)
-        return w.baddbmm_(self.u * self.rho.view(-1, 1, 1), self.v.transpose(1, 2)).view(self.x.shape)
+        dt = self.x.dtype
+        w = (self.rho * self.a).to(dt).view(-1, 1, 1) * self.x.reshape(self.u.shape[0], self.u.shape[1], -1)
+        u = (self.u * self.rho.view(-1, 1, 1)).to(dt)
+        return w.baddbmm_(u, self.v.to(dt).transpose(1, 2)).view(self.x.shape)
 
     def apply(self, inp: torch.Tensor) -> torch.Tensor:
         """inp (N, ..., in) -> Δ_n applied: (N, ..., out)."""
@@ -47,8 +49,9 @@ class LowRankDelta:
         return out.reshape(inp.shape[0], *lead, -1)
 
 
-def _linear_fast(model: nn.Module, module: nn.Linear, x: tuple[torch.Tensor, ...],
-                 deltas: torch.Tensor | LowRankDelta) -> torch.Tensor:
+def linear_fast_forward(model: nn.Module, module: nn.Linear, x: tuple[torch.Tensor, ...],
+                        deltas: torch.Tensor | LowRankDelta) -> torch.Tensor:
+    """``model(*x)`` with ``module``'s output plus Δ_n applied to its input, per row n (no checks)."""
     def hook(_m: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         inp = args[0]  # (N, ..., in)
         if isinstance(deltas, LowRankDelta):
@@ -90,5 +93,5 @@ def adapted_forward(model: nn.Module, layer: str, x: torch.Tensor | tuple[torch.
     if tuple(deltas.shape[1:]) != tuple(module.weight.shape):
         raise ValueError(f"delta shape {tuple(deltas.shape[1:])} != {layer}.weight {tuple(module.weight.shape)}")
     if fast and isinstance(module, nn.Linear):
-        return _linear_fast(model, module, x, deltas)
+        return linear_fast_forward(model, module, x, deltas)
     return _generic(model, layer, x, deltas.dense() if isinstance(deltas, LowRankDelta) else deltas)

@@ -187,12 +187,16 @@ def load_bundle(directory: str | Path, device: torch.device | str = "cpu") -> tu
 
 
 def weights_digest(directory: str | Path) -> str:
-    """SHA-256 over the bundle's safetensors files (sorted by role): what derived files (ONNX) were made from."""
+    """SHA-256 over what derived files (ONNX) are made from: each safetensors file by role (role,
+    length, bytes) and the manifest's architecture sections."""
     directory = Path(directory)
     m = read_manifest(directory)
-    h = hashlib.sha256()
+    h = hashlib.sha256(m.model_dump_json(include={"base", "layer", "latent_dims", "task", "schedule",
+                                                  "denoiser", "cond", "scale", "input"}).encode())
     for key in sorted(m.files):
-        h.update((directory / m.files[key]).read_bytes())
+        data = (directory / m.files[key]).read_bytes()
+        h.update(f"{key}:{len(data)}:".encode())
+        h.update(data)
     return h.hexdigest()
 
 

@@ -115,10 +115,15 @@ class OCDModel(nn.Module):
         """Latents of x (B, *input) through the base model (or of upstream values through ``model``)."""
         return tap(model or self.base, self.layer, x, grad_task=self.task if self.cond.output_grad else None)
 
-    def lowrank_ok(self, eta: float) -> bool:
-        """Whether DDIM can run in factor space: a deterministic sampler and a denoiser that predicts
-        x_0 as s·x_t + U Vᵀ from static linear reads of x_t (``CompactDenoiser(static_probes=True)``)."""
-        return eta == 0 and self.prediction == "sample" and getattr(self.denoiser, "static_probes", False)
+    def lowrank_ok(self, eta: float, steps: int) -> bool:
+        """Whether DDIM runs in factor space: a deterministic sampler, a denoiser that predicts x_0 as
+        s·x_t + U Vᵀ from static linear reads of x_t (``CompactDenoiser(static_probes=True)``), and
+        factors (rank x steps columns) smaller than the dense delta; otherwise the dense sampler,
+        which gives the same result."""
+        den = self.denoiser
+        if not (eta == 0 and self.prediction == "sample" and getattr(den, "static_probes", False)):
+            return False
+        return den.rank * steps * (den.n_out + den.n_in) <= den.n_out * den.n_in
 
     def sample_deltas(self, lat: Latents, steps: int, ensemble: int | torch.Tensor, eta: float, x_T: torch.Tensor,
                       step_noise: torch.Tensor | None = None, scale: ScaleMode = "net",
@@ -133,7 +138,7 @@ class OCDModel(nn.Module):
         e = e.repeat_interleave(ensemble)
         rho = self.scale_net(*lat.flat()) if scale == "net" else self.mean_scale.expand(lat.out.shape[0])
         rho = rho.repeat_interleave(ensemble, 0)
-        if lowrank and self.lowrank_ok(eta):
+        if lowrank and self.lowrank_ok(eta, steps):
             den = self.denoiser
             a, u, v = self.schedule.ddim_sample_lowrank(lambda r, t: den.factors(r, t, e),
                                                         lambda u, v: den.read_lowrank(u, v, e),

@@ -129,20 +129,20 @@ class NoiseSchedule:
         ts = self.ddim_timesteps(steps)
         ratio = self.num_train_timesteps // steps
         N = reads_T[0].shape[0]
-        reads = reads_T
+        reads = tuple(r.float() for r in reads_T)  # the state stays fp32 (e.g. under autocast)
         us: list[torch.Tensor] = []
         vs: list[torch.Tensor] = []
         alphas: list[torch.Tensor] = []
         c0s: list[float] = []
         for t in ts:
-            s, u, v = (z.to(reads[0].dtype) for z in
-                       factor_fn(reads, torch.full((N,), t, device=reads[0].device, dtype=torch.long)))
+            s, u, v = (z.float() for z in factor_fn(reads, torch.full((N,), t, device=reads[0].device,
+                                                                    dtype=torch.long)))
             a_t = self._abar_host[t]
             a_prev = self._abar_host[t - ratio] if t - ratio >= 0 else 1.0
             c_x = ((1 - a_prev) / (1 - a_t)) ** 0.5
             c_0 = a_prev**0.5 - c_x * a_t**0.5
             alpha = c_0 * s + c_x  # (N,): the factor on x_t
-            new = read_fn(u, v)
+            new = tuple(n.float() for n in read_fn(u, v))
             reads = tuple(r.mul(alpha.view(-1, *[1] * (r.ndim - 1))).add_(n, alpha=c_0)
                           for r, n in zip(reads, new))
             us.append(u), vs.append(v), alphas.append(alpha), c0s.append(c_0)

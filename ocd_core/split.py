@@ -51,6 +51,14 @@ def split_model(model: nn.Module, layer: str) -> Split | None:
 
 
 def check_split(model: nn.Module, split: Split, x: torch.Tensor) -> bool:
-    """True when tail(head(x)) reproduces model(x) (a guard against an unfaithful trace)."""
+    """True when tail(head(x)) reproduces model(x) and the live values are per-sample tensors
+    (batch dimension first, so callers may repeat or slice them per sample): checked on x and on
+    x with every sample repeated, a guard against an unfaithful trace."""
     with torch.no_grad():
-        return torch.allclose(split.tail(*split.head(x)), model(x), atol=1e-5, rtol=1e-5)
+        live = split.head(x)
+        if not all(isinstance(v, torch.Tensor) and v.ndim > 0 and v.shape[0] == x.shape[0] for v in live):
+            return False
+        x2 = x.repeat_interleave(2, 0)
+        return (torch.allclose(split.tail(*live), model(x), atol=1e-5, rtol=1e-5)
+                and torch.allclose(split.tail(*(v.repeat_interleave(2, 0) for v in live)), model(x2),
+                                   atol=1e-5, rtol=1e-5))

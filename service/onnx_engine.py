@@ -8,6 +8,7 @@ is drawn per request exactly as the torch path draws it and the DDIM loop is the
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from pathlib import Path
@@ -20,16 +21,22 @@ from ocd_core.bundle import BundleError, weights_digest
 from ocd_core.predictor import OCDModel, SamplePrediction, draw_noise
 
 GRAPHS = ("base", "cond", "denoiser_step", "scale", "adapt")
+log = logging.getLogger("ocd.service")
 
 
-def providers_for(device: str) -> list[str]:
+def providers_for(device: str, required: bool = True) -> list:
+    """ONNX Runtime providers for a torch device string ("cpu", "cuda", "cuda:1"). Without the CUDA
+    provider a CUDA device is an error when ``required`` (the device was asked for), else the CPU."""
     import onnxruntime as ort
 
     have = ort.get_available_providers()
     if device.startswith("cuda"):
-        if "CUDAExecutionProvider" not in have:
+        if "CUDAExecutionProvider" in have:
+            index = int(device.split(":")[1]) if ":" in device else 0
+            return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
+        if required:
             raise BundleError(f"device {device!r} needs onnxruntime-gpu (CUDAExecutionProvider); have {have}")
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        log.warning("onnxruntime has no CUDA provider (have %s): ONNX Runtime runs on the CPU", have)
     return ["CPUExecutionProvider"]
 
 
@@ -38,7 +45,8 @@ class OnnxOCD:
 
     ``model`` (the torch bundle, on the CPU) supplies the schedule, the head and the ensemble summary only."""
 
-    def __init__(self, directory: str | Path, model: OCDModel, device: str = "cpu", threads: int = 0):
+    def __init__(self, directory: str | Path, model: OCDModel, device: str = "cpu", threads: int = 0,
+                 device_required: bool = True):
         import onnxruntime as ort
 
         directory = Path(directory)
@@ -55,16 +63,26 @@ class OnnxOCD:
         if threads:
             opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
-        providers = providers_for(device)
+        providers = providers_for(device, device_required)
         self.sessions = {g: ort.InferenceSession(str(directory / f"{g}.onnx"), opts, providers=providers)
                          for g in GRAPHS}
+        self.inputs: dict[str, list[str]] = self.info.get("inputs", {})
+        for g, sess in self.sessions.items():  # the exporter drops unused inputs; anything else is a mismatch
+            extra = {i.name for i in sess.get_inputs()} - set(self.inputs.get(g, []))
+            if extra:
+                raise BundleError(f"{directory / (g + '.onnx')}: inputs {sorted(extra)} not in onnx.json; "
+                                  f"run `ocd export-onnx {directory}` again")
         self.model, self.device = model, device
         self._lock = threading.Lock()
 
     def run(self, graph: str, *inputs: np.ndarray) -> list[np.ndarray]:
-        """Feed the graph's inputs in order."""
+        """Run a graph on its inputs in the exported order (by name: inputs the graph dropped are skipped)."""
+        names = self.inputs[graph]
+        if len(names) != len(inputs):
+            raise ValueError(f"{graph}: {len(inputs)} inputs for {names}")
         sess = self.sessions[graph]
-        return sess.run(None, {i.name: v for i, v in zip(sess.get_inputs(), inputs)})
+        have = {i.name for i in sess.get_inputs()}
+        return sess.run(None, {n: v for n, v in zip(names, inputs) if n in have})
 
     def _run(self, x: torch.Tensor, steps: int, counts: list[int], eta: float,
              seeds: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:

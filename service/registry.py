@@ -78,7 +78,7 @@ class Registry:
             path = root / name / version
             if s.backend == "onnx":  # the torch bundle on the CPU keeps the schedule; ORT runs the networks
                 model, manifest = load_bundle(path, "cpu")
-                engine = Engine(OnnxOCD(path, model, device, s.threads), "cpu")
+                engine = Engine(OnnxOCD(path, model, device, s.threads, device_required=s.device != "auto"), "cpu")
             else:
                 model, manifest = load_bundle(path, device)
                 engine = Engine(model, device)

@@ -118,3 +118,38 @@ def test_lowrank_delta_applies_like_its_dense_form(lenet, mnist_batch, layer, fa
     assert d.shape == (20, *shape) and torch.allclose(d.dense(), dense.view(20, *shape), atol=1e-6)
     out = adapted_forward(lenet, layer, x, d, fast=fast)
     assert (out - per_sample_copies(lenet, layer, x, dense.view(20, *shape))).abs().max().item() < 1e-4
+
+
+def test_lowrank_delta_on_a_linear_layer_with_a_sequence_dimension():
+    """inp (N, T, in): every position gets the sample's delta."""
+    g = torch.Generator().manual_seed(5)
+    lin = torch.nn.Linear(6, 4)
+    d = LowRankDelta(rho=torch.rand(3, generator=g), a=torch.randn(3, generator=g), x=torch.randn(3, 4, 6, generator=g),
+                     u=torch.randn(3, 4, 2, generator=g), v=torch.randn(3, 6, 2, generator=g))
+    x = torch.randn(3, 5, 6, generator=g)
+    model = torch.nn.Sequential(lin)
+    out = adapted_forward(model, "0", x, d)
+    want = torch.stack([x[n] @ (lin.weight + d.dense()[n]).T + lin.bias for n in range(3)])
+    assert out.shape == (3, 5, 4) and (out - want).abs().max().item() < 1e-5
+
+
+def test_split_with_a_non_batch_value_alive_at_the_layer_is_refused(lenet, mnist_batch):
+    """A model that carries ``x.shape[0]`` past the layer cannot have its upstream values repeated per
+    member: the split is refused (the predictor then runs the whole model) and predictions still work."""
+    from ocd_core.split import check_split, split_model
+
+    class Reshaping(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(784, 32), torch.nn.Linear(32, 10)
+
+        def forward(self, x):
+            n = x.shape[0]
+            return self.b(torch.relu(self.a(x.reshape(n, -1)))).reshape(n, -1)
+
+    x, _ = mnist_batch
+    model = Reshaping().eval()
+    split = split_model(model, "b")
+    assert split is not None and not check_split(model, split, x[:2])
+    good = split_model(lenet, "fc1")
+    assert check_split(lenet, good, x[:2])

@@ -7,18 +7,19 @@ import numpy as np
 import pytest
 import torch
 
-from ocd_core.bundle import BundleError, load_bundle
-from ocd_core.predictor import draw_noise
-from serving import ROOT, Server, make_bundle
-from service.onnx_engine import OnnxOCD
-from training.export_onnx import ExportError, export_onnx
-
 pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+
+from ocd_core.bundle import BundleError, load_bundle  # noqa: E402
+from ocd_core.predictor import draw_noise  # noqa: E402
+from serving import ROOT, Server, make_bundle  # noqa: E402
+from service.onnx_engine import OnnxOCD  # noqa: E402
+from training.export_onnx import ExportError, export_onnx  # noqa: E402
 
 
-def exported(tmp_path, name):
-    d = tmp_path / name / "1"
-    shutil.copytree(ROOT / "models" / name / "1", d, ignore=shutil.ignore_patterns("*.onnx", "onnx.json"))
+def exported(tmp_path, name, version="1"):
+    d = tmp_path / name / version
+    shutil.copytree(ROOT / "models" / name / version, d, ignore=shutil.ignore_patterns("*.onnx", "onnx.json"))
     files = export_onnx(d)
     assert sorted(p.name for p in files) == ["adapt.onnx", "base.onnx", "cond.onnx", "denoiser_step.onnx",
                                               "onnx.json", "scale.onnx"]
@@ -37,9 +38,10 @@ def inputs(name, n):
     return torch.randn(n, *m.input.shape, generator=g)
 
 
-@pytest.mark.parametrize("name", ["mnist", "diamonds", "spoken_digits"])
-def test_onnx_runtime_matches_torch_per_stage_and_end_to_end(tmp_path, name):
-    d = exported(tmp_path, name)
+@pytest.mark.parametrize("name,version", [("mnist", "1"), ("mnist", "2"), ("diamonds", "1"), ("spoken_digits", "1")])
+def test_onnx_runtime_matches_torch_per_stage_and_end_to_end(tmp_path, name, version):
+    """mnist/2 samples in factor space under torch, densely under ONNX Runtime: the same result."""
+    d = exported(tmp_path, name, version)
     model, _ = load_bundle(d)
     ort = OnnxOCD(d, model)
     x = inputs(name, 6)
@@ -47,8 +49,8 @@ def test_onnx_runtime_matches_torch_per_stage_and_end_to_end(tmp_path, name):
         live, tail = model._upstream(x)
         lat = model.latents(live, tail)
         inp, act, out, *live_o = ort.run("base", x.numpy())
-        for got, want in zip([inp, act, out, *live_o], [*lat.flat(), *live]):
-            assert np.abs(got - want.numpy()).max() < 1e-4
+        for got, want in zip([inp, act, out, *live_o], [lat.inp, lat.act, lat.out, *live]):
+            assert got.shape == want.shape and np.abs(got - want.numpy()).max() < 1e-4
         ctx = model.denoiser.prepare(model.cond(*lat.flat()))
         ctx_o = ort.run("cond", inp, act, out)
         assert len(ctx_o) == len(ctx) and all(np.abs(a - b.numpy()).max() < 1e-4 for a, b in zip(ctx_o, ctx))
@@ -59,6 +61,7 @@ def test_onnx_runtime_matches_torch_per_stage_and_end_to_end(tmp_path, name):
         step = ort.run("denoiser_step", x_t.numpy(), t.numpy(), *ctx_o)[0]
         assert np.abs(step - model.denoiser(x_t, t, ctx).numpy()).max() < 1e-4
         want, base = model._run(x, 10, [2] * 6, 0.0, list(range(6)), "net")[:2]
+    assert model.lowrank_ok(0.0, 10) == (version == "2")
     got = ort.predict_ragged(x, 10, [2] * 6, list(range(6)))[0]
     members = torch.cat([p.members for p in got])
     assert members.shape == want.shape and (members - want).abs().max().item() < 1e-4
@@ -78,6 +81,13 @@ def test_stale_or_missing_graphs_are_refused(tmp_path):
     (d / "onnx.json").write_text(json.dumps({**info, "weights_sha256": "0" * 64}))
     with pytest.raises(BundleError, match="exported from other weights"):
         OnnxOCD(d, model)
+    export_onnx(d)
+    OnnxOCD(d, model)  # fresh graphs load
+    from safetensors.torch import load_file, save_file
+    scale = load_file(str(d / "scale.safetensors"))
+    save_file({k: v * 1.01 for k, v in scale.items()}, str(d / "scale.safetensors"))  # new weights, old graphs
+    with pytest.raises(BundleError, match="exported from other weights"):
+        OnnxOCD(d, load_bundle(d)[0])
 
 
 def test_conv_layers_are_not_exported(tmp_path):

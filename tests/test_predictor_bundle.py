@@ -173,7 +173,8 @@ def fast_model(lenet):
 def test_lowrank_sampling_equals_dense(fast_model, mnist_batch):
     """DDIM in factor space (never forming Δ) == the dense sampler, and the predictions match."""
     m, (x, _) = fast_model, mnist_batch
-    assert m.lowrank_ok(0.0) and not m.lowrank_ok(0.5)
+    assert m.lowrank_ok(0.0, 10) and not m.lowrank_ok(0.5, 10)
+    assert m.lowrank_ok(0.0, 12) and not m.lowrank_ok(0.0, 13)  # 4·13·(84+120) factor entries > 84·120: dense
     with torch.no_grad():
         lat = m.latents(x)
         reps = torch.full((20,), 2)
@@ -198,3 +199,54 @@ def test_upstream_split_gives_the_full_model_result(model, mnist_batch):
     model.__dict__["_split"] = None  # no split: every member runs the whole base model
     whole = model.predict(x, steps=3, ensemble=2, seeds=list(range(20))).members
     assert (split - whole).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("steps", [1, 2, 30])
+def test_factor_space_ddim_equals_dense_ddim(fast_model, mnist_batch, steps):
+    """The sampler itself, also past the point where the predictor switches to dense (30 steps)."""
+    m = fast_model
+    with torch.no_grad():
+        lat = m.latents(mnist_batch[0][:5])
+        ctx = m.denoiser.prepare(m.cond(*lat.flat()))
+        x_T = torch.randn(5, 84, 120, generator=torch.Generator().manual_seed(steps))
+        dense = m.schedule.ddim_sample(lambda x, t: m.denoiser(x, t, ctx), x_T, steps, prediction="sample")
+        a, u, v = m.schedule.ddim_sample_lowrank(lambda r, t: m.denoiser.factors(r, t, ctx),
+                                                 lambda u, v: m.denoiser.read_lowrank(u, v, ctx),
+                                                 m.denoiser.read(x_T, ctx), steps)
+    assert a.shape == (5,) and u.shape == (5, 84, 4 * steps) and v.shape == (5, 120, 4 * steps)
+    low = a.view(5, 1, 1) * x_T + u @ v.transpose(1, 2)
+    assert (low - dense).abs().max().item() < 1e-5 * dense.abs().max().item()
+
+
+def test_compact_denoiser_keeps_its_original_function():
+    """With the original options (per-step probes, two hidden layers) the refactored denoiser computes
+    the formula it had before: each axis MLP on [probe reads, position, latents], FiLM'd by e_t."""
+    import math
+
+    import torch.nn.functional as F
+
+    from ocd_core.layers import timestep_embedding
+
+    torch.manual_seed(4)
+    den = build_denoiser(CompactConfig(), (84, 120), 16).eval()
+    cond = CondEncoder(120, 84, 10, CondConfig(dim=16, hidden=16), weight_shape=(84, 120))(
+        torch.randn(3, 120), torch.randn(3, 84), torch.randn(3, 10))
+    x, t = torch.randn(3, 84, 120), torch.tensor([10, 500, 990])
+
+    def axis(net, feats, ax, e):
+        pos = net.pos.expand(3, -1, -1)
+        h = net.inp(torch.cat([f for f in (feats, pos, ax) if f is not None], -1))
+        gamma, beta = net.film(e).unsqueeze(1).chunk(2, -1)
+        return net.body(h * (1 + gamma) + beta)
+
+    with torch.no_grad():
+        e = F.silu(den.time(timestep_embedding(t, den.emb_dim)) + den.cond(cond.emb))
+        p_col = axis(den.col_probe, None, cond.cols, e) / math.sqrt(120)
+        p_row = axis(den.row_probe, None, cond.rows, e) / math.sqrt(84)
+        u = axis(den.rows, x @ p_col, cond.rows, e)
+        v = axis(den.cols, x.transpose(1, 2) @ p_row, cond.cols, e)
+        want = den.skip(e).unsqueeze(-1) * x + u @ v.transpose(1, 2) / math.sqrt(4)
+        got = den(x, t, cond)
+    assert (got - want).abs().max().item() < 1e-5
+    assert sorted(den.state_dict())[:4] == ["col_probe.body.1.bias", "col_probe.body.1.weight",
+                                            "col_probe.body.3.bias", "col_probe.body.3.weight"]

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ocd_core.adapt import adapted_forward
+from ocd_core.adapt import linear_fast_forward
 from ocd_core.bundle import load_bundle, weights_digest
 from ocd_core.conditioning import Cond
 from ocd_core.denoisers.compact import CompactDenoiser, Context
@@ -58,8 +58,8 @@ class _Cond(nn.Module):
         super().__init__()
         self.cond, self.den = model.cond, model.denoiser
 
-    def forward(self, inp, act, out):
-        c = self.cond(inp, act, out)
+    def forward(self, inp, act, out):  # the latents as the base graph gives them, flattened here
+        c = self.cond(inp.flatten(1), act.flatten(1), out.flatten(1))
         return tuple(self.den.prepare(c)) if isinstance(self.den, CompactDenoiser) else tuple(c)
 
 
@@ -79,7 +79,7 @@ class _Scale(nn.Module):
         self.scale = model.scale_net
 
     def forward(self, inp, act, out):
-        return self.scale(inp, act, out)
+        return self.scale(inp.flatten(1), act.flatten(1), out.flatten(1))
 
 
 class _Adapt(nn.Module):
@@ -87,14 +87,14 @@ class _Adapt(nn.Module):
         super().__init__()
         self.tail, self.layer = tail, model.layer
 
-    def forward(self, deltas, *live):
-        return adapted_forward(self.tail, self.layer, live, deltas)
+    def forward(self, deltas, *live):  # the Linear add-on (export_onnx checked the layer type and shapes)
+        return linear_fast_forward(self.tail, get_layer(self.tail, self.layer), live, deltas)
 
 
 def _export(module: nn.Module, args: tuple, inputs: list[str], outputs: list[str], path: Path) -> None:
     buf = io.BytesIO()
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter's deprecation notice
         torch.onnx.export(module, args, buf, dynamo=False, opset_version=OPSET, input_names=inputs,
                           output_names=outputs, dynamic_axes={n: {0: "batch"} for n in inputs + outputs})
     atomic_write_bytes(buf.getvalue(), path)
@@ -115,20 +115,43 @@ def export_onnx(directory: str | Path) -> list[Path]:
     base = _Base(model, x)
     live, tail = model._upstream(x)
     lat = tap(tail, m.layer, live)
-    lat_args = lat.flat()
+    lat_args = (lat.inp, lat.act, lat.out)
     live_names = [f"live_{i}" for i in range(base.live_count)]
     cond = _Cond(model)
     ctx = cond(*lat_args)
     ctx_names = list(Context._fields if isinstance(model.denoiser, CompactDenoiser) else Cond._fields)
     W = model.delta_shape
     x_t, t = torch.randn(2, *W), torch.tensor([900, 0])
+    inputs = {"base": ["x"], "cond": ["inp", "act", "out"], "denoiser_step": ["x_t", "t", *ctx_names],
+              "scale": ["inp", "act", "out"], "adapt": ["deltas", *live_names]}
     paths = [directory / f"{g}.onnx" for g in GRAPHS]
-    _export(base, (x,), ["x"], ["inp", "act", "out", *live_names], paths[0])
-    _export(cond, lat_args, ["inp", "act", "out"], ctx_names, paths[1])
-    _export(_Step(model), (x_t, t, *ctx), ["x_t", "t", *ctx_names], ["out"], paths[2])
-    _export(_Scale(model), lat_args, ["inp", "act", "out"], ["rho"], paths[3])
-    _export(_Adapt(model, tail), (x_t * 1e-3, *live), ["deltas", *live_names], ["out"], paths[4])
+    (directory / "onnx.json").unlink(missing_ok=True)  # the engine refuses a bundle without it meanwhile
+    _export(base, (x,), inputs["base"], ["inp", "act", "out", *live_names], paths[0])
+    _export(cond, lat_args, inputs["cond"], ctx_names, paths[1])
+    _export(_Step(model), (x_t, t, *ctx), inputs["denoiser_step"], ["out"], paths[2])
+    _export(_Scale(model), lat_args, inputs["scale"], ["rho"], paths[3])
+    _export(_Adapt(model, tail), (x_t * 1e-3, *live), inputs["adapt"], ["out"], paths[4])
     info = {"opset": OPSET, "torch": torch.__version__, "weights_sha256": weights_digest(directory),
-            "live": base.live_count, "cond": ctx_names, "prediction": model.prediction}
+            "inputs": inputs, "prediction": model.prediction}
     atomic_write_text(json.dumps(info, indent=2), directory / "onnx.json")
+    try:
+        _verify(directory, model, m.input.shape)
+    except BaseException:
+        (directory / "onnx.json").unlink(missing_ok=True)
+        raise
     return paths + [directory / "onnx.json"]
+
+
+def _verify(directory: Path, model: OCDModel, shape: list[int], tol: float = 1e-4) -> None:
+    """ONNX Runtime against torch on 3 random inputs with ragged ensembles; ExportError beyond ``tol``."""
+    try:
+        from service.onnx_engine import OnnxOCD
+    except ImportError:  # exporting needs onnx only; without onnxruntime there is nothing to compare
+        return
+    x = torch.randn(3, *shape, generator=torch.Generator().manual_seed(0))
+    want, _ = model.predict_ragged(x, 3, [1, 2, 1], [0, 1, 2])
+    got, _ = OnnxOCD(directory, model).predict_ragged(x, 3, [1, 2, 1], [0, 1, 2])
+    err = max((a.members - b.members).abs().max().item() for a, b in zip(got, want))
+    if not err < tol:
+        raise ExportError(f"{directory}: ONNX Runtime differs from torch by {err:.2e} (> {tol:g}); "
+                          "the graphs were not kept")

@@ -22,7 +22,7 @@ from ocd_core.io import atomic_save_file, atomic_write_text
 from ocd_core.nets import build_net
 from training.datasets import Prepared, prepare
 from training.evaluate import evaluate
-from training.export_onnx import ExportError, export_onnx
+from training.export_onnx import export_onnx
 from training.recipes import Recipe
 from training.report import write_report
 from training.train_base import train_base
@@ -145,17 +145,25 @@ def publish(bundle_dir: Path, models_dir: Path, name: str, metrics: dict[str, An
     for v in existing:
         old = json.loads((models_dir / name / v / "manifest.json").read_text())
         if old.get("provenance", {}).get("run_id") == manifest["provenance"]["run_id"]:
+            if not (models_dir / name / v / "onnx.json").exists():
+                _export_graphs(models_dir / name / v)
             return models_dir / name / v
     versions = [int(v) for v in existing if v.isdigit()]
     model, m = load_bundle(src)
     m = m.model_copy(update={"version": str(max(versions, default=0) + 1), "metrics": metrics,
                              "serving": m.serving.model_copy(update={"ddim_steps": serve_steps})})
     path = save_bundle(model, m, models_dir)
-    try:  # the graphs OCD_BACKEND=onnx serves; optional: the torch backend needs none
-        export_onnx(path)
-    except (ExportError, ImportError, torch.onnx.OnnxExporterError) as e:
-        print(f"no ONNX graphs for {path}: {e}")
+    _export_graphs(path)
     return path
+
+
+def _export_graphs(path: Path) -> None:
+    """The graphs OCD_BACKEND=onnx serves. Optional (the torch backend needs none): a model that does
+    not export is reported, not fatal; `ocd export-onnx` retries."""
+    try:
+        export_onnx(path)
+    except Exception as e:  # noqa: BLE001 - any tracing or export failure of a user's model
+        print(f"no ONNX graphs for {path}: {type(e).__name__}: {e}")
 
 
 def run_recipe(recipe: Recipe, runs_dir: Path = Path("runs"), models_dir: Path = Path("models"),
