@@ -8,8 +8,10 @@ from torch import nn
 from .audio_cnn import AudioCNN
 from .lenet import LeNet5
 from .mlp import TabularMLP
+from .nerf import TinyNeRF
 
-ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {"lenet5": LeNet5, "mlp": TabularMLP, "audio_cnn": AudioCNN}
+ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {"lenet5": LeNet5, "mlp": TabularMLP, "audio_cnn": AudioCNN,
+                                                     "tiny_nerf": TinyNeRF}
 
 
 def register_architecture(name: str, factory: Callable[..., nn.Module]) -> None:

@@ -1,0 +1,79 @@
+"""tinyNeRF groundwork: cameras, compositing, the analytic scene and the model (issue #6)."""
+import math
+
+import torch
+
+from ocd_core.nets import build_net
+from ocd_core.nets.nerf import TinyNeRF, look_at, pixel_rays, positional_encoding, sample_depths, volume_render
+from ocd_core.tap import tap
+from training.data.nerf_scene import PRIMITIVES, nerf_views, render_scene, spiral_poses
+
+
+def test_cameras_sit_on_the_sphere_and_look_at_the_origin():
+    pose = torch.tensor([[30.0, 45.0, 4.0], [200.0, 10.0, 3.0]])
+    c2w = look_at(pose)
+    eye = c2w[:, :, 3]
+    assert torch.allclose(eye.norm(dim=-1), pose[:, 2])
+    assert torch.allclose(eye[0], 4 * torch.tensor([math.cos(math.radians(45)) * math.cos(math.radians(30)),
+                                                     math.cos(math.radians(45)) * math.sin(math.radians(30)),
+                                                     math.sin(math.radians(45))]), atol=1e-5)
+    R = c2w[:, :, :3]
+    assert torch.allclose(R.transpose(1, 2) @ R, torch.eye(3).expand(2, 3, 3), atol=1e-5)  # orthonormal
+    o, d = pixel_rays(c2w, 101, 101, 80.0)  # odd size: the middle pixel's ray is the optical axis
+    assert o.shape == d.shape == (2, 101 * 101, 3) and torch.allclose(d.norm(dim=-1), torch.ones(2, 101 * 101))
+    assert torch.allclose(d[:, 50 * 101 + 50], -eye / eye.norm(dim=-1, keepdim=True), atol=1e-5)
+    assert pixel_rays(c2w, 100, 100, 80.0, stride=4)[0].shape == (2, 625, 3)
+
+
+def test_compositing():
+    depths = sample_depths(1, 2, 2.0, 6.0, 4, False, torch.zeros(1))
+    assert torch.allclose(depths[0, 0], torch.tensor([2.5, 3.5, 4.5, 5.5]))
+    rgb = torch.tensor([[0.2, 0.4, 0.6], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]).expand(1, 2, 4, 3)
+    sigma = torch.tensor([[[0.0, 0.0, 0.0, 0.0], [0.0, 1e6, 0.0, 0.0]]])
+    out = volume_render(sigma, rgb, depths, background=1.0)
+    assert torch.allclose(out[0, 0], torch.ones(3))  # empty ray: the background
+    assert torch.allclose(out[0, 1], torch.tensor([1.0, 0.0, 0.0]), atol=1e-5)  # the first opaque sample
+    half = volume_render(torch.tensor([[[math.log(2.0), 0, 0, 0]]]), rgb[:, :1], depths[:, :1], background=0.0)
+    assert torch.allclose(half[0, 0], 0.5 * torch.tensor([0.2, 0.4, 0.6]), atol=1e-6)  # alpha = 1 − e^(−ln2·1)
+    assert positional_encoding(torch.zeros(5, 3), 6).shape == (5, 39)
+
+
+def test_scene_shows_its_primitives():
+    img = render_scene(torch.tensor([[0.0, 89.0, 4.0]]), H=21, W=21, n_samples=128)  # from straight above
+    assert img.shape == (1, 3, 21, 21)
+    assert torch.allclose(img[0, :, 10, 10], torch.tensor(PRIMITIVES[0][3]), atol=0.03)  # the red sphere on top
+    assert torch.allclose(img[0, :, 0, 0], torch.ones(3), atol=0.03)  # the background in the corner
+
+
+def test_poses_spiral_over_the_upper_hemisphere(tmp_path):
+    p = spiral_poses(100)
+    assert p.shape == (100, 3) and (p[:, 1] >= 10).all() and (p[:, 1] <= 70).all() and (p[:, 2] == 4).all()
+    assert len(set(p[:, 0].round().tolist())) > 90  # azimuths spread out
+    poses, images = nerf_views(tmp_path, n_poses=3, H=12, W=12)
+    assert images.shape == (3, 3, 12, 12) and len(list(tmp_path.glob("nerf-*.safetensors"))) == 1
+    again = nerf_views(tmp_path, n_poses=3, H=12, W=12)
+    assert torch.equal(again[1], images) and torch.equal(again[0], poses)
+
+
+def test_tiny_nerf_renders_and_learns():
+    torch.manual_seed(0)
+    model = build_net("tiny_nerf", H=40, W=40, stride=4, n_samples=16)
+    assert isinstance(model, TinyNeRF)
+    pose = torch.tensor([[10.0, 30.0, 4.0], [100.0, 50.0, 4.0]])
+    model.eval()
+    img = model(pose)
+    assert img.shape == (2, 3, 10, 10) and torch.equal(img, model(pose))  # eval: midpoints, deterministic
+    lat = tap(model, "fc1", pose)
+    assert lat.inp.shape == (2, 100 * 16, 39) and lat.act.shape == (2, 1600, 128) and lat.out.shape == (2, 3, 10, 10)
+    model.train()
+    assert not torch.equal(model(pose), model(pose))  # training: stratified jitter
+    target = render_scene(pose, 40, 40, n_samples=64)[:, :, ::4, ::4]
+    opt = torch.optim.Adam(model.parameters(), lr=5e-3)
+    losses = []
+    for _ in range(60):
+        loss = ((model(pose) - target) ** 2).mean()
+        opt.zero_grad(); loss.backward(); opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
+    model.stride = 1
+    assert model.eval()(pose).shape == (2, 3, 40, 40)
