@@ -37,6 +37,8 @@ class CondConfig(BaseModel):
     hidden: int = Field(256, ge=1)
     output_grad: bool = Field(False, description="also give the rows the output error signal (Latents.grad); "
                               "off = the paper's conditioning (input, activation, output)")
+    latent_pool: int | None = Field(None, ge=1, description="condition on tap.pool_latents(latents, n): averages "
+                                    "over the points a layer saw, images pooled to n x n (tinyNeRF)")
 
 
 def axis_features(x: torch.Tensor) -> torch.Tensor:
@@ -52,7 +54,7 @@ class CondEncoder(nn.Module):
                  weight_shape: tuple[int, ...] | None = None):
         super().__init__()
         cfg = cfg or CondConfig()
-        self.dim, self.output_grad = cfg.dim, cfg.output_grad
+        self.dim, self.output_grad, self.latent_pool = cfg.dim, cfg.output_grad, cfg.latent_pool
         self.weight_shape = tuple(weight_shape) if weight_shape else (d_act, d_inp)
         self.e_i = mlp(d_inp, cfg.hidden, cfg.dim, norm_input=True)
         self.e_a = mlp(d_act, cfg.hidden, cfg.dim, norm_input=True)

@@ -21,7 +21,7 @@ from .io import atomic_save_file, atomic_torch_save
 from .predictor import OCDModel, Task
 from .scale import ScaleConfig, ScaleNet, scale_loss
 from .schedule import NoiseSchedule, ScheduleConfig
-from .tap import tap
+from .tap import pool_latents, tap
 from .targets import TargetConfig, overfit_deltas
 
 
@@ -71,13 +71,15 @@ class TargetSet:
 @torch.no_grad()
 def build_target_set(base: nn.Module, layer: str, x: torch.Tensor, y: torch.Tensor,
                      cfg: TargetConfig | None = None, task: Task = "classification", chunk: int = 512,
-                     progress: bool = True) -> TargetSet:
-    """Overfit ``layer`` on every (x_n, y_n) alone and record the latents: a TargetSet of N samples."""
+                     progress: bool = True, pool: int | None = None) -> TargetSet:
+    """Overfit ``layer`` on every (x_n, y_n) alone and record the latents (pooled with
+    ``tap.pool_latents`` when ``pool``, as ``CondConfig.latent_pool`` says): a TargetSet of N samples."""
     base.eval()
     parts = []
     for i in tqdm(range(0, x.shape[0], chunk), desc="targets", disable=not progress, leave=False):
         xb, yb = x[i:i + chunk], y[i:i + chunk]
         lat = tap(base, layer, xb, grad_task=task)
+        lat = pool_latents(lat, pool) if pool else lat
         parts.append((overfit_deltas(base, layer, xb, yb, cfg, chunk=chunk), *lat.flat(), lat.grad.flatten(1)))
     return TargetSet(*(torch.cat(p) for p in zip(*parts)))
 

@@ -17,7 +17,7 @@ from .adapt import LowRankDelta, adapted_forward
 from .schedule import NoiseSchedule, ScheduleConfig
 from .split import Split, check_split, split_model
 from .schedule import Prediction as PredictionType
-from .tap import Latents, get_layer, tap
+from .tap import Latents, get_layer, pool_latents, tap
 
 Task = Literal["classification", "regression"]
 ScaleMode = Literal["net", "mean"]
@@ -113,7 +113,11 @@ class OCDModel(nn.Module):
 
     def latents(self, x: torch.Tensor | tuple[torch.Tensor, ...], model: nn.Module | None = None) -> Latents:
         """Latents of x (B, *input) through the base model (or of upstream values through ``model``)."""
-        return tap(model or self.base, self.layer, x, grad_task=self.task if self.cond.output_grad else None)
+        return self._pool(tap(model or self.base, self.layer, x, grad_task=self.task if self.cond.output_grad else None))
+
+    def _pool(self, lat: Latents) -> Latents:
+        pool = getattr(self.cond, "latent_pool", None)  # CondConfig.latent_pool: resolution-free latents
+        return pool_latents(lat, pool) if pool else lat
 
     def lowrank_ok(self, eta: float, steps: int) -> bool:
         """Whether DDIM runs in factor space: a deterministic sampler, a denoiser that predicts x_0 as
@@ -169,7 +173,8 @@ class OCDModel(nn.Module):
         reps = torch.tensor(counts, device=x.device)
         t0 = time.perf_counter()
         live, tail = self._upstream(x)
-        lat = self.latents(live, tail)
+        raw = tap(tail, self.layer, live, grad_task=self.task if self.cond.output_grad else None)
+        lat = self._pool(raw)
         sync()
         t1 = time.perf_counter()
         x_T, step_noise = draw_noise(seeds, counts, self.delta_shape, steps, eta, x.device)
@@ -179,7 +184,7 @@ class OCDModel(nn.Module):
         out = self.head(adapted_forward(tail, self.layer, tuple(v.repeat_interleave(reps, 0) for v in live), deltas))
         sync()
         t3 = time.perf_counter()
-        return out, self.head(lat.out), {"base": t1 - t0, "ddim": t2 - t1, "adapt": t3 - t2}
+        return out, self.head(raw.out), {"base": t1 - t0, "ddim": t2 - t1, "adapt": t3 - t2}
 
     @torch.no_grad()  # not inference_mode: the tap may take one backward for Latents.grad
     def predict(self, x: torch.Tensor, steps: int = 10, ensemble: int = 1, eta: float = 0.0,

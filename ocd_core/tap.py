@@ -37,6 +37,17 @@ class Latents:
         return self.inp.flatten(1), self.act.flatten(1), self.out.flatten(1)
 
 
+def pool_latents(lat: Latents, size: int) -> Latents:
+    """Latents that do not depend on how many points a layer saw: a Linear layer applied at many
+    points (tinyNeRF: every sample of every ray) gets its input, output and error signal averaged
+    over them, (B, ..., n) -> (B, n); an image output (B, C, H, W) is average-pooled to size x size."""
+    def points(v: torch.Tensor | None) -> torch.Tensor | None:
+        return v if v is None or v.ndim <= 2 else v.reshape(v.shape[0], -1, v.shape[-1]).mean(1)
+
+    out = F.adaptive_avg_pool2d(lat.out, size) if lat.out.ndim == 4 else lat.out
+    return Latents(points(lat.inp), points(lat.act), out, points(lat.grad))
+
+
 def get_layer(model: nn.Module, name: str) -> nn.Module:
     """The submodule at a dotted name; a clear error listing candidates if absent."""
     try:

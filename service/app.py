@@ -28,8 +28,8 @@ from . import metrics
 from .batcher import DeadlineExceeded, Job, QueueFull
 from .modalities import InputError
 from .registry import Registry, Served, UnknownModel
-from .schemas import (ErrorResponse, PredictRequest, PredictResponse, Timings, V2InferRequest, V2InferResponse,
-                      V2ModelMetadata)
+from .schemas import (ErrorResponse, PredictRequest, PredictResponse, RenderRequest, Timings, V2InferRequest,
+                      V2InferResponse, V2ModelMetadata)
 from .settings import Settings
 
 log = logging.getLogger("ocd.service")
@@ -290,6 +290,39 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                    total_ms=total * 1000, batch_size=job.batch_size,
                                    stages_ms={k: v * 1000 for k, v in timings.items()}))
 
+    render_body = {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": {"$ref": "#/components/schemas/RenderRequest"}}}}}
+
+    @app.post("/render", responses={200: {"content": {"image/png": {}}, "description": "the rendered PNG"}, **ERRORS},
+              response_class=Response, openapi_extra=render_body,
+              summary="Render a camera pose with a rendering model (tinyNeRF): an adapted prediction as a PNG")
+    async def render(request: Request) -> Response:
+        ctype = request.headers.get("content-type", "")
+        if not ctype.startswith("application/json"):
+            raise InputError("content-type", f"expected application/json, got {ctype or 'none'}", 415)
+        try:
+            body = json.loads(await request.body())
+        except (ValueError, RecursionError):
+            raise InputError("body", "not valid JSON", 400) from None
+        try:
+            req = RenderRequest.model_validate(body)
+        except ValidationError as e:
+            raise RequestValidationError(e.errors()) from None
+        served = registry.get(req.model, req.version)
+        request.state.model = served.name
+        png = getattr(served.modality, "png", None)
+        if png is None:
+            raise InputError("model", f"{served.name!r} is a {served.manifest.modality} model; /render serves "
+                             "rendering models (pose in, image out): use /predict", 400)
+        steps = check_params(served, req.ddim_steps, req.ensemble)
+        x = served.modality.decode_json(req.pose, "pose")
+        seed = req.seed if req.seed is not None else secrets.randbelow(2**63)
+        ((pred, _timings, _job),) = await run(request, served, [x], steps, req.ensemble, [seed])
+        data = await run_in_threadpool(png, pred)
+        return Response(data, media_type="image/png", headers={
+            "X-OCD-Model": served.name, "X-OCD-Version": served.version, "X-OCD-Seed": str(seed),
+            "X-OCD-DDIM-Steps": str(steps), "X-OCD-Uncertainty": f"{float(pred.uncertainty.mean()):.6g}"})
+
     # ---- Open Inference Protocol v2 -------------------------------------------------------
     @app.get("/v2", summary="Server metadata")
     async def v2_server():
@@ -402,7 +435,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             from fastapi.openapi.utils import get_openapi
 
             spec = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-            for model in (PredictRequest, V2InferRequest):
+            for model in (PredictRequest, RenderRequest, V2InferRequest):
                 schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 spec["components"]["schemas"].update(schema.pop("$defs", {}))
                 spec["components"]["schemas"][model.__name__] = schema

@@ -89,7 +89,7 @@ class OnnxOCD:
         m = self.model
         reps = np.asarray(counts)
         t0 = time.perf_counter()
-        inp, act, out, *live = self.run("base", x.detach().cpu().numpy().astype(np.float32, copy=False))
+        inp, act, out, base_out, *live = self.run("base", x.detach().cpu().numpy().astype(np.float32, copy=False))
         t1 = time.perf_counter()
         ctx = [np.repeat(c, reps, 0) for c in self.run("cond", inp, act, out)]
         rho = np.repeat(self.run("scale", inp, act, out)[0], reps, 0)
@@ -103,7 +103,7 @@ class OnnxOCD:
         t2 = time.perf_counter()
         adapted = self.run("adapt", deltas, *(np.repeat(v, reps, 0) for v in live))[0]
         t3 = time.perf_counter()
-        return (m.head(torch.from_numpy(adapted)), m.head(torch.from_numpy(out)),
+        return (m.head(torch.from_numpy(adapted)), m.head(torch.from_numpy(base_out)),
                 {"base": t1 - t0, "ddim": t2 - t1, "adapt": t3 - t2})
 
     @torch.no_grad()

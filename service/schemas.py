@@ -20,6 +20,17 @@ class PredictRequest(BaseModel):
     return_uncertainty: bool = True
 
 
+class RenderRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str = Field(description="a rendering model, e.g. nerf")
+    version: str | None = Field(None, description="model version; latest when null")
+    pose: Any = Field(description='{"azimuth": degrees, "elevation": degrees, "radius": r} or [azimuth, elevation, radius]')
+    ddim_steps: int | None = Field(None, ge=1, description="DDIM steps; the model's default when null")
+    ensemble: int = Field(1, ge=1, description="adapted models sampled with different noise; their mean is rendered")
+    seed: int | None = Field(None, ge=0, lt=2**63, description="noise seed; random when null (X-OCD-Seed says which)")
+
+
 class Timings(BaseModel):
     queue_ms: float = Field(description="time waiting for a batch")
     inference_ms: float = Field(description="the batch's inference time (base + DDIM + adapt)")
@@ -36,6 +47,7 @@ class PredictResponse(BaseModel):
     label: str | None = Field(None, description="classification: the ensemble's most probable label")
     probabilities: dict[str, float] | None = Field(None, description="classification: ensemble mean per label")
     value: list[float] | float | None = Field(None, description="regression: ensemble mean")
+    image: str | None = Field(None, description="rendering models (pose in): the ensemble mean as a base64 PNG")
     uncertainty: float | list[float] | None = Field(
         None, description="classification: predictive entropy of the ensemble mean (nats); regression: ensemble std")
     ddim_steps: int

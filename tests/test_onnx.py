@@ -48,8 +48,8 @@ def test_onnx_runtime_matches_torch_per_stage_and_end_to_end(tmp_path, name, ver
     with torch.no_grad():
         live, tail = model._upstream(x)
         lat = model.latents(live, tail)
-        inp, act, out, *live_o = ort.run("base", x.numpy())
-        for got, want in zip([inp, act, out, *live_o], [lat.inp, lat.act, lat.out, *live]):
+        inp, act, out, base_out, *live_o = ort.run("base", x.numpy())
+        for got, want in zip([inp, act, out, base_out, *live_o], [lat.inp, lat.act, lat.out, lat.out, *live]):
             assert got.shape == want.shape and np.abs(got - want.numpy()).max() < 1e-4
         ctx = model.denoiser.prepare(model.cond(*lat.flat()))
         ctx_o = ort.run("cond", inp, act, out)

@@ -82,9 +82,31 @@ def _audio(recipe: Recipe, cache: Path) -> Prepared:
                      "test_voices": sorted({voices[i] for i in test})[:5] + ["..."]})
 
 
+def _nerf(recipe: Recipe, cache: Path) -> Prepared:
+    """Poses (azimuth°, elevation°, radius) -> renders. Train / val images on the base model's
+    training grid (every stride-th pixel); test images whole (evaluation renders every pixel)."""
+    from training.data.nerf_scene import nerf_views
+
+    kw = recipe.arch.kwargs
+    H, W, stride = kw.get("H", 100), kw.get("W", 100), kw.get("stride", 1)
+    poses, images = nerf_views(cache, recipe.nerf_poses, H, W)
+    n = len(poses)
+    test, val = [i for i in range(n) if i % 10 == 0], [i for i in range(n) if i % 10 == 5]
+    split = Split(seed=recipe.split_seed, train=[i for i in range(n) if i % 5], val=val, test=test)
+    coarse = images[:, :, ::stride, ::stride]
+    parts = {"train": (poses[split.train], coarse[split.train]), "val": (poses[split.val], coarse[split.val]),
+             "test": (poses[split.test], images[split.test])}
+    return Prepared(parts, split, InputSpec(shape=[3], options={"pose": ["azimuth_deg", "elevation_deg", "radius"],
+                                                               "image": [3, H, W]}),
+                    None, "regression", "pose", recipe.arch,
+                    {"source": "analytic scene (training/data/nerf_scene.py)", "poses": n, "image": [3, H, W]})
+
+
 def prepare(recipe: Recipe, cache: Path = Path("runs/cache")) -> Prepared:
     if recipe.dataset == "mnist":
         return _mnist(recipe)
+    if recipe.dataset == "nerf":
+        return _nerf(recipe, cache)
     if recipe.dataset == "spoken_digits":
         return _audio(recipe, cache)
     return _tabular(recipe)

@@ -21,11 +21,16 @@ from ocd_core.targets import TargetConfig, overfit_deltas
 
 
 def metrics(probs_or_values: torch.Tensor, y: torch.Tensor, task: str) -> dict[str, float]:
-    """Classification: acc, ce of probabilities (N, C); regression: mse of values (N, *)."""
+    """Classification: acc, ce of probabilities (N, C); regression: mse of values (N, *), and for
+    images (N, C, H, W) in [0, 1] also psnr, the mean over images of −10·log10(that image's MSE)."""
     if task == "classification":
         return {"acc": (probs_or_values.argmax(1) == y).float().mean().item(),
                 "ce": F.nll_loss(probs_or_values.clamp_min(1e-12).log(), y).item()}
-    return {"mse": F.mse_loss(probs_or_values, y.reshape(probs_or_values.shape)).item()}
+    out = {"mse": F.mse_loss(probs_or_values, y.reshape(probs_or_values.shape)).item()}
+    if y.ndim == 4:
+        per_image = (probs_or_values - y).pow(2).flatten(1).mean(1)
+        out["psnr"] = (-10 * per_image.clamp_min(1e-10).log10()).mean().item()
+    return out
 
 
 def _batched(fn: Callable[[slice], torch.Tensor], n: int, chunk: int) -> torch.Tensor:

@@ -2,8 +2,10 @@
 
 Five graphs, every batch dimension dynamic:
 
-  base.onnx           x (N, *input)            -> inp, act, out (the layer's latents), live_0.. (values
-                                                  alive at the layer: the adapted forward starts from them)
+  base.onnx           x (N, *input)            -> inp, act, out (the layer's latents, pooled as the
+                                                  conditioning sees them), base_out (the base model's
+                                                  output), live_0.. (values alive at the layer: the
+                                                  adapted forward starts from them)
   cond.onnx           inp, act, out            -> the conditioning, prepared for every DDIM step
                                                   (compact: e_c, rows, cols, p_col, p_row; paper: emb, rows, cols)
   denoiser_step.onnx  x_t (N, *W), t (N,) int64, *cond -> ε or x̂_0 (N, *W): one step, the sampler stays outside
@@ -49,8 +51,9 @@ class _Base(nn.Module):
 
     def forward(self, x):
         live, tail = self.model._upstream(x)
-        lat = tap(tail, self.model.layer, live)
-        return (lat.inp, lat.act, lat.out, *live)
+        raw = tap(tail, self.model.layer, live)
+        lat = self.model._pool(raw)  # what the conditioning sees (CondConfig.latent_pool)
+        return (lat.inp, lat.act, lat.out, raw.out, *live)
 
 
 class _Cond(nn.Module):
@@ -114,7 +117,7 @@ def export_onnx(directory: str | Path) -> list[Path]:
     x = torch.zeros(2, *m.input.shape)
     base = _Base(model, x)
     live, tail = model._upstream(x)
-    lat = tap(tail, m.layer, live)
+    lat = model._pool(tap(tail, m.layer, live))
     lat_args = (lat.inp, lat.act, lat.out)
     live_names = [f"live_{i}" for i in range(base.live_count)]
     cond = _Cond(model)
@@ -126,7 +129,7 @@ def export_onnx(directory: str | Path) -> list[Path]:
               "scale": ["inp", "act", "out"], "adapt": ["deltas", *live_names]}
     paths = [directory / f"{g}.onnx" for g in GRAPHS]
     (directory / "onnx.json").unlink(missing_ok=True)  # the engine refuses a bundle without it meanwhile
-    _export(base, (x,), inputs["base"], ["inp", "act", "out", *live_names], paths[0])
+    _export(base, (x,), inputs["base"], ["inp", "act", "out", "base_out", *live_names], paths[0])
     _export(cond, lat_args, inputs["cond"], ctx_names, paths[1])
     _export(_Step(model), (x_t, t, *ctx), inputs["denoiser_step"], ["out"], paths[2])
     _export(_Scale(model), lat_args, inputs["scale"], ["rho"], paths[3])

@@ -6,6 +6,7 @@ also resumes mid-training from its checkpoint).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from pathlib import Path
@@ -24,7 +25,7 @@ from training.datasets import Prepared, prepare
 from training.evaluate import evaluate
 from training.export_onnx import export_onnx
 from training.recipes import Recipe
-from training.report import write_report
+from training.report import render_strip, write_report
 from training.train_base import train_base
 
 def run_id(recipe: Recipe) -> str:
@@ -43,13 +44,36 @@ def _manifest(recipe: Recipe, prep: Prepared, model, seed: int, version: str = "
     split = prep.split
     return Manifest(
         name=recipe.name, version=version, task=prep.task, modality=prep.modality, input=prep.input,
-        labels=prep.labels, base=prep.arch, layer=recipe.layer,
+        labels=prep.labels, layer=recipe.layer,
+        base=prep.arch.model_copy(update={"kwargs": {**prep.arch.kwargs, **recipe.eval_arch}}),  # as served
         latent_dims=tuple(t.shape[1] for t in lat.flat()), mean_scale=float(model.mean_scale),
         targets=fit.targets, schedule=fit.schedule, denoiser=fit.denoiser, cond=fit.cond, scale=fit.scale,
         provenance={"dataset": recipe.dataset, **prep.provenance, "limit": recipe.limit,
                     "split_seed": split.seed, "split_sizes": [len(split.train), len(split.val), len(split.test)],
                     "split_digest": split.digest(), "target_source": recipe.target_source,
                     "recipe": recipe.variant, "run_id": run_id(recipe), "seed": seed})
+
+
+def _target_kw(recipe: Recipe) -> dict[str, Any]:
+    return {"pool": recipe.fit.cond.latent_pool, **({"chunk": recipe.chunk} if recipe.chunk else {})}
+
+
+def _eval_kw(recipe: Recipe) -> dict[str, Any]:
+    return {"chunk": recipe.chunk} if recipe.chunk else {}
+
+
+@contextlib.contextmanager
+def eval_arch(base: torch.nn.Module, recipe: Recipe):
+    """The base model as evaluated and served (``recipe.eval_arch``, e.g. tinyNeRF at every pixel),
+    restored afterwards (training and targets use the recipe's arch)."""
+    old = {k: getattr(base, k) for k in recipe.eval_arch}
+    for k, v in recipe.eval_arch.items():
+        setattr(base, k, v)
+    try:
+        yield base
+    finally:
+        for k, v in old.items():
+            setattr(base, k, v)
 
 
 def _seed_stage(recipe: Recipe, prep: Prepared, seed: int, d: Path, progress: bool,
@@ -78,7 +102,8 @@ def _seed_stage(recipe: Recipe, prep: Prepared, seed: int, d: Path, progress: bo
         targets = TargetSet.load(tpath, device)
     else:
         xs, ys = torch.cat([p[0] for p in src]), torch.cat([p[1] for p in src])
-        targets = build_target_set(base, recipe.layer, xs, ys, recipe.fit.targets, task=task, progress=progress)
+        targets = build_target_set(base, recipe.layer, xs, ys, recipe.fit.targets, task=task, progress=progress,
+                                   **_target_kw(recipe))
         targets.save(tpath)
     bdir = d / "bundle"
     if (bdir / recipe.name / "1" / "manifest.json").exists():
@@ -94,8 +119,9 @@ def _seed_stage(recipe: Recipe, prep: Prepared, seed: int, d: Path, progress: bo
     if epath.exists():
         ev = json.loads(epath.read_text())
     else:
-        ev = evaluate(model, xte, yte, targets, recipe.fit.targets, recipe.eval.ddim_steps, recipe.eval.default_steps,
-                      recipe.eval.ensemble, seed, progress=progress)
+        with eval_arch(model.base, recipe):
+            ev = evaluate(model, xte, yte, targets, recipe.fit.targets, recipe.eval.ddim_steps,
+                          recipe.eval.default_steps, recipe.eval.ensemble, seed, progress=progress, **_eval_kw(recipe))
         atomic_write_text(json.dumps(ev), epath)
     if recipe.heldout_rows and recipe.target_source != "val":
         ev["rows"].update(_heldout_rows(recipe, task, base, xva, yva, xte, yte, targets, seed, d, progress))
@@ -110,11 +136,13 @@ def _alt_layer_rows(recipe: Recipe, task: str, base, xs, ys, xte, yte, seed: int
     path = d / "eval_alt_layer.json"
     if path.exists():
         return json.loads(path.read_text())
-    targets = build_target_set(base, recipe.alt_layer, xs, ys, recipe.fit.targets, task=task, progress=progress)
+    targets = build_target_set(base, recipe.alt_layer, xs, ys, recipe.fit.targets, task=task, progress=progress,
+                               **_target_kw(recipe))
     model, _ = fit_ocd(base, recipe.alt_layer, targets, recipe.fit.model_copy(update={"seed": seed}), task,
                        checkpoint=d / "fit_alt_layer.ckpt", progress=progress)
-    ev = evaluate(model, xte, yte, targets, recipe.fit.targets, [], recipe.eval.default_steps, recipe.eval.ensemble,
-                  seed, progress=progress, only={"ocd"})["rows"]
+    with eval_arch(model.base, recipe):
+        ev = evaluate(model, xte, yte, targets, recipe.fit.targets, [], recipe.eval.default_steps,
+                      recipe.eval.ensemble, seed, progress=progress, only={"ocd"}, **_eval_kw(recipe))["rows"]
     rows = {"alt_layer": ev["ocd"]}
     atomic_write_text(json.dumps(rows), path)
     (d / "fit_alt_layer.ckpt").unlink(missing_ok=True)
@@ -126,11 +154,14 @@ def _heldout_rows(recipe: Recipe, task: str, base, xva, yva, xte, yte, targets, 
     path = d / "eval_heldout.json"
     if path.exists():
         return json.loads(path.read_text())
-    held = build_target_set(base, recipe.layer, xva, yva, recipe.fit.targets, task=task, progress=progress)
+    held = build_target_set(base, recipe.layer, xva, yva, recipe.fit.targets, task=task, progress=progress,
+                            **_target_kw(recipe))
     model, _ = fit_ocd(base, recipe.layer, held, recipe.fit.model_copy(update={"seed": seed}), task,
                        checkpoint=d / "fit_heldout.ckpt", progress=progress)
-    ev = evaluate(model, xte, yte, targets, recipe.fit.targets, [], recipe.eval.default_steps, recipe.eval.ensemble,
-                  seed, progress=progress, only={"ocd", "ocd_ensemble"})["rows"]
+    with eval_arch(model.base, recipe):
+        ev = evaluate(model, xte, yte, targets, recipe.fit.targets, [], recipe.eval.default_steps,
+                      recipe.eval.ensemble, seed, progress=progress, only={"ocd", "ocd_ensemble"},
+                      **_eval_kw(recipe))["rows"]
     rows = {"ocd_heldout": ev["ocd"], "ocd_heldout_ensemble": ev["ocd_ensemble"]}
     atomic_write_text(json.dumps(rows), path)
     (d / "fit_heldout.ckpt").unlink(missing_ok=True)
@@ -192,6 +223,11 @@ def run_recipe(recipe: Recipe, runs_dir: Path = Path("runs"), models_dir: Path =
     if report_dir.name != recipe.name and ranking.exists() and not (report_dir / ranking.name).exists():
         report_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(ranking.read_text(), report_dir / ranking.name)
+    xte, yte = prep.parts["test"]
+    if yte.ndim == 4:  # image outputs: a strip of test renders from the first seed's bundle
+        model, _ = load_bundle(root / f"seed{recipe.seeds[0]}" / "bundle" / recipe.name / "1", device)
+        render_strip(model, xte[:4].to(device), yte[:4].to(device),
+                     recipe.eval.serve_steps or recipe.eval.default_steps, report_dir / "renders.png")
     metrics = write_report(report_dir, info, per_seed, hists, notes)
     summary = {row: {k: v["mean"] for k, v in ms.items()} for row, ms in metrics["rows"].items()}
     bundle = publish(root / f"seed{recipe.seeds[0]}" / "bundle", models_dir, recipe.name, summary,

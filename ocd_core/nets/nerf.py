@@ -18,15 +18,23 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def _cross(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a x b over the last dim (written out: ONNX has no cross product)."""
+    a0, a1, a2 = a.unbind(-1)
+    b0, b1, b2 = b.unbind(-1)
+    return torch.stack([a1 * b2 - a2 * b1, a2 * b0 - a0 * b2, a0 * b1 - a1 * b0], -1)
+
+
 def look_at(pose: torch.Tensor) -> torch.Tensor:
     """pose (B, 3) = (azimuth°, elevation°, radius) -> camera-to-world (B, 3, 4): columns right, up,
     backward (the camera looks along −z, OpenGL style), then the camera position; world up is +z."""
-    az, el, r = torch.deg2rad(pose[:, 0]), torch.deg2rad(pose[:, 1]), pose[:, 2]
+    az, el, r = pose[:, 0] * (math.pi / 180), pose[:, 1] * (math.pi / 180), pose[:, 2]
     eye = torch.stack([r * torch.cos(el) * torch.cos(az), r * torch.cos(el) * torch.sin(az), r * torch.sin(el)], -1)
     back = F.normalize(eye, dim=-1)
-    up_world = torch.tensor([0.0, 0.0, 1.0], device=pose.device, dtype=pose.dtype).expand_as(back)
-    right = F.normalize(torch.cross(up_world, back, dim=-1), dim=-1)
-    up = torch.cross(back, right, dim=-1)
+    zero = torch.zeros_like(r)
+    up_world = torch.stack([zero, zero, zero + 1], -1)
+    right = F.normalize(_cross(up_world, back), dim=-1)
+    up = _cross(back, right)
     return torch.stack([right, up, back, eye], -1)
 
 
@@ -62,9 +70,10 @@ def volume_render(sigma: torch.Tensor, rgb: torch.Tensor, depths: torch.Tensor,
                   background: float = 1.0) -> torch.Tensor:
     """Emission-absorption compositing: sigma (B, R, S), rgb (B, R, S, 3), depths (B, R, S) -> (B, R, 3)."""
     delta = torch.cat([depths[..., 1:] - depths[..., :-1], torch.full_like(depths[..., :1], 1e10)], -1)
-    alpha = 1 - torch.exp(-sigma * delta)
-    trans = torch.cumprod(torch.cat([torch.ones_like(alpha[..., :1]), 1 - alpha[..., :-1] + 1e-10], -1), -1)
-    w = alpha * trans
+    tau = sigma * delta  # optical depth of each segment
+    before = torch.cat([torch.zeros_like(tau[..., :1]), torch.cumsum(tau[..., :-1], -1)], -1)
+    trans = torch.exp(-before)  # light reaching the segment: exp(−Σ earlier τ)
+    w = (1 - torch.exp(-tau)) * trans
     return (w[..., None] * rgb).sum(-2) + background * (1 - w.sum(-1, keepdim=True))
 
 
