@@ -44,8 +44,20 @@ def pool_latents(lat: Latents, size: int) -> Latents:
     def points(v: torch.Tensor | None) -> torch.Tensor | None:
         return v if v is None or v.ndim <= 2 else v.reshape(v.shape[0], -1, v.shape[-1]).mean(1)
 
-    out = F.adaptive_avg_pool2d(lat.out, size) if lat.out.ndim == 4 else lat.out
+    out = lat.out
+    if out.ndim == 4:  # adaptive average pooling as two averaging matrices (ONNX exports it at any size)
+        rows, cols = _bins(out.shape[-2], size).to(out), _bins(out.shape[-1], size).to(out)
+        out = torch.einsum("bchw,ph,qw->bcpq", out, rows, cols)
     return Latents(points(lat.inp), points(lat.act), out, points(lat.grad))
+
+
+def _bins(n: int, p: int) -> torch.Tensor:
+    """(p, n): row i averages adaptive_avg_pool's bin i, [floor(i·n/p), ceil((i+1)·n/p))."""
+    rows = []
+    for i in range(p):
+        start, end = (i * n) // p, -(-((i + 1) * n) // p)
+        rows.append([1.0 / (end - start) if start <= j < end else 0.0 for j in range(n)])
+    return torch.tensor(rows)  # built from Python numbers: a constant when traced for ONNX
 
 
 def get_layer(model: nn.Module, name: str) -> nn.Module:

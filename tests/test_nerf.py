@@ -99,9 +99,9 @@ def nerf_run(tmp_path_factory):
 def test_nerf_recipe_trains_reports_and_exports(nerf_run):
     root, bundle, report = nerf_run
     model, m = load_bundle(bundle)
-    assert m.modality == "pose" and m.task == "regression" and m.layer == "fc1" and m.cond.latent_pool == 2
+    assert m.modality == "pose" and m.task == "regression" and m.layer == "fc1" and m.cond.latent_pool == 3
     assert m.base.kwargs["stride"] == 1  # served at every pixel; trained on every 2nd
-    assert m.latent_dims == (39, 32, 3 * 2 * 2)  # pooled: PE features, fc1 units, the render at 2x2
+    assert m.latent_dims == (39, 32, 3 * 3 * 3)  # pooled: PE features, fc1 units, the render at 3x3 (16 px: uneven bins)
     metrics = json.loads((report / "metrics.json").read_text())
     assert {"base", "oracle", "ocd", "ocd_ensemble", "no_scale", "nearest_neighbour", "alt_layer"} <= set(metrics["rows"])
     for row in metrics["rows"].values():
@@ -180,3 +180,17 @@ def test_render_refuses_models_that_do_not_render(tmp_path):
                                      "(pose in, image out): use /predict")
     finally:
         s.stop()
+
+
+@pytest.mark.parametrize("h,w,p", [(100, 100, 8), (25, 25, 8), (7, 9, 4)])
+def test_pooled_render_equals_adaptive_average_pooling(h, w, p):
+    """pool_latents pools images with averaging matrices (exportable to ONNX at sizes p does not divide)."""
+    import torch.nn.functional as F
+
+    from ocd_core.tap import Latents, pool_latents
+
+    x = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(0))
+    pts = torch.randn(2, 50, 39)
+    lat = pool_latents(Latents(pts, pts[..., :8], x, None), p)
+    assert torch.allclose(lat.out, F.adaptive_avg_pool2d(x, p), atol=1e-6)
+    assert torch.allclose(lat.inp, pts.mean(1)) and lat.act.shape == (2, 8) and lat.grad is None

@@ -128,3 +128,13 @@ def test_server_with_the_onnx_backend_answers_like_torch(tmp_path):
         assert s.metric("ocd_model_info", model="mnist", backend="onnx") == 1
     finally:
         s.stop()
+
+
+def test_committed_bundles_carry_current_graphs():
+    """Every bundle in models/ has ONNX graphs made from its own weights (OCD_BACKEND=onnx serves them)."""
+    dirs = sorted(p.parent for p in (ROOT / "models").glob("*/*/manifest.json"))
+    assert len(dirs) >= 5
+    for d in dirs:
+        model, _ = load_bundle(d)
+        ort = OnnxOCD(d, model)  # raises on missing, stale or mismatched graphs
+        assert set(ort.sessions) == {"base", "cond", "denoiser_step", "scale", "adapt"}

@@ -66,7 +66,7 @@ def test_diffusion_training_resumes_from_checkpoint_exactly(lenet, mnist_batch, 
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("name", ["mnist", "diamonds", "credit", "spoken_digits"])
+@pytest.mark.parametrize("name", ["mnist", "diamonds", "credit", "spoken_digits", "nerf"])
 def test_alt_layer_is_the_top_ranked_other_layer(name):
     """The ablation's layer is the committed ranking's best layer other than the one OCD adapts."""
     from training.recipes import RECIPES

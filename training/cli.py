@@ -1,6 +1,6 @@
 """``ocd``: the project's single entry point.
 
-  ocd train <recipe> [--variant cpu|paper|smoke] [--source DIR] [--models DIR] [--reports DIR] [--runs DIR]
+  ocd train <recipe> [--variant cpu|fast|paper|smoke] [--source DIR] [--models DIR] [--reports DIR] [--runs DIR]
   ocd serve [--host H] [--port P] [--workers N] [--models DIR] [--model name[:version],...]
   ocd select-layer <recipe> [--draws N] [--samples N]   rank layers (paper's criterion) into the report
   ocd export-onnx <model dir>...  write the ONNX graphs OCD_BACKEND=onnx serves

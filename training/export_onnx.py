@@ -140,7 +140,8 @@ def export_onnx(directory: str | Path) -> list[Path]:
     try:
         _verify(directory, model, m.input.shape)
     except BaseException:
-        (directory / "onnx.json").unlink(missing_ok=True)
+        for path in paths + [directory / "onnx.json"]:  # no graphs rather than wrong ones
+            path.unlink(missing_ok=True)
         raise
     return paths + [directory / "onnx.json"]
 

@@ -127,7 +127,7 @@ def nerf_recipe(variant: str = "cpu") -> Recipe:
     every 4th pixel; evaluation renders every pixel. Conditioning: pooled latents (pose-dependent input
     features, activations) and the base render pooled to 8x8 — an encoder that needs no download."""
     targets = TargetConfig(lr=5e-3, steps=10, loss="mse")
-    base = Recipe(name="nerf", variant=variant, dataset="nerf", source="analytic", layer="fc1", alt_layer="fc2",
+    base = Recipe(name="nerf", variant=variant, dataset="nerf", source="analytic", layer="fc1", alt_layer="out",
                   arch=ArchSpec(arch="tiny_nerf", kwargs={"stride": 4}), eval_arch={"stride": 1}, chunk=2,
                   heldout_rows=False, base=BaseTraining(epochs=30, batch_size=4, lr=5e-3),
                   fit=FitConfig(targets=targets, cond=CondConfig(latent_pool=8), denoiser=FAST_DENOISER))
@@ -138,7 +138,7 @@ def nerf_recipe(variant: str = "cpu") -> Recipe:
         return base.model_copy(update=dict(
             variant="smoke", nerf_poses=20, seeds=[0, 1], arch=ArchSpec(arch="tiny_nerf", kwargs={**small, "stride": 2}),
             base=BaseTraining(epochs=2, batch_size=4, lr=5e-3), eval=EvalConfig(ddim_steps=[1, 2], default_steps=2, ensemble=2),
-            fit=FitConfig(targets=TargetConfig(lr=5e-3, steps=2, loss="mse"), cond=CondConfig(latent_pool=2, dim=16, hidden=16),
+            fit=FitConfig(targets=TargetConfig(lr=5e-3, steps=2, loss="mse"), cond=CondConfig(latent_pool=3, dim=16, hidden=16),
                           train_steps=30, batch_size=8, checkpoint_every=10,
                           denoiser=CompactConfig(hidden=8, probes=2, rank=2, pos_dim=2, emb_dim=16))))
     raise ValueError(f"unknown variant {variant!r}; use cpu or smoke")

@@ -32,6 +32,8 @@ def select_layer(recipe: Recipe, models_dir: Path, reports_dir: Path, runs_dir: 
     if not versions:
         raise SystemExit(f"{models_dir / recipe.name}: no trained bundle; run `ocd train {recipe.name}` first")
     model, manifest = load_bundle(models_dir / recipe.name / versions[-1])
+    for k in recipe.eval_arch:  # the base as trained: val targets are on its training grid (tinyNeRF)
+        setattr(model.base, k, recipe.arch.kwargs[k])
     x, y = prepare(recipe, runs_dir / "cache").parts["val"]
     x, y = x[:samples], y[:samples]
     ranking = rank_layers(model.base, x, y, recipe.fit.targets.loss, draws=draws, seed=seed)
