@@ -122,12 +122,13 @@ class OCDModel(nn.Module):
     def lowrank_ok(self, eta: float, steps: int) -> bool:
         """Whether DDIM runs in factor space: a deterministic sampler, a denoiser that predicts x_0 as
         s·x_t + U Vᵀ from static linear reads of x_t (``CompactDenoiser(static_probes=True)``), and
-        factors (rank x steps columns) smaller than the dense delta; otherwise the dense sampler,
-        which gives the same result."""
+        factors (rank x steps columns) at most twice the dense delta's size (MNIST v2 at batch 64:
+        20 steps take 30 ms in factor space, 41 ms dense); otherwise the dense sampler, which gives
+        the same result."""
         den = self.denoiser
         if not (eta == 0 and self.prediction == "sample" and getattr(den, "static_probes", False)):
             return False
-        return den.rank * steps * (den.n_out + den.n_in) <= den.n_out * den.n_in
+        return den.rank * steps * (den.n_out + den.n_in) <= 2 * den.n_out * den.n_in
 
     def sample_deltas(self, lat: Latents, steps: int, ensemble: int | torch.Tensor, eta: float, x_T: torch.Tensor,
                       step_noise: torch.Tensor | None = None, scale: ScaleMode = "net",

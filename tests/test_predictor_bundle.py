@@ -174,7 +174,7 @@ def test_lowrank_sampling_equals_dense(fast_model, mnist_batch):
     """DDIM in factor space (never forming Δ) == the dense sampler, and the predictions match."""
     m, (x, _) = fast_model, mnist_batch
     assert m.lowrank_ok(0.0, 10) and not m.lowrank_ok(0.5, 10)
-    assert m.lowrank_ok(0.0, 12) and not m.lowrank_ok(0.0, 13)  # 4·13·(84+120) factor entries > 84·120: dense
+    assert m.lowrank_ok(0.0, 24) and not m.lowrank_ok(0.0, 25)  # 4·25·(84+120) factor entries > 2·84·120: dense
     with torch.no_grad():
         lat = m.latents(x)
         reps = torch.full((20,), 2)

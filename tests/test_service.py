@@ -253,8 +253,8 @@ def test_deadline_504(models):
 
 
 def test_disconnected_client_costs_no_inference(models):
-    s = Server(models, max_batch_size=1, max_wait_ms=0, models="mnist:2")
-    slow = {"model": "mnist", "input": DIGIT, "ensemble": 32, "ddim_steps": 100, "seed": 0}
+    s = Server(models, max_batch_size=1, max_wait_ms=0, models="mnist:2", max_ensemble=64, max_ddim_steps=400)
+    slow = {"model": "mnist", "input": DIGIT, "ensemble": 64, "ddim_steps": 400, "seed": 0}  # seconds of work
     try:
         # a client that goes away before its batch runs: occupy the worker, send, hang up
         before = s.metric("ocd_batch_size_sum", model="mnist")
