@@ -233,6 +233,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise InputError(f"{field_prefix}ensemble", f"must be between 1 and {settings.max_ensemble}, got {ensemble}")
         return steps
 
+    def validated(schema: type[PredictRequest] | type[RenderRequest], data: Any):
+        try:
+            return schema.model_validate(data)
+        except ValidationError as e:
+            raise RequestValidationError(e.errors()) from None
+
+    async def json_body(request: Request) -> Any:
+        try:
+            return json.loads(await request.body())
+        except (ValueError, RecursionError):
+            raise InputError("body", "not valid JSON", 400) from None
+
     async def parse_predict(request: Request) -> tuple[PredictRequest, Any]:
         ctype = request.headers.get("content-type", "")
         if ctype.startswith("multipart/form-data"):
@@ -244,21 +256,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             fields["input"] = None
             if "return_uncertainty" in fields:
                 fields["return_uncertainty"] = fields["return_uncertainty"].lower() in ("1", "true", "yes")
-            try:
-                req = PredictRequest.model_validate(fields)
-            except ValidationError as e:
-                raise RequestValidationError(e.errors()) from None
+            req = validated(PredictRequest, fields)
             return req, ("upload", await upload.read(), upload.filename, upload.content_type)
         if not ctype.startswith("application/json"):
             raise InputError("content-type", f"expected application/json or multipart/form-data, got {ctype or 'none'}", 415)
-        try:
-            body = json.loads(await request.body())
-        except (ValueError, RecursionError):
-            raise InputError("body", "not valid JSON", 400) from None
-        try:
-            req = PredictRequest.model_validate(body)
-        except ValidationError as e:
-            raise RequestValidationError(e.errors()) from None
+        req = validated(PredictRequest, await json_body(request))
         return req, ("json", req.input)
 
     predict_body = {"requestBody": {"required": True, "content": {
@@ -300,14 +302,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ctype = request.headers.get("content-type", "")
         if not ctype.startswith("application/json"):
             raise InputError("content-type", f"expected application/json, got {ctype or 'none'}", 415)
-        try:
-            body = json.loads(await request.body())
-        except (ValueError, RecursionError):
-            raise InputError("body", "not valid JSON", 400) from None
-        try:
-            req = RenderRequest.model_validate(body)
-        except ValidationError as e:
-            raise RequestValidationError(e.errors()) from None
+        req = validated(RenderRequest, await json_body(request))
         served = registry.get(req.model, req.version)
         request.state.model = served.name
         png = getattr(served.modality, "png", None)

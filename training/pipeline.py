@@ -123,49 +123,34 @@ def _seed_stage(recipe: Recipe, prep: Prepared, seed: int, d: Path, progress: bo
             ev = evaluate(model, xte, yte, targets, recipe.fit.targets, recipe.eval.ddim_steps,
                           recipe.eval.default_steps, recipe.eval.ensemble, seed, progress=progress, **_eval_kw(recipe))
         atomic_write_text(json.dumps(ev), epath)
-    if recipe.heldout_rows and recipe.target_source != "val":
-        ev["rows"].update(_heldout_rows(recipe, task, base, xva, yva, xte, yte, targets, seed, d, progress))
-    if recipe.alt_layer:
+    if recipe.heldout_rows and recipe.target_source != "val":  # targets on samples the base never trained on
+        ev["rows"].update(_variant_rows(recipe, task, base, recipe.layer, xva, yva, xte, yte, seed, d, progress,
+                                        "heldout", {"ocd": "ocd_heldout", "ocd_ensemble": "ocd_heldout_ensemble"}))
+    if recipe.alt_layer:  # the alternative-layer ablation
         xs, ys = torch.cat([p[0] for p in src]), torch.cat([p[1] for p in src])
-        ev["rows"].update(_alt_layer_rows(recipe, task, base, xs, ys, xte, yte, seed, d, progress))
+        ev["rows"].update(_variant_rows(recipe, task, base, recipe.alt_layer, xs, ys, xte, yte, seed, d, progress,
+                                        "alt_layer", {"ocd": "alt_layer"}))
     return {"eval": ev, "hist": hist}
 
 
-def _alt_layer_rows(recipe: Recipe, task: str, base, xs, ys, xte, yte, seed: int, d: Path, progress: bool):
-    """The alternative-layer ablation: the same recipe with ``recipe.alt_layer`` as the adapted layer."""
-    path = d / "eval_alt_layer.json"
+def _variant_rows(recipe: Recipe, task: str, base, layer: str, xs, ys, xte, yte, seed: int, d: Path,
+                  progress: bool, tag: str, rows: dict[str, str]) -> dict[str, Any]:
+    """OCD trained again on other targets (held-out samples, or another layer) and evaluated on the
+    test split: ``rows`` maps the evaluated rows to their report names. Cached in ``eval_<tag>.json``."""
+    path = d / f"eval_{tag}.json"
     if path.exists():
         return json.loads(path.read_text())
-    targets = build_target_set(base, recipe.alt_layer, xs, ys, recipe.fit.targets, task=task, progress=progress,
+    targets = build_target_set(base, layer, xs, ys, recipe.fit.targets, task=task, progress=progress,
                                **_target_kw(recipe))
-    model, _ = fit_ocd(base, recipe.alt_layer, targets, recipe.fit.model_copy(update={"seed": seed}), task,
-                       checkpoint=d / "fit_alt_layer.ckpt", progress=progress)
+    model, _ = fit_ocd(base, layer, targets, recipe.fit.model_copy(update={"seed": seed}), task,
+                       checkpoint=d / f"fit_{tag}.ckpt", progress=progress)
     with eval_arch(model.base, recipe):
         ev = evaluate(model, xte, yte, targets, recipe.fit.targets, [], recipe.eval.default_steps,
-                      recipe.eval.ensemble, seed, progress=progress, only={"ocd"}, **_eval_kw(recipe))["rows"]
-    rows = {"alt_layer": ev["ocd"]}
-    atomic_write_text(json.dumps(rows), path)
-    (d / "fit_alt_layer.ckpt").unlink(missing_ok=True)
-    return rows
-
-
-def _heldout_rows(recipe: Recipe, task: str, base, xva, yva, xte, yte, targets, seed: int, d: Path, progress: bool):
-    """Diffusion + scale trained on targets of the val split (held out from base training)."""
-    path = d / "eval_heldout.json"
-    if path.exists():
-        return json.loads(path.read_text())
-    held = build_target_set(base, recipe.layer, xva, yva, recipe.fit.targets, task=task, progress=progress,
-                            **_target_kw(recipe))
-    model, _ = fit_ocd(base, recipe.layer, held, recipe.fit.model_copy(update={"seed": seed}), task,
-                       checkpoint=d / "fit_heldout.ckpt", progress=progress)
-    with eval_arch(model.base, recipe):
-        ev = evaluate(model, xte, yte, targets, recipe.fit.targets, [], recipe.eval.default_steps,
-                      recipe.eval.ensemble, seed, progress=progress, only={"ocd", "ocd_ensemble"},
-                      **_eval_kw(recipe))["rows"]
-    rows = {"ocd_heldout": ev["ocd"], "ocd_heldout_ensemble": ev["ocd_ensemble"]}
-    atomic_write_text(json.dumps(rows), path)
-    (d / "fit_heldout.ckpt").unlink(missing_ok=True)
-    return rows
+                      recipe.eval.ensemble, seed, progress=progress, only=set(rows), **_eval_kw(recipe))["rows"]
+    out = {name: ev[row] for row, name in rows.items()}
+    atomic_write_text(json.dumps(out), path)
+    (d / f"fit_{tag}.ckpt").unlink(missing_ok=True)
+    return out
 
 
 def publish(bundle_dir: Path, models_dir: Path, name: str, metrics: dict[str, Any], serve_steps: int = 10) -> Path:
