@@ -15,8 +15,8 @@ from torch import nn
 
 from .adapt import LowRankDelta, adapted_forward
 from .schedule import NoiseSchedule, ScheduleConfig
-from .split import Split, check_split, split_model
 from .schedule import Prediction as PredictionType
+from .split import Split, check_split, split_model
 from .tap import Latents, get_layer, pool_latents, tap
 
 Task = Literal["classification", "regression"]
@@ -113,7 +113,11 @@ class OCDModel(nn.Module):
 
     def latents(self, x: torch.Tensor | tuple[torch.Tensor, ...], model: nn.Module | None = None) -> Latents:
         """Latents of x (B, *input) through the base model (or of upstream values through ``model``)."""
-        return self._pool(tap(model or self.base, self.layer, x, grad_task=self.task if self.cond.output_grad else None))
+        return self._pool(self._tap(model or self.base, x))
+
+    def _tap(self, model: nn.Module, x: torch.Tensor | tuple[torch.Tensor, ...]) -> Latents:
+        """Unpooled latents, with the output error signal when the conditioning uses it."""
+        return tap(model, self.layer, x, grad_task=self.task if self.cond.output_grad else None)
 
     def _pool(self, lat: Latents) -> Latents:
         pool = getattr(self.cond, "latent_pool", None)  # CondConfig.latent_pool: resolution-free latents
@@ -136,7 +140,7 @@ class OCDModel(nn.Module):
         """Latents of B samples -> deltas (ΣK, *W.shape), sample-major (b0k0, b0k1, ...).
 
         ``ensemble``: K for every sample, or a (B,) tensor of per-sample counts. With ``lowrank``
-        (and ``lowrank_ok(eta)``) a LowRankDelta that is never formed."""
+        (and ``lowrank_ok(eta, steps)``) a LowRankDelta that is never formed."""
         e = self.cond(*lat.flat(), lat.grad)  # once per request, not per step or member
         if hasattr(self.denoiser, "prepare"):
             e = self.denoiser.prepare(e)
@@ -174,7 +178,7 @@ class OCDModel(nn.Module):
         reps = torch.tensor(counts, device=x.device)
         t0 = time.perf_counter()
         live, tail = self._upstream(x)
-        raw = tap(tail, self.layer, live, grad_task=self.task if self.cond.output_grad else None)
+        raw = self._tap(tail, live)  # unpooled: its output is the base prediction
         lat = self._pool(raw)
         sync()
         t1 = time.perf_counter()
