@@ -1,9 +1,10 @@
 """Serving benchmark against a real server it starts: throughput and p50/p99 latency at
 concurrency 1, 16 and 64, dynamic batching on vs off (OCD_MAX_BATCH_SIZE=1).
 
-Requests are base64 PNG MNIST digits, 10 DDIM steps, ensemble 1, fixed seeds, sent by up to
-4 client processes of blocking keep-alive connections (a single asyncio client in Python would
-be the bottleneck at concurrency 64 on a 2-core machine).
+Requests are base64 PNG MNIST digits, the model's DDIM steps, ensemble 1, fixed seeds, sent over
+keep-alive connections by `wrk` (C; `apt install wrk`) when it is installed, else by up to 4 Python
+client processes of blocking connections (`--client python`). The client shares the machine with
+the server: on 2 cores the Python client takes a large share of the CPU (say which one ran).
 Last line: ``speedup: <ratio>x`` = throughput at concurrency 64, batching on / off (goal >= 10x).
 Usage: python bench/serve.py [--seconds 8] [--models models] [--model mnist]
 """
@@ -15,7 +16,11 @@ import http.client
 import io
 import json
 import multiprocessing as mp
+import os
+import shutil
 import statistics
+import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -88,6 +93,21 @@ def load(port: int, reqs: list[dict], concurrency: int, seconds: float) -> dict[
             "p99_ms": 1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))], "n": len(lat), "errors": errors}
 
 
+def load_wrk(port: int, reqs: list[dict], concurrency: int, seconds: float) -> dict[str, float]:
+    """The same load from ``wrk``: ``concurrency`` keep-alive connections on up to 2 threads."""
+    with tempfile.NamedTemporaryFile("w", suffix=".jsonl") as f:
+        f.write("\n".join(json.dumps(r) for r in reqs) + "\n")
+        f.flush()
+        cmd = ["wrk", "-t", str(min(2, concurrency)), "-c", str(concurrency), "-d", f"{max(1, round(seconds))}s", "--timeout", "120s",
+               "-s", str(Path(__file__).with_name("wrk_bodies.lua")), f"http://127.0.0.1:{port}"]
+        out = subprocess.run(cmd, env={**os.environ, "BODIES_FILE": f.name}, capture_output=True, text=True,
+                             check=True).stdout
+    r = json.loads(out.strip().splitlines()[-1])
+    ok = r["requests"] - r["non2xx"]
+    return {"rps": ok / (r["duration_us"] / 1e6), "p50_ms": r["p50_us"] / 1000, "p99_ms": r["p99_us"] / 1000,
+            "n": ok, "errors": r["non2xx"] + r["socket_errors"]}
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--seconds", type=float, default=8.0)
@@ -97,17 +117,22 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="server torch threads (OCD_THREADS; 0: torch default)")
     p.add_argument("--backend", default="torch", choices=["torch", "onnx"], help="OCD_BACKEND")
     p.add_argument("--steps", type=int, help="DDIM steps per request (default: the model's)")
+    p.add_argument("--client", choices=["auto", "wrk", "python"], default="auto",
+                   help="load generator (auto: wrk when installed)")
     a = p.parse_args()
     reqs = bodies(a.model, steps=a.steps)
+    client = ("wrk" if shutil.which("wrk") else "python") if a.client == "auto" else a.client
+    run = load_wrk if client == "wrk" else load
+    print(f"client: {client}")
     levels = [int(c) for c in a.concurrency.split(",")]
     results: dict[tuple[str, int], dict[str, float]] = {}
     for mode, batch in (("on", 64), ("off", 1)):
         server = Server(Path(a.models), models=a.model, max_batch_size=batch, max_wait_ms=2, threads=a.threads,
                         backend=a.backend)
         try:
-            load(server.port, reqs, 4, 1.0)  # warm-up
+            run(server.port, reqs, 4, 1.0)  # warm-up
             for c in levels:
-                results[(mode, c)] = r = load(server.port, reqs, c, a.seconds)
+                results[(mode, c)] = r = run(server.port, reqs, c, a.seconds)
                 print(f"batching {mode:3s} concurrency {c:3d}: {r['rps']:8.1f} req/s  p50 {r['p50_ms']:8.1f} ms  "
                       f"p99 {r['p99_ms']:8.1f} ms  ({r['n']} ok, {r['errors']} errors)", flush=True)
             mean_batch = server.metric("ocd_batch_size_sum") / max(server.metric("ocd_batch_size_count"), 1)

@@ -21,7 +21,7 @@ from .io import atomic_save_file, atomic_torch_save
 from .predictor import OCDModel, Task
 from .scale import ScaleConfig, ScaleNet, scale_loss
 from .schedule import NoiseSchedule, ScheduleConfig
-from .tap import pool_latents, tap
+from .tap import get_layer, pool_latents, tap
 from .targets import TargetConfig, overfit_deltas
 
 
@@ -57,8 +57,10 @@ class TargetSet:
 
     @property
     def scales(self) -> torch.Tensor:
-        """ρ* per sample: (N,) std of each delta."""
-        return self.deltas.flatten(1).std(1)
+        """ρ* per sample: (N,) root mean square of each delta. That is the std for a zero-mean delta;
+        a delta that is nearly a constant shift (spoken digits conv1: std 3e-7, mean 1e-3) would
+        otherwise give x_0 = δ/std entries in the thousands and a diverging denoiser."""
+        return self.deltas.flatten(1).pow(2).mean(1).sqrt()
 
     def save(self, path: Path) -> None:
         atomic_save_file(vars(self), path)
@@ -75,11 +77,12 @@ def build_target_set(base: nn.Module, layer: str, x: torch.Tensor, y: torch.Tens
     """Overfit ``layer`` on every (x_n, y_n) alone and record the latents (pooled with
     ``tap.pool_latents`` when ``pool``, as ``CondConfig.latent_pool`` says): a TargetSet of N samples."""
     base.eval()
+    conv = isinstance(get_layer(base, layer), nn.Conv2d)
     parts = []
     for i in tqdm(range(0, x.shape[0], chunk), desc="targets", disable=not progress, leave=False):
         xb, yb = x[i:i + chunk], y[i:i + chunk]
         lat = tap(base, layer, xb, grad_task=task)
-        lat = pool_latents(lat, pool) if pool else lat
+        lat = pool_latents(lat, pool, conv) if pool else lat
         parts.append((overfit_deltas(base, layer, xb, yb, cfg, chunk=chunk), *lat.flat(), lat.grad.flatten(1)))
     return TargetSet(*(torch.cat(p) for p in zip(*parts)))
 

@@ -121,7 +121,7 @@ class OCDModel(nn.Module):
 
     def _pool(self, lat: Latents) -> Latents:
         pool = getattr(self.cond, "latent_pool", None)  # CondConfig.latent_pool: resolution-free latents
-        return pool_latents(lat, pool) if pool else lat
+        return pool_latents(lat, pool, conv=isinstance(get_layer(self.base, self.layer), nn.Conv2d)) if pool else lat
 
     def lowrank_ok(self, eta: float, steps: int) -> bool:
         """Whether DDIM runs in factor space: a deterministic sampler, a denoiser that predicts x_0 as

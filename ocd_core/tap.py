@@ -37,18 +37,26 @@ class Latents:
         return self.inp.flatten(1), self.act.flatten(1), self.out.flatten(1)
 
 
-def pool_latents(lat: Latents, size: int) -> Latents:
+def pool_latents(lat: Latents, size: int, conv: bool = False) -> Latents:
     """Latents that do not depend on how many points a layer saw: a Linear layer applied at many
     points (tinyNeRF: every sample of every ray) gets its input, output and error signal averaged
-    over them, (B, ..., n) -> (B, n); an image output (B, C, H, W) is average-pooled to size x size."""
+    over them, (B, ..., n) -> (B, n); a Conv2d layer's (``conv``) are average-pooled per channel,
+    (B, C, H, W) -> (B, C, size, size) (a log-mel clip: 4,040 values -> 64); an image output
+    (B, C, H, W) is average-pooled to size x size."""
     def points(v: torch.Tensor | None) -> torch.Tensor | None:
-        return v if v is None or v.ndim <= 2 else v.reshape(v.shape[0], -1, v.shape[-1]).mean(1)
+        if v is None or v.ndim <= 2:
+            return v
+        return _pool2d(v, size) if conv else v.reshape(v.shape[0], -1, v.shape[-1]).mean(1)
 
-    out = lat.out
-    if out.ndim == 4:  # adaptive average pooling as two averaging matrices (ONNX exports it at any size)
-        rows, cols = _bins(out.shape[-2], size).to(out), _bins(out.shape[-1], size).to(out)
-        out = torch.einsum("bchw,ph,qw->bcpq", out, rows, cols)
+    out = _pool2d(lat.out, size) if lat.out.ndim == 4 else lat.out
     return Latents(points(lat.inp), points(lat.act), out, points(lat.grad))
+
+
+def _pool2d(v: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, size, size): adaptive average pooling as two averaging matrices
+    (ONNX exports it at any size)."""
+    rows, cols = _bins(v.shape[-2], size).to(v), _bins(v.shape[-1], size).to(v)
+    return torch.einsum("bchw,ph,qw->bcpq", v, rows, cols)
 
 
 def _bins(n: int, p: int) -> torch.Tensor:

@@ -5,12 +5,13 @@ import sys
 from pathlib import Path
 
 import pytest
-
 import torch
+import torch.nn.functional as F
 
 from ocd_core.bundle import load_bundle
 from ocd_core.fit import FitConfig, build_target_set, fit_ocd
 from ocd_core.denoisers import CompactConfig
+from ocd_core.tap import tap
 
 
 def test_train_smoke_produces_bundle_and_report(tmp_path):
@@ -91,3 +92,37 @@ def test_select_layer_writes_the_ranking_into_the_report(tmp_path):
     assert text.count("## Layer selection") == 1 and f"| 1 | {rows[0]['layer']} |" in text
     select_layer(recipe, tmp_path / "models", tmp_path / "reports", tmp_path / "runs", draws=8, samples=50)
     assert (tmp_path / "reports" / "credit" / "report.md").read_text().count("## Layer selection") == 1
+
+
+def test_scale_is_the_root_mean_square_so_a_constant_shift_stays_bounded():
+    """ρ* is each delta's RMS: a near-constant delta (spoken digits conv1: std 3e-7, mean 1e-3) must
+    not give x_0 = δ/ρ* entries in the thousands."""
+    from ocd_core.fit import TargetSet
+
+    shift = torch.full((1, 4, 3), 1e-3)
+    shift[0, 0, 0] += 1e-9  # std ~ 3e-10
+    sign = torch.tensor([[1.0, -1.0, 1.0], [-1.0, 1.0, -1.0]]).repeat(2, 1)[None] * 2e-3  # zero mean, ±2e-3
+    z = torch.zeros(2, 1)
+    t = TargetSet(torch.cat([shift, sign]), z, z, z, z)
+    assert torch.allclose(t.scales, torch.tensor([1e-3, 2e-3]), rtol=1e-5)
+    x0 = t.deltas.flatten(1) / t.scales[:, None]
+    assert x0.abs().max().item() < 1.0001
+
+
+def test_ocd_on_a_conv_layer_with_pooled_latents(lenet, mnist_batch):
+    """CondConfig.latent_pool on a Conv2d layer pools its latents per channel (B, C, H, W) ->
+    (B, C, p, p) for training and serving alike; the model then samples and adapts the conv."""
+    from ocd_core.conditioning import CondConfig
+
+    x, y = mnist_batch
+    targets = build_target_set(lenet, "conv2", x, y, progress=False, pool=3)
+    assert targets.inp.shape == (20, 6 * 9) and targets.act.shape == (20, 16 * 9) and targets.grad.shape == (20, 16 * 9)
+    cfg = FitConfig(train_steps=4, batch_size=8, cond=CondConfig(latent_pool=3, dim=16, hidden=16),
+                    denoiser=CompactConfig(hidden=8))
+    model, _ = fit_ocd(lenet, "conv2", targets, cfg, progress=False)
+    lat = model.latents(x[:2])
+    assert lat.inp.shape == (2, 6, 3, 3) and lat.act.shape == (2, 16, 3, 3)
+    ref = F.adaptive_avg_pool2d(tap(lenet, "conv2", x[:2]).act, 3)
+    assert torch.allclose(lat.act, ref, atol=1e-6)
+    out = model.predict(x[:3], steps=2, ensemble=2, seeds=[0, 1, 2])
+    assert out.mean.shape == (3, 10) and torch.isfinite(out.mean).all()

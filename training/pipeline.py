@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 
 import ocd_core
 from ocd_core.bundle import Manifest, list_versions, load_bundle, save_bundle
-from ocd_core.fit import TargetSet, build_target_set, fit_ocd
+from ocd_core.conditioning import CondConfig
+from ocd_core.fit import FitConfig, TargetSet, build_target_set, fit_ocd
 from ocd_core.io import atomic_save_file, atomic_write_text
 from ocd_core.nets import build_net
 from training.datasets import Prepared, prepare
@@ -30,7 +31,8 @@ from training.train_base import train_base
 
 def run_id(recipe: Recipe) -> str:
     """Names a run's stage directory: the recipe and the code version that ran it."""
-    return hashlib.sha256((recipe.model_dump_json() + ocd_core.__version__).encode()).hexdigest()[:12]
+    # settings left at their defaults are not hashed: a new config field does not rename every run
+    return hashlib.sha256((recipe.model_dump_json(exclude_defaults=True) + ocd_core.__version__).encode()).hexdigest()[:12]
 
 
 def default_device() -> torch.device:
@@ -54,8 +56,8 @@ def _manifest(recipe: Recipe, prep: Prepared, model, seed: int, version: str = "
                     "recipe": recipe.variant, "run_id": run_id(recipe), "seed": seed})
 
 
-def _target_kw(recipe: Recipe) -> dict[str, Any]:
-    return {"pool": recipe.fit.cond.latent_pool, **({"chunk": recipe.chunk} if recipe.chunk else {})}
+def _target_kw(recipe: Recipe, fit: FitConfig | None = None) -> dict[str, Any]:
+    return {"pool": (fit or recipe.fit).cond.latent_pool, **({"chunk": recipe.chunk} if recipe.chunk else {})}
 
 
 def _eval_kw(recipe: Recipe) -> dict[str, Any]:
@@ -129,20 +131,22 @@ def _seed_stage(recipe: Recipe, prep: Prepared, seed: int, d: Path, progress: bo
     if recipe.alt_layer:  # the alternative-layer ablation
         xs, ys = torch.cat([p[0] for p in src]), torch.cat([p[1] for p in src])
         ev["rows"].update(_variant_rows(recipe, task, base, recipe.alt_layer, xs, ys, xte, yte, seed, d, progress,
-                                        "alt_layer", {"ocd": "alt_layer"}))
+                                        "alt_layer", {"ocd": "alt_layer"}, recipe.alt_cond))
     return {"eval": ev, "hist": hist}
 
 
 def _variant_rows(recipe: Recipe, task: str, base, layer: str, xs, ys, xte, yte, seed: int, d: Path,
-                  progress: bool, tag: str, rows: dict[str, str]) -> dict[str, Any]:
-    """OCD trained again on other targets (held-out samples, or another layer) and evaluated on the
-    test split: ``rows`` maps the evaluated rows to their report names. Cached in ``eval_<tag>.json``."""
+                  progress: bool, tag: str, rows: dict[str, str], cond: CondConfig | None = None) -> dict[str, Any]:
+    """OCD trained again on other targets (held-out samples, or another layer; ``cond`` replaces the
+    recipe's conditioning) and evaluated on the test split: ``rows`` maps the evaluated rows to their
+    report names. Cached in ``eval_<tag>.json``."""
     path = d / f"eval_{tag}.json"
     if path.exists():
         return json.loads(path.read_text())
+    fit = recipe.fit.model_copy(update={"seed": seed, **({"cond": cond} if cond else {})})
     targets = build_target_set(base, layer, xs, ys, recipe.fit.targets, task=task, progress=progress,
-                               **_target_kw(recipe))
-    model, _ = fit_ocd(base, layer, targets, recipe.fit.model_copy(update={"seed": seed}), task,
+                               **_target_kw(recipe, fit))
+    model, _ = fit_ocd(base, layer, targets, fit, task,
                        checkpoint=d / f"fit_{tag}.ckpt", progress=progress)
     with eval_arch(model.base, recipe):
         ev = evaluate(model, xte, yte, targets, recipe.fit.targets, [], recipe.eval.default_steps,

@@ -57,6 +57,8 @@ class Recipe(BaseModel):
     nerf_poses: int = Field(100, description="tinyNeRF: camera poses; every 10th is test, every 10th + 5 val")
     alt_layer: str | None = Field(None, description="ablation row: OCD on this layer instead (the layer ranked highest "
                                                     "by `ocd select-layer` other than `layer`)")
+    alt_cond: CondConfig | None = Field(None, description="conditioning of the alternative-layer row (default "
+                                        "fit.cond), e.g. pooled latents for a conv layer that reads a whole clip")
 
 
 FAST_DENOISER = CompactConfig(static_probes=True, depth=1, hidden=16, probes=4)
@@ -107,7 +109,7 @@ def tabular_recipe(dataset: str, variant: str = "cpu") -> Recipe:
 def audio_recipe(variant: str = "cpu") -> Recipe:
     """espeak-ng spoken digits, log-mel AudioCNN, OCD on fc1; test voices never seen in training."""
     base = Recipe(name="spoken_digits", variant=variant, dataset="spoken_digits", source="espeak-ng", layer="fc1",
-                  alt_layer="conv1",
+                  alt_layer="conv1", alt_cond=CondConfig(latent_pool=8),  # conv1 reads 4,040 values: pooled to 8x8
                   arch=ArchSpec(arch="audio_cnn", kwargs={"num_classes": 10, "width": 8}), n_val=0, n_test=0,
                   base=BaseTraining(epochs=15, batch_size=64, lr=2e-3))
     if variant == "cpu":
