@@ -164,7 +164,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         await registry.drain()  # SIGTERM: uvicorn stops accepting, in-flight requests finish, then this
 
-    app = FastAPI(title="OCD Serve", version=ocd_core.__version__, lifespan=lifespan,
+    telemetry = None if settings.otel else {"tracing": False, "metrics": False, "logs": False}
+    app = FastAPI(title="OCD Serve", version=ocd_core.__version__, lifespan=lifespan, telemetry=telemetry,
                   description="Per-sample adapted predictions: OCD (Lutati & Wolf) with dynamic batching.")
     app.state.registry, app.state.settings = registry, settings
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
@@ -260,8 +261,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return req, ("upload", await upload.read(), upload.filename, upload.content_type)
         if not ctype.startswith("application/json"):
             raise InputError("content-type", f"expected application/json or multipart/form-data, got {ctype or 'none'}", 415)
+        body = await request.body()
         req = validated(PredictRequest, await json_body(request))
-        return req, ("json", req.input)
+        return req, ("json", req.input, len(body))
 
     predict_body = {"requestBody": {"required": True, "content": {
         "application/json": {"schema": {"$ref": "#/components/schemas/PredictRequest"}},
@@ -277,9 +279,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         served = registry.get(req.model, req.version)
         request.state.model = served.name
         steps = check_params(served, req.ddim_steps, req.ensemble)
-        # decoding (PIL, FFT resampling, ...) runs off the event loop
+        # decoding (PIL, FFT resampling, ...) runs off the event loop unless the input is small
         if payload[0] == "upload":
             x = await run_in_threadpool(served.modality.decode_upload, payload[1], payload[2], payload[3])
+        elif served.modality.decode_inline(payload[1], payload[2]):
+            x = served.modality.decode_json(payload[1], "input")
         else:
             x = await run_in_threadpool(served.modality.decode_json, payload[1], "input")
         seed = req.seed if req.seed is not None else secrets.randbelow(2**63)

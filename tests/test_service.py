@@ -383,3 +383,32 @@ def test_hostile_inputs_get_4xx_not_500(server):
     r = post(server, {"model": "mnist", "input": base64.b64encode(buf.getvalue()).decode()})
     assert r.status_code == 413 and r.json() == {"error": "input: image is 5000x4000; the limit is 16777216 pixels"}
     assert httpx.get(f"{server.url}/v2/health/ready").status_code == 200  # and the server is fine
+
+
+def test_small_inputs_decode_on_the_event_loop_large_ones_on_a_thread(server, models):
+    """Modality.decode_inline: a small JSON input decodes inline (a thread hop costs more), but not a
+    body over 32 KiB, nor a small PNG that declares more than 256 x 256 pixels; audio never.
+    Both paths give the same answer."""
+    from ocd_core.bundle import read_manifest
+    from service.modalities import AudioModality, modality_for
+
+    mod = modality_for(read_manifest(models / "mnist" / "1"))
+    big = Image.new("L", (300, 300), 128)  # 90,000 pixels in a few hundred bytes of PNG
+    buf = io.BytesIO()
+    big.save(buf, format="PNG")
+    big_b64 = base64.b64encode(buf.getvalue()).decode()
+    assert len(big_b64) < 1000
+    assert mod.decode_inline(png_b64(DIGIT), 2000) is True
+    assert mod.decode_inline(DIGIT, 2000) is True
+    assert mod.decode_inline(png_b64(DIGIT), 40_000) is False
+    assert mod.decode_inline(big_b64, 2000) is False
+    assert mod.decode_inline("not base64!", 100) is True  # fails fast, inline, with its 422
+    assert AudioModality.inline_bytes == 0
+    small = Image.new("L", (28, 28), 128)
+    buf = io.BytesIO()
+    small.save(buf, format="PNG")
+    answers = [post(server, {"model": "mnist", "input": b, "seed": 3}).json()
+               for b in (big_b64, base64.b64encode(buf.getvalue()).decode())]
+    assert answers[0]["probabilities"] == answers[1]["probabilities"]  # 300x300 of 128 resizes to 28x28 of 128
+    r = post(server, {"model": "mnist", "input": "not base64!"})
+    assert r.status_code == 422 and r.json() == {"error": "input: a string input must be a base64-encoded PNG or JPEG image"}
