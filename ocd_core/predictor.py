@@ -149,7 +149,8 @@ class OCDModel(nn.Module):
         rho = rho.repeat_interleave(ensemble, 0)
         if lowrank and self.lowrank_ok(eta, steps):
             den = self.denoiser
-            a, u, v = self.schedule.ddim_sample_lowrank(lambda r, t: den.factors(r, t, e),
+            embs = den.step_embs(self.schedule.ddim_timesteps(steps), e)  # what t fixes, all steps at once
+            a, u, v = self.schedule.ddim_sample_lowrank(lambda r, t: den.factors(r, t, e, emb=embs[t]),
                                                         lambda u, v: den.read_lowrank(u, v, e),
                                                         den.read(x_T, e), steps)
             return LowRankDelta(rho, a, x_T, u, v)

@@ -22,7 +22,7 @@ class ScheduleConfig(BaseModel):
 
 
 Reads = tuple[torch.Tensor, ...]  # a linear map of x_t, e.g. projections (N, out, k), (N, in, k)
-FactorFn = Callable[[Reads, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # -> s, U, V
+FactorFn = Callable[[Reads, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # (reads, t) -> s, U, V
 ReadFn = Callable[[torch.Tensor, torch.Tensor], Reads]  # (U, V) -> the reads of U Vᵀ
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t (N,*), t (N,)) -> eps or x0 (N,*)
 Prediction = Literal["epsilon", "sample"]  # what a denoiser outputs: the noise ε, or the clean x_0
@@ -122,7 +122,8 @@ class NoiseSchedule:
 
         Each update x_prev = c_0·x̂_0 + c_x·x_t keeps the state x_t = a·x_T + Σ_j U_j V_jᵀ, and the
         reads follow by linearity: reads(x_prev) = (c_0·s + c_x)·reads(x_t) + c_0·read_fn(U, V).
-        ``reads_T`` (each (N, ...)) are the reads of x_T; ``factor_fn(reads, t)`` returns s (N,),
+        ``reads_T`` (each (N, ...)) are the reads of x_T; ``factor_fn(reads, t)``, t the step's
+        timestep (an int: every sample is at the same step), returns s (N,),
         U (N, out, r), V (N, in, r). Returns a (N,), U (N, out, m), V (N, in, m) with
         x_0 = a·x_T + U Vᵀ and m = r·steps; equal to ``ddim_sample`` on the dense x_T up to float error.
         """
@@ -135,8 +136,7 @@ class NoiseSchedule:
         alphas: list[torch.Tensor] = []
         c0s: list[float] = []
         for t in ts:
-            s, u, v = (z.float() for z in factor_fn(reads, torch.full((N,), t, device=reads[0].device,
-                                                                    dtype=torch.long)))
+            s, u, v = (z.float() for z in factor_fn(reads, t))
             a_t = self._abar_host[t]
             a_prev = self._abar_host[t - ratio] if t - ratio >= 0 else 1.0
             c_x = ((1 - a_prev) / (1 - a_t)) ** 0.5

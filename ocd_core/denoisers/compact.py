@@ -52,11 +52,21 @@ class _AxisNet(nn.Module):
         pos = self.pos.expand(axis.shape[0], -1, -1)
         return F.linear(torch.cat([pos, axis], dim=-1), self.inp.weight[:, self.k:], self.inp.bias)
 
-    def step(self, static: torch.Tensor, feats: torch.Tensor | None, e: torch.Tensor) -> torch.Tensor:
-        """static (B, n, hidden), probe features (B, n, k) or None, e (B, D) -> (B, n, rank)."""
-        h = static if feats is None else static + F.linear(feats, self.inp.weight[:, :self.k])
-        gamma, beta = self.film(e).unsqueeze(1).chunk(2, dim=-1)
-        return self.body(torch.addcmul(beta, h, 1 + gamma))
+    def step(self, static: torch.Tensor, feats: torch.Tensor | None, e: torch.Tensor | None = None,
+             film: torch.Tensor | None = None) -> torch.Tensor:
+        """static (B, n, hidden), probe features (B, n, k) or None, and e (B, D) or its
+        ``film(e)`` (B, 1, 2·hidden) -> (B, n, rank).
+
+        The first and last layers run as batched matmuls, the last one as W·hᵀ (its output is
+        a transposed view): with a few outputs that is 3x faster than F.linear on CPU."""
+        B = static.shape[0]
+        h = static if feats is None else torch.baddbmm(static, feats, self.inp.weight[:, :self.k].t().expand(B, -1, -1))
+        gamma, beta = (self.film(e).unsqueeze(1) if film is None else film).chunk(2, dim=-1)
+        h = torch.addcmul(beta, h, 1 + gamma)
+        for layer in self.body[:-1]:
+            h = layer(h)
+        last = self.body[-1]
+        return torch.baddbmm(last.bias.view(-1, 1), last.weight.expand(B, -1, -1), h.transpose(1, 2)).transpose(1, 2)
 
     def forward(self, feats: torch.Tensor | None, axis: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         return self.step(self.static(axis), feats, e)
@@ -75,6 +85,15 @@ class Context(NamedTuple):
 
     def repeat_interleave(self, k) -> "Context":
         return Context(*(t.repeat_interleave(k, 0) for t in self))
+
+
+class StepEmb(NamedTuple):
+    """What a step's timestep fixes (with the request's e_c): the skip factor s (B,) and the
+    FiLM of the row and column nets (B, 1, 2·hidden)."""
+
+    skip: torch.Tensor
+    film_rows: torch.Tensor
+    film_cols: torch.Tensor
 
 
 class CompactDenoiser(nn.Module):
@@ -120,13 +139,31 @@ class CompactDenoiser(nn.Module):
         return (torch.bmm(torch.bmm(ctx.p_col.transpose(1, 2), v), u.transpose(1, 2)).transpose(1, 2),
                 torch.bmm(torch.bmm(ctx.p_row.transpose(1, 2), u), v.transpose(1, 2)).transpose(1, 2))
 
-    def factors(self, reads: tuple[torch.Tensor, torch.Tensor], t: torch.Tensor, ctx: Context,
-                e: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Reads of x_t and t (B,) -> the output as s·x_t + U Vᵀ: s (B,), U (B, out, r), V (B, in, r)."""
-        if e is None:
-            e = F.silu(self.time(timestep_embedding(t, self.emb_dim)) + ctx.e_c)
-        u = self.rows.step(ctx.rows, reads[0], e) / math.sqrt(self.rank)
-        return self.skip(e).squeeze(-1), u, self.cols.step(ctx.cols, reads[1], e)
+    def step_emb(self, e: torch.Tensor) -> StepEmb:
+        """e_t (..., B, D) -> StepEmb (with the same leading dims)."""
+        return StepEmb(self.skip(e).squeeze(-1), self.rows.film(e).unsqueeze(-2), self.cols.film(e).unsqueeze(-2))
+
+    def step_embs(self, ts: list[int], ctx: Context) -> dict[int, StepEmb]:
+        """Everything the timesteps fix, for all of a sampler's steps at once (the time MLP runs on
+        S rows, not S x B): timesteps [t_1..t_S] -> {t: StepEmb}."""
+        t = torch.tensor(ts, device=ctx.e_c.device)
+        e = F.silu(self.time(timestep_embedding(t, self.emb_dim)).unsqueeze(1) + ctx.e_c)  # (S, B, D)
+        emb = self.step_emb(e)
+        return {t: StepEmb(*(z[i] for z in emb)) for i, t in enumerate(ts)}
+
+    def factors(self, reads: tuple[torch.Tensor, torch.Tensor], t: torch.Tensor | int, ctx: Context,
+                e: torch.Tensor | None = None,
+                emb: StepEmb | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Reads of x_t and t (B,) (or one int for all) -> the output as s·x_t + U Vᵀ: s (B,),
+        U (B, out, r), V (B, in, r). ``e`` = e_t or ``emb`` (from ``step_embs``) skip the time MLP."""
+        if emb is None:
+            if e is None:
+                if isinstance(t, int):
+                    t = torch.full((reads[0].shape[0],), t, device=reads[0].device)
+                e = F.silu(self.time(timestep_embedding(t, self.emb_dim)) + ctx.e_c)
+            emb = self.step_emb(e)
+        u = self.rows.step(ctx.rows, reads[0], film=emb.film_rows) / math.sqrt(self.rank)
+        return emb.skip, u, self.cols.step(ctx.cols, reads[1], film=emb.film_cols)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond | Context) -> torch.Tensor:
         ctx = cond if isinstance(cond, Context) else self.prepare(cond)
