@@ -8,6 +8,8 @@
   5. paper UNet vs compact denoisers: FLOPs and ms per step per sample.
 
 Usage: python bench/ocd.py [--models models] [--bundle mnist/1 ...] [--threads 1] [--skip-paper]
+                           [--default-malloc]
+glibc malloc is tuned as the service tunes it (service/malloc.py) unless --default-malloc.
 The last line is ``adapted/base at batch 64: <ratio>x`` for the first bundle.
 """
 from __future__ import annotations
@@ -26,6 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ocd_core.bundle import load_bundle
 from ocd_core.conditioning import CondConfig, CondEncoder
 from ocd_core.denoisers import CompactConfig, PaperConfig, build_denoiser
+from service.malloc import tune_malloc
 
 
 def timeit(fn, reps: int, warmup: int = 2) -> float:
@@ -145,9 +148,12 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--reps", type=int, default=15)
     p.add_argument("--skip-paper", action="store_true")
+    p.add_argument("--default-malloc", action="store_true", help="leave glibc malloc as it is (the service tunes it)")
     a = p.parse_args()
+    tuned = False if a.default_malloc else tune_malloc()
     torch.set_num_threads(a.threads)
-    print(f"torch {torch.__version__}, {a.threads} thread(s), {time.strftime('%Y-%m-%d')}")
+    print(f"torch {torch.__version__}, {a.threads} thread(s), {time.strftime('%Y-%m-%d')}, "
+          f"glibc malloc {'tuned as in the service (service/malloc.py)' if tuned else 'default'}")
     denoisers(a.skip_paper)
     first = None
     for rel in a.bundle or ["mnist/1"]:

@@ -26,6 +26,7 @@ import ocd_core
 
 from . import metrics
 from .batcher import DeadlineExceeded, Job, QueueFull
+from .malloc import tune_malloc
 from .modalities import InputError
 from .registry import Registry, Served, UnknownModel
 from .schemas import (ErrorResponse, PredictRequest, PredictResponse, RenderRequest, Timings, V2InferRequest,
@@ -156,6 +157,7 @@ def _validation_message(errors: list[dict[str, Any]]) -> str:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings.from_env()
+    tune_malloc()  # per worker process: batch tensors reuse heap pages instead of faulting in fresh ones
     registry = Registry(settings)
 
     @asynccontextmanager
