@@ -117,6 +117,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="server torch threads (OCD_THREADS; 0: torch default)")
     p.add_argument("--backend", default="torch", choices=["torch", "onnx"], help="OCD_BACKEND")
     p.add_argument("--steps", type=int, help="DDIM steps per request (default: the model's)")
+    p.add_argument("--workers", type=int, default=1, help="server worker processes (OCD_WORKERS), each batching its own requests")
     p.add_argument("--client", choices=["auto", "wrk", "python"], default="auto",
                    help="load generator (auto: wrk when installed)")
     a = p.parse_args()
@@ -128,7 +129,7 @@ def main() -> None:
     results: dict[tuple[str, int], dict[str, float]] = {}
     for mode, batch in (("on", 64), ("off", 1)):
         server = Server(Path(a.models), models=a.model, max_batch_size=batch, max_wait_ms=2, threads=a.threads,
-                        backend=a.backend)
+                        backend=a.backend, workers=a.workers)
         try:
             run(server.port, reqs, 4, 1.0)  # warm-up
             for c in levels:
