@@ -6,7 +6,8 @@ keep-alive connections by `wrk` (C; `apt install wrk`) when it is installed, els
 client processes of blocking connections (`--client python`). The client shares the machine with
 the server: on 2 cores the Python client takes a large share of the CPU (say which one ran).
 Last line: ``speedup: <ratio>x`` = throughput at concurrency 64, batching on / off (goal >= 10x).
-Usage: python bench/serve.py [--seconds 8] [--models models] [--model mnist]
+Usage: python bench/serve.py [--seconds 8] [--models models] [--model mnist] [--steps N]
+                             [--backend torch|onnx] [--workers N] [--client auto|wrk|python]
 """
 from __future__ import annotations
 

@@ -2,12 +2,18 @@
 -- (one per line); at the end prints one JSON line with throughput inputs and latency percentiles.
 local bodies = {}
 local i = 0
+local threads = 0
+
+function setup(thread)  -- each thread starts at its own body
+  thread:set("offset", threads * 97)
+  threads = threads + 1
+end
 
 function init(args)
   for line in io.lines(os.getenv("BODIES_FILE")) do
     bodies[#bodies + 1] = line
   end
-  i = math.random(#bodies)
+  i = offset % #bodies
 end
 
 function request()

@@ -3,4 +3,4 @@
 Read it like the paper: targets -> noise schedule -> denoiser -> sampler -> adapt.
 Nothing here knows about HTTP.
 """
-__version__ = "0.1.0"
+__version__ = "0.2.0"

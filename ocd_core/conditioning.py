@@ -37,8 +37,9 @@ class CondConfig(BaseModel):
     hidden: int = Field(256, ge=1)
     output_grad: bool = Field(False, description="also give the rows the output error signal (Latents.grad); "
                               "off = the paper's conditioning (input, activation, output)")
-    latent_pool: int | None = Field(None, ge=1, description="condition on tap.pool_latents(latents, n): averages "
-                                    "over the points a layer saw, images pooled to n x n (tinyNeRF)")
+    latent_pool: int | None = Field(None, ge=1, description="condition on tap.pool_latents(latents, n): a Linear "
+                                    "layer's latents averaged over the points it saw (tinyNeRF), a Conv2d layer's "
+                                    "pooled per channel to n x n, image outputs pooled to n x n")
 
 
 def axis_features(x: torch.Tensor) -> torch.Tensor:

@@ -157,7 +157,8 @@ def _validation_message(errors: list[dict[str, Any]]) -> str:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings.from_env()
-    tune_malloc()  # per worker process: batch tensors reuse heap pages instead of faulting in fresh ones
+    if settings.tune_malloc:  # per worker process: batch tensors reuse heap pages instead of faulting in fresh ones
+        tune_malloc()
     registry = Registry(settings)
 
     @asynccontextmanager
@@ -284,9 +285,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # decoding (PIL, FFT resampling, ...) runs off the event loop unless the input is small
         if payload[0] == "upload":
             x = await run_in_threadpool(served.modality.decode_upload, payload[1], payload[2], payload[3])
-        elif served.modality.decode_inline(payload[1], payload[2]):
-            x = served.modality.decode_json(payload[1], "input")
-        else:
+        elif (x := served.modality.decode_json_inline(payload[1], payload[2])) is None:
             x = await run_in_threadpool(served.modality.decode_json, payload[1], "input")
         seed = req.seed if req.seed is not None else secrets.randbelow(2**63)
         ((pred, timings, job),) = await run(request, served, [x], steps, req.ensemble, [seed])

@@ -53,9 +53,10 @@ class Modality:
         view = (-1,) + (1,) * (x.ndim - 1) if len(self._mean) > 1 else ()
         return (x - self._mean.view(view)) / self._std.view(view) if view else (x - self._mean) / self._std
 
-    def decode_inline(self, value: Any, nbytes: int) -> bool:
-        """Whether decoding ``value`` (from a JSON body of ``nbytes``) is cheap enough for the event loop."""
-        return nbytes <= self.inline_bytes
+    def decode_json_inline(self, value: Any, nbytes: int) -> torch.Tensor | None:
+        """``decode_json(value)`` right away when that is cheap (``value`` came in a JSON body of
+        ``nbytes``, at most ``inline_bytes``), else None: decode it on a worker thread."""
+        return self.decode_json(value) if nbytes <= self.inline_bytes else None
 
     def decode_json(self, value: Any, field: str = "input") -> torch.Tensor:
         """A JSON value -> one sample (*shape) in model space."""
@@ -154,6 +155,22 @@ def _flatten(data: Any) -> list:
 
 MAX_PIXELS = 4096 * 4096
 INLINE_PIXELS = 256 * 256  # a small PNG can still declare a huge image: those decode on a worker thread
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+INFLATING_CHUNKS = {b"zTXt", b"iTXt", b"iCCP"}  # Pillow inflates these (up to 1 MB each) on reading
+
+
+def png_pixels(data: bytes) -> int | None:
+    """Width x height from a PNG's IHDR, read from the bytes; None for anything else and for a PNG
+    with a chunk that inflates besides its pixels (compressed text, an ICC profile), whose decoding
+    time its size does not bound."""
+    if not data.startswith(PNG_SIGNATURE) or len(data) < 33 or data[12:16] != b"IHDR":
+        return None
+    pos = 8
+    while pos + 8 <= len(data):  # chunk: length (4), type (4), data, CRC (4)
+        if data[pos + 4:pos + 8] in INFLATING_CHUNKS:
+            return None
+        pos += 12 + int.from_bytes(data[pos:pos + 4], "big")
+    return int.from_bytes(data[16:20], "big") * int.from_bytes(data[20:24], "big")
 
 
 class ImageModality(Modality):
@@ -169,18 +186,14 @@ class ImageModality(Modality):
             raise InputError(field, f"pixel values must be in [0, 1], got [{x.min().item():g}, {x.max().item():g}]")
         return x
 
-    def decode_inline(self, value: Any, nbytes: int) -> bool:
-        if not super().decode_inline(value, nbytes):
-            return False
-        if not isinstance(value, str):
-            return True
-        from PIL import Image
-
-        try:  # the header only: width and height
-            with Image.open(io.BytesIO(self._bytes(value, "input"))) as img:
-                return img.width * img.height <= INLINE_PIXELS
-        except Exception:  # noqa: BLE001 - unreadable: decoding fails fast with the 4xx it deserves
-            return True
+    def decode_json_inline(self, value: Any, nbytes: int) -> torch.Tensor | None:
+        """Also only a PNG of at most INLINE_PIXELS pixels with no inflating chunks: a 32 KiB PNG can
+        declare 16M pixels or hold text that inflates to megabytes. JPEGs go to a worker thread."""
+        if nbytes > self.inline_bytes or not isinstance(value, str):
+            return super().decode_json_inline(value, nbytes)
+        data = self._bytes(value, "input")
+        pixels = png_pixels(data)
+        return None if pixels is None or pixels > INLINE_PIXELS else self.normalise(self._image(data, "input"))
 
     def decode_json(self, value: Any, field: str = "input") -> torch.Tensor:
         if isinstance(value, str):
@@ -213,7 +226,8 @@ class ImageModality(Modality):
             img = img.convert("L" if c == 1 else "RGB")
             if img.size != (w, h):
                 img = img.resize((w, h), Image.BILINEAR)
-        except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
+            # (ValueError: e.g. a text chunk that inflates past Pillow's limit; SyntaxError: a broken PNG)
             raise InputError(field, "not a readable PNG or JPEG image", status=400) from None
         x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).float().div(255)
         return x.view(h, w, c).permute(2, 0, 1).contiguous()

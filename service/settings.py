@@ -25,6 +25,8 @@ class Settings(BaseModel):
     max_ensemble: int = Field(32, ge=1)
     max_ddim_steps: int = Field(100, ge=1)
     threads: int = Field(0, ge=0, description="torch CPU threads (0: torch's default)")
+    tune_malloc: bool = Field(True, description="glibc malloc keeps batch-sized blocks instead of returning them "
+                                                "to the OS (service/malloc.py; up to 64 MiB stays with a heap)")
     otel: bool = Field(False, description="FastAPI's native OpenTelemetry through the global providers (off: "
                                           "Prometheus /metrics only, and no provider lookup per request)")
 

@@ -385,30 +385,48 @@ def test_hostile_inputs_get_4xx_not_500(server):
     assert httpx.get(f"{server.url}/v2/health/ready").status_code == 200  # and the server is fine
 
 
-def test_small_inputs_decode_on_the_event_loop_large_ones_on_a_thread(server, models):
-    """Modality.decode_inline: a small JSON input decodes inline (a thread hop costs more), but not a
-    body over 32 KiB, nor a small PNG that declares more than 256 x 256 pixels; audio never.
-    Both paths give the same answer."""
+def png_bytes(img, **save) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, **{"format": "PNG", **save})
+    return buf.getvalue()
+
+
+def test_small_pngs_decode_inline_others_on_a_thread_with_the_same_answer(server, models):
+    """Modality.decode_json_inline decodes a small JSON input at once (the hop to a worker thread
+    costs more), and returns None (decode on a thread) for a body over 32 KiB, a JPEG, a small PNG
+    that declares more than 256 x 256 pixels, or one with a chunk that inflates (compressed text)."""
+    from PIL import PngImagePlugin
+
     from ocd_core.bundle import read_manifest
-    from service.modalities import AudioModality, modality_for
+    from service.modalities import InputError, modality_for
 
     mod = modality_for(read_manifest(models / "mnist" / "1"))
-    big = Image.new("L", (300, 300), 128)  # 90,000 pixels in a few hundred bytes of PNG
-    buf = io.BytesIO()
-    big.save(buf, format="PNG")
-    big_b64 = base64.b64encode(buf.getvalue()).decode()
-    assert len(big_b64) < 1000
-    assert mod.decode_inline(png_b64(DIGIT), 2000) is True
-    assert mod.decode_inline(DIGIT, 2000) is True
-    assert mod.decode_inline(png_b64(DIGIT), 40_000) is False
-    assert mod.decode_inline(big_b64, 2000) is False
-    assert mod.decode_inline("not base64!", 100) is True  # fails fast, inline, with its 422
-    assert AudioModality.inline_bytes == 0
-    small = Image.new("L", (28, 28), 128)
-    buf = io.BytesIO()
-    small.save(buf, format="PNG")
-    answers = [post(server, {"model": "mnist", "input": b, "seed": 3}).json()
-               for b in (big_b64, base64.b64encode(buf.getvalue()).decode())]
+    b64 = lambda data: base64.b64encode(data).decode()  # noqa: E731
+    big = png_bytes(Image.new("L", (300, 300), 128))  # 90,000 pixels in a few hundred bytes
+    info = PngImagePlugin.PngInfo()
+    info.add_text("comment", "a" * 2_000_000, zip=True)  # a zTXt chunk that inflates to 2 MB
+    bomb = png_bytes(Image.new("L", (28, 28), 128), pnginfo=info)
+    jpeg = io.BytesIO()
+    Image.new("L", (28, 28), 128).save(jpeg, format="JPEG")
+    assert len(big) < 1000 and len(bomb) < 5000
+    assert mod.decode_json_inline(png_b64(DIGIT), 2000).shape == (1, 28, 28)
+    assert mod.decode_json_inline(DIGIT, 2000).shape == (1, 28, 28)
+    for value, nbytes in [(png_b64(DIGIT), 40_000), (b64(big), 2000), (b64(bomb), 6000), (b64(jpeg.getvalue()), 2000)]:
+        assert mod.decode_json_inline(value, nbytes) is None
+    with pytest.raises(InputError, match="base64-encoded PNG or JPEG"):
+        mod.decode_json_inline("not base64!", 100)
+    small = png_bytes(Image.new("L", (28, 28), 128))
+    answers = [post(server, {"model": "mnist", "input": b64(data), "seed": 3}).json() for data in (big, small)]
     assert answers[0]["probabilities"] == answers[1]["probabilities"]  # 300x300 of 128 resizes to 28x28 of 128
-    r = post(server, {"model": "mnist", "input": "not base64!"})
-    assert r.status_code == 422 and r.json() == {"error": "input: a string input must be a base64-encoded PNG or JPEG image"}
+    r = post(server, {"model": "mnist", "input": b64(bomb)})  # Pillow refuses the text chunk: 400, not 500
+    assert r.status_code == 400 and r.json() == {"error": "input: not a readable PNG or JPEG image"}
+    r = httpx.post(f"{server.url}/predict", data={"model": "mnist"}, files={"file": ("x.png", bomb, "image/png")})
+    assert r.status_code == 400 and r.json() == {"error": "file: not a readable PNG or JPEG image"}
+
+
+def test_malloc_tuning_applies_on_glibc():
+    """service/malloc.py's mallopt calls are accepted (glibc here); the service applies them unless OCD_TUNE_MALLOC=false."""
+    from service.malloc import MMAP_THRESHOLD, TRIM_THRESHOLD, tune_malloc
+
+    assert (MMAP_THRESHOLD, TRIM_THRESHOLD) == (32 << 20, 64 << 20)
+    assert tune_malloc() is True

@@ -31,8 +31,9 @@ from training.train_base import train_base
 
 def run_id(recipe: Recipe) -> str:
     """Names a run's stage directory: the recipe and the code version that ran it."""
-    # settings left at their defaults are not hashed: a new config field does not rename every run
-    return hashlib.sha256((recipe.model_dump_json(exclude_defaults=True) + ocd_core.__version__).encode()).hexdigest()[:12]
+    # unset optional settings (None) are not hashed: a new optional field does not rename every run,
+    # while a changed default does (ocd_core.__version__ changes with what training does)
+    return hashlib.sha256((recipe.model_dump_json(exclude_none=True) + ocd_core.__version__).encode()).hexdigest()[:12]
 
 
 def default_device() -> torch.device:

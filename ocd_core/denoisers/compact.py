@@ -63,9 +63,9 @@ class _AxisNet(nn.Module):
         h = static if feats is None else torch.baddbmm(static, feats, self.inp.weight[:, :self.k].t().expand(B, -1, -1))
         gamma, beta = (self.film(e).unsqueeze(1) if film is None else film).chunk(2, dim=-1)
         h = torch.addcmul(beta, h, 1 + gamma)
-        for layer in self.body[:-1]:
+        *hidden, last = self.body
+        for layer in hidden:
             h = layer(h)
-        last = self.body[-1]
         return torch.baddbmm(last.bias.view(-1, 1), last.weight.expand(B, -1, -1), h.transpose(1, 2)).transpose(1, 2)
 
     def forward(self, feats: torch.Tensor | None, axis: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
