@@ -118,6 +118,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="server torch threads (OCD_THREADS; 0: torch default)")
     p.add_argument("--backend", default="torch", choices=["torch", "onnx"], help="OCD_BACKEND")
     p.add_argument("--steps", type=int, help="DDIM steps per request (default: the model's)")
+    p.add_argument("--max-wait-ms", type=float, default=2.0, help="OCD_MAX_WAIT_MS with batching on")
     p.add_argument("--workers", type=int, default=1, help="server worker processes (OCD_WORKERS), each batching its own requests")
     p.add_argument("--client", choices=["auto", "wrk", "python"], default="auto",
                    help="load generator (auto: wrk when installed)")
@@ -129,7 +130,7 @@ def main() -> None:
     levels = [int(c) for c in a.concurrency.split(",")]
     results: dict[tuple[str, int], dict[str, float]] = {}
     for mode, batch in (("on", 64), ("off", 1)):
-        server = Server(Path(a.models), models=a.model, max_batch_size=batch, max_wait_ms=2, threads=a.threads,
+        server = Server(Path(a.models), models=a.model, max_batch_size=batch, max_wait_ms=a.max_wait_ms, threads=a.threads,
                         backend=a.backend, workers=a.workers)
         try:
             run(server.port, reqs, 4, 1.0)  # warm-up

@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import ocd_core
 
 from . import metrics
-from .batcher import DeadlineExceeded, Job, QueueFull
+from .batcher import DeadlineExceeded, InFlight, Job, QueueFull
 from .malloc import tune_malloc
 from .modalities import InputError
 from .registry import Registry, Served, UnknownModel
@@ -72,12 +72,13 @@ class BodyLimit:
 
 
 class Count:
-    """ASGI middleware: request count and latency by model, route template and status.
+    """ASGI middleware: request count and latency by model, route template and status; and
+    ``inflight``, the POSTs (inference requests) the app holds, which the batchers read.
 
     (Pure ASGI, not BaseHTTPMiddleware: that one hides client disconnects from the endpoint.)"""
 
-    def __init__(self, app):
-        self.app = app
+    def __init__(self, app, inflight: InFlight):
+        self.app, self.inflight = app, inflight
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -85,6 +86,8 @@ class Count:
         start = time.monotonic()
         state = scope.setdefault("state", {})
         state["start"], state["model"] = start, ""
+        post = scope["method"] == "POST"
+        self.inflight.n += post
         status = 500
 
         async def capture(message):
@@ -96,6 +99,7 @@ class Count:
         try:
             await self.app(scope, receive, capture)
         finally:
+            self.inflight.n -= post
             endpoint = getattr(scope.get("route"), "path", "other")
             metrics.REQUESTS.labels(state["model"], endpoint, str(status)).inc()
             metrics.REQUEST_DURATION.labels(state["model"], endpoint).observe(time.monotonic() - start)
@@ -173,7 +177,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.registry, app.state.settings = registry, settings
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
 
-    app.add_middleware(Count)
+    app.add_middleware(Count, inflight=registry.inflight)
 
     @app.exception_handler(InputError)
     async def _input(_r, e: InputError):

@@ -1,7 +1,8 @@
 """Dynamic batching of requests whose weight deltas differ.
 
-Requests queue per model; a batch closes at ``max_batch_size`` or ``max_wait_ms`` after its
-first request and runs on the model's inference thread (never on the event loop): one base
+Requests queue per model; a batch closes at ``max_batch_size``, or ``max_wait_ms`` after its
+first request, or as soon as it holds every inference request the app has in hand (``InFlight``:
+a lone client does not wait for company that cannot come), and runs on the model's inference thread (never on the event loop): one base
 forward, one DDIM loop over all members, one adapted forward. Requests with different
 ``ddim_steps`` run as separate groups of the batch (the DDIM loop length differs); different
 ensemble sizes share one group (members are ragged, not padded: no wasted work). A request
@@ -46,13 +47,26 @@ class Job:
 RunBatch = Callable[[list[Job]], tuple[list[Any], dict[str, float]]]
 
 
+YIELDS = 3  # event-loop turns from a socket's data to the middleware that counts its request
+
+
+class InFlight:
+    """How many inference requests (POSTs) the app holds, from arrival to answer. A batch that
+    holds (with the queue) as many jobs has no one to wait for: the others can only come back
+    once answered."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+
 class Batcher:
     """One per served model version."""
 
     def __init__(self, label: str, name: str, run_batch: RunBatch, max_batch_size: int, max_wait_ms: float,
-                 max_queue: int):
-        """``label``: the model name for metrics (no per-version series); ``name``: name:version for logs."""
-        self.label, self.name, self.run_batch = label, name, run_batch
+                 max_queue: int, inflight: InFlight | None = None):
+        """``label``: the model name for metrics (no per-version series); ``name``: name:version for logs;
+        ``inflight``: without it a batch always waits up to ``max_wait_ms``."""
+        self.label, self.name, self.run_batch, self.inflight = label, name, run_batch, inflight
         self.max_batch_size, self.max_wait = max_batch_size, max_wait_ms / 1000
         self.queue: asyncio.Queue[Job] = asyncio.Queue(max_queue)
         self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"infer-{name}")
@@ -91,6 +105,12 @@ class Batcher:
             remaining = close - loop.time()
             if remaining <= 0:
                 break
+            if self.inflight is not None and self.inflight.n <= len(batch):
+                for _ in range(YIELDS):  # first let the loop take in requests already at the sockets
+                    await asyncio.sleep(0)
+                if self.inflight.n <= len(batch) + self.queue.qsize():
+                    break
+                continue
             try:
                 batch.append(await asyncio.wait_for(self.queue.get(), remaining))
             except asyncio.TimeoutError:

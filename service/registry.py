@@ -11,7 +11,7 @@ from ocd_core.bundle import BundleError, Manifest, list_versions, load_bundle
 from ocd_core.predictor import OCDModel, SamplePrediction
 
 from . import metrics
-from .batcher import Batcher, Job
+from .batcher import Batcher, InFlight, Job
 from .modalities import Modality, modality_for
 from .onnx_engine import OnnxOCD
 from .settings import Settings
@@ -49,6 +49,7 @@ class Served:
 class Registry:
     def __init__(self, settings: Settings):
         self.settings = settings
+        self.inflight = InFlight()  # shared by the app (counting) and every batcher (reading)
         self.models: dict[str, dict[str, Served]] = {}
         self.ready = False
 
@@ -83,7 +84,7 @@ class Registry:
                 model, manifest = load_bundle(path, device)
                 engine = Engine(model, device)
             label = f"{name}:{version}"
-            batcher = Batcher(name, label, engine, s.max_batch_size, s.max_wait_ms, s.max_queue)
+            batcher = Batcher(name, label, engine, s.max_batch_size, s.max_wait_ms, s.max_queue, self.inflight)
             batcher.start()
             self.models.setdefault(name, {})[version] = Served(name, version, manifest, modality_for(manifest), batcher)
             metrics.MODEL_INFO.labels(name, version, manifest.modality, manifest.task, manifest.denoiser.kind,

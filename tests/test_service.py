@@ -430,3 +430,21 @@ def test_malloc_tuning_applies_on_glibc():
 
     assert (MMAP_THRESHOLD, TRIM_THRESHOLD) == (32 << 20, 64 << 20)
     assert tune_malloc() is True
+
+
+def test_a_lone_request_does_not_wait_for_company(models):
+    """A batch closes once it holds every inference request the app has (service.batcher.InFlight):
+    with max_wait_ms at 3 s a lone client is answered at once, while concurrent requests still
+    share batches."""
+    s = Server(models, max_batch_size=32, max_wait_ms=3000)
+    try:
+        for seed in range(3):
+            r = post(s, {"model": "mnist", "input": DIGIT, "seed": seed})
+            assert r.status_code == 200 and r.json()["timings"]["batch_size"] == 1
+            assert r.json()["timings"]["queue_ms"] < 1500  # it did not wait out the 3 s
+        with ThreadPoolExecutor(16) as pool:
+            results = list(pool.map(lambda i: post(s, {"model": "mnist", "input": DIGIT, "seed": i}), range(16)))
+        assert [r.status_code for r in results] == [200] * 16
+        assert max(r.json()["timings"]["batch_size"] for r in results) > 1
+    finally:
+        s.stop()
