@@ -108,9 +108,9 @@ class Batcher:
             if self.inflight is not None and self.inflight.n <= len(batch):
                 for _ in range(YIELDS):  # first let the loop take in requests already at the sockets
                     await asyncio.sleep(0)
-                if self.inflight.n <= len(batch) + self.queue.qsize():
+                if self.queue.empty() and self.inflight.n <= len(batch):
                     break
-                continue
+                continue  # take what came, or wait for what is coming
             try:
                 batch.append(await asyncio.wait_for(self.queue.get(), remaining))
             except asyncio.TimeoutError:
