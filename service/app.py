@@ -87,7 +87,8 @@ class Count:
         state = scope.setdefault("state", {})
         state["start"], state["model"] = start, ""
         post = scope["method"] == "POST"
-        self.inflight.n += post
+        if post:
+            self.inflight.arrive()
         status = 500
 
         async def capture(message):
@@ -99,7 +100,8 @@ class Count:
         try:
             await self.app(scope, receive, capture)
         finally:
-            self.inflight.n -= post
+            if post:
+                self.inflight.leave()
             endpoint = getattr(scope.get("route"), "path", "other")
             metrics.REQUESTS.labels(state["model"], endpoint, str(status)).inc()
             metrics.REQUEST_DURATION.labels(state["model"], endpoint).observe(time.monotonic() - start)
@@ -214,7 +216,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def run(request: Request, served: Served, xs: list, steps: int, ensemble: int, seeds: list[int]):
         """Queue one job per sample and wait for all, the client and the deadline."""
         deadline = request.state.start + settings.timeout_s
-        jobs = [Job(x, steps, ensemble, s, deadline, gone=request.is_disconnected) for x, s in zip(xs, seeds)]
+        jobs = [Job(x, steps, ensemble, s, deadline, gone=request.is_disconnected, share=1 / len(xs))
+                for x, s in zip(xs, seeds)]
         try:
             for j in jobs:
                 served.batcher.submit(j)

@@ -42,6 +42,7 @@ class Job:
     queue_s: float = 0.0
     batch_size: int = 0
     gone: Callable[[], Awaitable[bool]] | None = None  # has the client hung up? (checked before running)
+    share: float = 1.0  # this job's part of its request: 1/N for a request of N inputs
 
 
 RunBatch = Callable[[list[Job]], tuple[list[Any], dict[str, float]]]
@@ -52,11 +53,20 @@ YIELDS = 3  # event-loop turns from a socket's data to the middleware that count
 
 class InFlight:
     """How many inference requests (POSTs) the app holds, from arrival to answer. A batch that
-    holds (with the queue) as many jobs has no one to wait for: the others can only come back
-    once answered."""
+    holds them all has no one to wait for: the others can only come back once answered. Every
+    departure wakes the batchers to check."""
 
     def __init__(self) -> None:
         self.n = 0
+        self.listeners: list[asyncio.Event] = []
+
+    def arrive(self) -> None:
+        self.n += 1
+
+    def leave(self) -> None:
+        self.n -= 1
+        for event in self.listeners:
+            event.set()
 
 
 class Batcher:
@@ -72,6 +82,9 @@ class Batcher:
         self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"infer-{name}")
         self.task: asyncio.Task | None = None
         self.busy = False
+        self.wake = asyncio.Event()  # a job queued, or a request left the server
+        if inflight is not None:
+            inflight.listeners.append(self.wake)
 
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self._loop())
@@ -81,6 +94,7 @@ class Batcher:
             self.queue.put_nowait(job)
         except asyncio.QueueFull:
             raise QueueFull(f"model {self.name}: queue full ({self.queue.maxsize} requests waiting)") from None
+        self.wake.set()
         metrics.QUEUE_DEPTH.labels(self.label).set(self.queue.qsize())
 
     async def drain(self) -> None:
@@ -105,17 +119,22 @@ class Batcher:
             remaining = close - loop.time()
             if remaining <= 0:
                 break
-            if self.inflight is not None and self.inflight.n <= len(batch):
+            if self.inflight is not None and self._holds_all(batch):
                 for _ in range(YIELDS):  # first let the loop take in requests already at the sockets
                     await asyncio.sleep(0)
-                if self.queue.empty() and self.inflight.n <= len(batch):
+                if self.queue.empty() and self._holds_all(batch):
                     break
                 continue  # take what came, or wait for what is coming
+            self.wake.clear()  # no await since the queue was found empty: nothing is missed
             try:
-                batch.append(await asyncio.wait_for(self.queue.get(), remaining))
+                await asyncio.wait_for(self.wake.wait(), remaining)
             except asyncio.TimeoutError:
                 break
         return batch
+
+    def _holds_all(self, batch: list[Job]) -> bool:
+        """Whether ``batch`` holds every inference request in the server (requests, not jobs)."""
+        return self.inflight is not None and self.inflight.n <= sum(j.share for j in batch) + 1e-6
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
