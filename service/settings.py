@@ -19,7 +19,7 @@ class Settings(BaseModel):
                                               "exported graphs (`ocd export-onnx <bundle dir>` writes them)")
     max_batch_size: int = Field(64, ge=1, description="requests per batch (1 turns batching off)")
     max_wait_ms: float = Field(5.0, ge=0, description="how long a batch waits for more requests after its first "
-                                                     "(not at all when no other request is in the server)")
+                                                     "(not at all once the batch holds every inference request the server holds)")
     max_queue: int = Field(1024, ge=1, description="queued requests per model; beyond it: 503 + Retry-After")
     timeout_s: float = Field(30.0, gt=0, description="deadline per request, queue time included; beyond it: 504")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="request body limit; beyond it: 413")
