@@ -2,11 +2,11 @@
 
 Requests queue per model; a batch closes at ``max_batch_size``, or ``max_wait_ms`` after its
 first request, or as soon as it holds every inference request the app has in hand (``InFlight``:
-a lone client does not wait for company that cannot come), and runs on the model's inference thread (never on the event loop): one base
-forward, one DDIM loop over all members, one adapted forward. Requests with different
-``ddim_steps`` run as separate groups of the batch (the DDIM loop length differs); different
-ensemble sizes share one group (members are ragged, not padded: no wasted work). A request
-that was cancelled (client gone) or whose deadline passed is dropped before it costs inference.
+a lone client does not wait for company that cannot come). It runs on the model's inference
+thread (never on the event loop): one base forward, one DDIM loop over all members, one adapted
+forward. Requests with different ``ddim_steps`` run as separate groups of the batch (the DDIM loop
+length differs); different ensemble sizes share one group (members are ragged, not padded: no
+wasted work). A request that was cancelled (client gone) or whose deadline passed is dropped before it costs inference.
 """
 from __future__ import annotations
 
@@ -119,7 +119,7 @@ class Batcher:
             remaining = close - loop.time()
             if remaining <= 0:
                 break
-            if self.inflight is not None and self._holds_all(batch):
+            if self._holds_all(batch):
                 for _ in range(YIELDS):  # first let the loop take in requests already at the sockets
                     await asyncio.sleep(0)
                 if self.queue.empty() and self._holds_all(batch):
