@@ -6,7 +6,8 @@ a lone client does not wait for company that cannot come). It runs on the model'
 thread (never on the event loop): one base forward, one DDIM loop over all members, one adapted
 forward. Requests with different ``ddim_steps`` run as separate groups of the batch (the DDIM loop
 length differs); different ensemble sizes share one group (members are ragged, not padded: no
-wasted work). A request that was cancelled (client gone) or whose deadline passed is dropped before it costs inference.
+wasted work). A request that was cancelled (client gone) or whose deadline passed is dropped
+before it costs inference.
 """
 from __future__ import annotations
 
