@@ -1,16 +1,20 @@
 """Apply a batch of per-sample weight deltas to one layer in a single functional call.
 
-Row n of the batch runs with weight W + Δ_n. Two paths, equal within float error:
+Row n of the batch runs with weight W + Δ_n. Three paths, equal within float error:
 - generic: ``vmap`` over ``functional_call`` with the layer's weight batched (any layer type);
 - Linear fast path (the multi-LoRA serving trick): one shared base forward, and the layer's
   output gets the per-sample add-on ``bmm(Δ_n, x_n)`` from a forward hook. A ``LowRankDelta``
-  (Δ = ρ·(a·X + U Vᵀ)) is applied there without being formed: ρ·(a·X x + U (Vᵀ x)).
+  (Δ = ρ·(a·X + U Vᵀ)) is applied there without being formed: ρ·(a·X x + U (Vᵀ x));
+- Conv2d fast path: the same hook, with the add-on Δ_n ⋆ x_n as one bmm of Δ_n (out, in·kh·kw)
+  with x_n's patches, which a convolution with a fixed one-hot kernel extracts (no vmap: it
+  exports to ONNX).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
 
@@ -65,6 +69,36 @@ def linear_fast_forward(model: nn.Module, module: nn.Linear, x: tuple[torch.Tens
         handle.remove()
 
 
+def conv2d_fast_forward(model: nn.Module, module: nn.Conv2d, x: tuple[torch.Tensor, ...],
+                        deltas: torch.Tensor | LowRankDelta) -> torch.Tensor:
+    """``model(*x)`` with ``module``'s output plus Δ_n ⋆ (its input n), per row n (no checks;
+    ``groups == 1``, zero padding)."""
+    deltas = deltas.dense() if isinstance(deltas, LowRankDelta) else deltas
+    out_ch, in_ch, kh, kw = module.weight.shape
+
+    def hook(_m: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        inp = args[0]  # (N, C, H, W)
+        eye = torch.eye(in_ch * kh * kw, dtype=inp.dtype, device=inp.device).view(-1, in_ch, kh, kw)
+        patches = F.conv2d(inp, eye, None, module.stride, module.padding, module.dilation)  # (N, C·kh·kw, H', W')
+        add = torch.bmm(deltas.reshape(inp.shape[0], out_ch, -1).to(inp.dtype), patches.flatten(2))
+        return output + add.view_as(output)
+
+    handle = module.register_forward_hook(hook)
+    try:
+        return model(*x)
+    finally:
+        handle.remove()
+
+
+def fast_path(module: nn.Module):
+    """The hook-based forward for ``module``'s type (Linear; Conv2d without groups), else None."""
+    if isinstance(module, nn.Linear):
+        return linear_fast_forward
+    if isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros":
+        return conv2d_fast_forward
+    return None
+
+
 def _generic(model: nn.Module, layer: str, x: tuple[torch.Tensor, ...], deltas: torch.Tensor) -> torch.Tensor:
     key = f"{layer}.weight"
     params = {k: p.detach() for k, p in model.named_parameters()}
@@ -92,6 +126,7 @@ def adapted_forward(model: nn.Module, layer: str, x: torch.Tensor | tuple[torch.
         raise ValueError(f"{deltas.shape[0]} deltas for {x[0].shape[0]} inputs")
     if tuple(deltas.shape[1:]) != tuple(module.weight.shape):
         raise ValueError(f"delta shape {tuple(deltas.shape[1:])} != {layer}.weight {tuple(module.weight.shape)}")
-    if fast and isinstance(module, nn.Linear):
-        return linear_fast_forward(model, module, x, deltas)
+    forward = fast_path(module) if fast else None
+    if forward is not None:
+        return forward(model, module, x, deltas)
     return _generic(model, layer, x, deltas.dense() if isinstance(deltas, LowRankDelta) else deltas)

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ocd_core.adapt import linear_fast_forward
+from ocd_core.adapt import fast_path
 from ocd_core.bundle import load_bundle, weights_digest
 from ocd_core.conditioning import Cond
 from ocd_core.denoisers.compact import CompactDenoiser, Context
@@ -90,8 +90,9 @@ class _Adapt(nn.Module):
         super().__init__()
         self.tail, self.layer = tail, model.layer
 
-    def forward(self, deltas, *live):  # the Linear add-on (export_onnx checked the layer type and shapes)
-        return linear_fast_forward(self.tail, get_layer(self.tail, self.layer), live, deltas)
+    def forward(self, deltas, *live):  # the Linear / Conv2d add-on (export_onnx checked the layer and shapes)
+        module = get_layer(self.tail, self.layer)
+        return fast_path(module)(self.tail, module, live, deltas)
 
 
 def _export(module: nn.Module, args: tuple, inputs: list[str], outputs: list[str], path: Path) -> None:
@@ -111,9 +112,9 @@ def export_onnx(directory: str | Path) -> list[Path]:
     if model.cond.output_grad:
         raise ExportError(f"{directory}: conditions on the output error signal (a backward pass); "
                           "ONNX graphs hold forward passes only")
-    if not isinstance(get_layer(model.base, m.layer), nn.Linear):
-        raise ExportError(f"{directory}: layer {m.layer!r} is not Linear; the ONNX adapted forward "
-                          "supports per-sample deltas of Linear layers")
+    if fast_path(get_layer(model.base, m.layer)) is None:
+        raise ExportError(f"{directory}: layer {m.layer!r} is not Linear or Conv2d (without groups); the ONNX "
+                          "adapted forward supports per-sample deltas of those")
     x = torch.zeros(2, *m.input.shape)
     base = _Base(model, x)
     live, tail = model._upstream(x)
