@@ -211,8 +211,9 @@ def run_recipe(recipe: Recipe, runs_dir: Path = Path("runs"), models_dir: Path =
     report_dir = reports_dir / (recipe.report or recipe.name)
     ranking = reports_dir / recipe.name / "layer_selection.json"  # the same base model: same layer ranking
     if report_dir.name != recipe.name and ranking.exists() and not (report_dir / ranking.name).exists():
-        report_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(ranking.read_text(), report_dir / ranking.name)
+        report_dir.mkdir(parents=True, exist_ok=True)  # the variant's own adapted layer in the copy
+        atomic_write_text(json.dumps({**json.loads(ranking.read_text()), "used_layer": recipe.layer}, indent=2),
+                          report_dir / ranking.name)
     xte, yte = prep.parts["test"]
     if yte.ndim == 4:  # image outputs: a strip of test renders from the first seed's bundle
         model, _ = load_bundle(root / f"seed{recipe.seeds[0]}" / "bundle" / recipe.name / "1", device)

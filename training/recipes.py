@@ -114,13 +114,17 @@ def audio_recipe(variant: str = "cpu") -> Recipe:
                   base=BaseTraining(epochs=15, batch_size=64, lr=2e-3))
     if variant == "cpu":
         return base
+    if variant == "conv1":  # the layer `ocd select-layer` ranks first (+2.54 pp as fc1's alternative row)
+        pooled = CondConfig(latent_pool=8)
+        return base.model_copy(update=dict(variant="conv1", report="spoken_digits-conv1", layer="conv1",
+                                           fit=FitConfig(cond=pooled), alt_layer="conv2", alt_cond=pooled))
     if variant == "smoke":
         return base.model_copy(update=dict(
             variant="smoke", audio_variants=6, audio_accents=["en-us", "en-gb"], holdout_every=3, seeds=[0, 1],
             base=BaseTraining(epochs=2, batch_size=16), eval=EvalConfig(ddim_steps=[1, 2], default_steps=2, ensemble=2),
             fit=FitConfig(train_steps=30, batch_size=16, checkpoint_every=10,
                           denoiser=CompactConfig(hidden=8, probes=2, rank=2, pos_dim=2, emb_dim=16))))
-    raise ValueError(f"unknown variant {variant!r}; use cpu or smoke")
+    raise ValueError(f"unknown variant {variant!r}; use cpu, conv1 or smoke")
 
 
 def nerf_recipe(variant: str = "cpu") -> Recipe:
