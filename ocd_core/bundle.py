@@ -124,11 +124,14 @@ def _check_safetensors(path: Path) -> None:
         raise BundleError(f"{path}: missing (the manifest lists it)")
     with open(path, "rb") as f:
         head = f.read(9)
+    # safetensors: an 8-byte little-endian header length, then the JSON header (checked first: a
+    # header of 0x80 + 256·k bytes starts with the byte that also opens a pickle)
+    if len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] <= path.stat().st_size:
+        return
     if head[:1] == b"\x80" or head[:2] == b"PK":
         raise BundleError(f"{path}: is a pickle / torch.save file, refusing to load it "
                           "(bundles hold safetensors only, which load without executing code)")
-    if len(head) < 9 or head[8:9] != b"{" or struct.unpack("<Q", head[:8])[0] > path.stat().st_size:
-        raise BundleError(f"{path}: not a safetensors file")
+    raise BundleError(f"{path}: not a safetensors file")
 
 
 def read_manifest(directory: str | Path) -> Manifest:

@@ -39,7 +39,7 @@ def inputs(name, n):
 
 
 @pytest.mark.parametrize("name,version", [("mnist", "1"), ("mnist", "2"), ("diamonds", "1"), ("spoken_digits", "1"),
-                                          ("spoken_digits", "2")])
+                                          ("spoken_digits", "2"), ("spoken_digits", "3")])
 def test_onnx_runtime_matches_torch_per_stage_and_end_to_end(tmp_path, name, version):
     """mnist/2 samples in factor space under torch, densely under ONNX Runtime: the same result."""
     d = exported(tmp_path, name, version)

