@@ -250,9 +250,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except ValidationError as e:
             raise RequestValidationError(e.errors()) from None
 
-    async def json_body(request: Request) -> Any:
+    def parse_json(body: bytes) -> Any:
         try:
-            return json.loads(await request.body())
+            return json.loads(body)
         except (ValueError, RecursionError):
             raise InputError("body", "not valid JSON", 400) from None
 
@@ -272,7 +272,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if not ctype.startswith("application/json"):
             raise InputError("content-type", f"expected application/json or multipart/form-data, got {ctype or 'none'}", 415)
         body = await request.body()
-        req = validated(PredictRequest, await json_body(request))
+        req = validated(PredictRequest, parse_json(body))
         return req, ("json", req.input, len(body))
 
     predict_body = {"requestBody": {"required": True, "content": {
@@ -314,7 +314,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ctype = request.headers.get("content-type", "")
         if not ctype.startswith("application/json"):
             raise InputError("content-type", f"expected application/json, got {ctype or 'none'}", 415)
-        req = validated(RenderRequest, await json_body(request))
+        req = validated(RenderRequest, parse_json(await request.body()))
         served = registry.get(req.model, req.version)
         request.state.model = served.name
         png = getattr(served.modality, "png", None)
