@@ -1,110 +1,41 @@
-"""FastAPI app: /predict, the Open Inference Protocol v2, health, /metrics.
+"""The served app: /predict (plain ASGI, ``service.predict``), and in FastAPI /render, the Open
+Inference Protocol v2, health, /metrics and the docs.
 
 A request's way: body -> schema validation -> modality decode -> batcher queue -> engine batch
 -> modality encode -> response. Client mistakes are 4xx with ``{"error": "<field>: <reason>"}``.
 """
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import secrets
 import struct
-import time
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from starlette.concurrency import run_in_threadpool
 from pydantic import ValidationError
-from starlette.datastructures import UploadFile
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import ocd_core
 
 from . import metrics
-from .batcher import DeadlineExceeded, InFlight, Job, QueueFull
+from .batcher import ClientGone, DeadlineExceeded, QueueFull, infer
+from .errors import BodyTooLarge, reply_for
 from .malloc import tune_malloc
+from .middleware import BodyLimit, Count
 from .modalities import InputError
+from .predict import PREDICT_OPENAPI, Front, PredictEndpoint
 from .registry import Registry, Served, UnknownModel
-from .schemas import (ErrorResponse, PredictRequest, PredictResponse, RenderRequest, Timings, V2InferRequest,
+from .schemas import (ErrorResponse, PredictRequest, PredictResponse, RenderRequest, V2InferRequest,
                       V2InferResponse, V2ModelMetadata)
 from .settings import Settings
 
 log = logging.getLogger("ocd.service")
 ERRORS = {c: {"model": ErrorResponse} for c in (400, 404, 413, 422, 503, 504)}
-
-
-class BodyTooLarge(Exception):
-    pass
-
-
-class ClientGone(Exception):
-    pass
-
-
-class BodyLimit:
-    """ASGI middleware: 413 for a body over ``limit`` bytes (declared or streamed)."""
-
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            resp = JSONResponse({"error": f"body: {int(declared)} bytes is over the limit of {self.limit} bytes"}, 413)
-            return await resp(scope, receive, send)
-        seen = 0
-
-        async def limited():
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise BodyTooLarge(f"body: over the limit of {self.limit} bytes")
-            return message
-
-        return await self.app(scope, limited, send)
-
-
-class Count:
-    """ASGI middleware: request count and latency by model, route template and status; and
-    ``inflight``, the POSTs (inference requests) the app holds, which the batchers read.
-
-    (Pure ASGI, not BaseHTTPMiddleware: that one hides client disconnects from the endpoint.)"""
-
-    def __init__(self, app, inflight: InFlight):
-        self.app, self.inflight = app, inflight
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        start = time.monotonic()
-        state = scope.setdefault("state", {})
-        state["start"], state["model"] = start, ""
-        post = scope["method"] == "POST"
-        if post:
-            self.inflight.arrive()
-        status = 500
-
-        async def capture(message):
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, capture)
-        finally:
-            if post:
-                self.inflight.leave()
-            endpoint = getattr(scope.get("route"), "path", "other")
-            metrics.REQUESTS.labels(state["model"], endpoint, str(status)).inc()
-            metrics.REQUEST_DURATION.labels(state["model"], endpoint).observe(time.monotonic() - start)
 
 
 V2_DTYPES = {"FP32": "<f4", "FP64": "<f8", "FP16": "<f2", "INT8": "<i1", "INT16": "<i2", "INT32": "<i4",
@@ -153,15 +84,8 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-def _validation_message(errors: list[dict[str, Any]]) -> str:
-    parts = []
-    for e in errors:
-        loc = [str(p) for p in e.get("loc", ()) if p not in ("body",)]
-        parts.append(f"{'.'.join(loc) or 'body'}: {e.get('msg', 'invalid')}")
-    return "; ".join(parts)
-
-
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None) -> Count:
+    """The ASGI app uvicorn serves: Count(BodyLimit(Front(/predict | FastAPI))); ``.api`` is the FastAPI app."""
     settings = settings or Settings.from_env()
     if settings.tune_malloc:  # per worker process: batch tensors reuse heap pages instead of faulting in fresh ones
         tune_malloc()
@@ -177,74 +101,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="OCD Serve", version=ocd_core.__version__, lifespan=lifespan, telemetry=telemetry,
                   description="Per-sample adapted predictions: OCD (Lutati & Wolf) with dynamic batching.")
     app.state.registry, app.state.settings = registry, settings
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
 
-    app.add_middleware(Count, inflight=registry.inflight)
+    async def _handled(_r, e: Exception):
+        status, message, headers = reply_for(e, settings.timeout_s)
+        return _error(status, message, headers)
 
-    @app.exception_handler(InputError)
-    async def _input(_r, e: InputError):
-        return _error(e.status, str(e))
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(_r, e: RequestValidationError):
-        return _error(422, _validation_message(e.errors()))
-
-    @app.exception_handler(UnknownModel)
-    async def _unknown(_r, e: UnknownModel):
-        return _error(404, str(e))
-
-    @app.exception_handler(QueueFull)
-    async def _full(_r, e: QueueFull):
-        return _error(503, str(e), {"Retry-After": "1"})
-
-    @app.exception_handler(DeadlineExceeded)
-    async def _late(_r, e: DeadlineExceeded):
-        return _error(504, f"deadline of {settings.timeout_s:g} s exceeded ({e})")
-
-    @app.exception_handler(BodyTooLarge)
-    async def _large(_r, e: BodyTooLarge):
-        return _error(413, str(e))
-
-    @app.exception_handler(ClientGone)
-    async def _gone(_r, e: ClientGone):
-        return _error(499, "client closed the request")
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(_r, e: StarletteHTTPException):
-        return _error(e.status_code, str(e.detail))
+    for exc in (InputError, RequestValidationError, UnknownModel, QueueFull, DeadlineExceeded, BodyTooLarge,
+                ClientGone, StarletteHTTPException):
+        app.add_exception_handler(exc, _handled)
 
     async def run(request: Request, served: Served, xs: list, steps: int, ensemble: int, seeds: list[int]):
-        """Queue one job per sample and wait for all, the client and the deadline."""
-        deadline = request.state.start + settings.timeout_s
-        jobs = [Job(x, steps, ensemble, s, deadline, gone=request.is_disconnected, share=1 / len(xs))
-                for x, s in zip(xs, seeds)]
-        try:
-            for j in jobs:
-                served.batcher.submit(j)
-        except QueueFull:
-            for j in jobs:
-                j.future.cancel()
-            raise
-        futures = [j.future for j in jobs]
-        _, pending = await asyncio.wait(futures, timeout=max(0.0, deadline - time.monotonic()))
-        if pending:
-            for f in futures:  # nobody will read these: drop them before they cost inference
-                f.cancel()
-            raise DeadlineExceeded("no result in time")
-        if any(f.cancelled() for f in futures):
-            raise ClientGone()  # the batcher saw the client hang up
-        return [(*f.result(), j) for f, j in zip(futures, jobs)]
+        return await infer(served.batcher, xs, steps, ensemble, seeds, request.state.start + settings.timeout_s,
+                           request.is_disconnected)
 
-    def check_params(served: Served, steps: int | None, ensemble: int, field_prefix: str = "") -> int:
-        steps = served.manifest.serving.ddim_steps if steps is None else steps
-        limit = min(settings.max_ddim_steps, served.manifest.schedule.num_train_timesteps)
-        if not 1 <= steps <= limit:
-            raise InputError(f"{field_prefix}ddim_steps", f"must be between 1 and {limit}, got {steps}")
-        if not 1 <= ensemble <= settings.max_ensemble:
-            raise InputError(f"{field_prefix}ensemble", f"must be between 1 and {settings.max_ensemble}, got {ensemble}")
-        return steps
-
-    def validated(schema: type[PredictRequest] | type[RenderRequest], data: Any):
+    def validated(schema: type[RenderRequest], data: Any):
         try:
             return schema.model_validate(data)
         except ValidationError as e:
@@ -255,54 +125,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return json.loads(body)
         except (ValueError, RecursionError):
             raise InputError("body", "not valid JSON", 400) from None
-
-    async def parse_predict(request: Request) -> tuple[PredictRequest, Any]:
-        ctype = request.headers.get("content-type", "")
-        if ctype.startswith("multipart/form-data"):
-            form = await request.form()
-            upload = form.get("file")
-            if not isinstance(upload, UploadFile):
-                raise InputError("file", "a multipart request needs the file (image or WAV) in the field 'file'")
-            fields = {k: v for k, v in form.items() if k != "file" and isinstance(v, str)}
-            fields["input"] = None
-            if "return_uncertainty" in fields:
-                fields["return_uncertainty"] = fields["return_uncertainty"].lower() in ("1", "true", "yes")
-            req = validated(PredictRequest, fields)
-            return req, ("upload", await upload.read(), upload.filename, upload.content_type)
-        if not ctype.startswith("application/json"):
-            raise InputError("content-type", f"expected application/json or multipart/form-data, got {ctype or 'none'}", 415)
-        body = await request.body()
-        req = validated(PredictRequest, parse_json(body))
-        return req, ("json", req.input, len(body))
-
-    predict_body = {"requestBody": {"required": True, "content": {
-        "application/json": {"schema": {"$ref": "#/components/schemas/PredictRequest"}},
-        "multipart/form-data": {"schema": {"type": "object", "required": ["file", "model"], "properties": {
-            "file": {"type": "string", "format": "binary"}, "model": {"type": "string"},
-            "version": {"type": "string"}, "ddim_steps": {"type": "integer"}, "ensemble": {"type": "integer"},
-            "seed": {"type": "integer"}, "return_uncertainty": {"type": "boolean"}}}}}}}
-
-    @app.post("/predict", response_model=PredictResponse, responses=ERRORS, openapi_extra=predict_body,
-              summary="Adapted prediction for one input (JSON or multipart image upload)")
-    async def predict(request: Request) -> PredictResponse:
-        req, payload = await parse_predict(request)
-        served = registry.get(req.model, req.version)
-        request.state.model = served.name
-        steps = check_params(served, req.ddim_steps, req.ensemble)
-        # decoding (PIL, FFT resampling, ...) runs off the event loop unless the input is small
-        if payload[0] == "upload":
-            x = await run_in_threadpool(served.modality.decode_upload, payload[1], payload[2], payload[3])
-        elif (x := served.modality.decode_json_inline(payload[1], payload[2])) is None:
-            x = await run_in_threadpool(served.modality.decode_json, payload[1], "input")
-        seed = req.seed if req.seed is not None else secrets.randbelow(2**63)
-        ((pred, timings, job),) = await run(request, served, [x], steps, req.ensemble, [seed])
-        fields = served.modality.encode(pred, req.return_uncertainty)
-        total = time.monotonic() - request.state.start
-        return PredictResponse(model=served.name, version=served.version, ddim_steps=steps, ensemble=req.ensemble,
-                               seed=seed, **fields, timings=Timings(
-                                   queue_ms=job.queue_s * 1000, inference_ms=sum(timings.values()) * 1000,
-                                   total_ms=total * 1000, batch_size=job.batch_size,
-                                   stages_ms={k: v * 1000 for k, v in timings.items()}))
 
     render_body = {"requestBody": {"required": True, "content": {
         "application/json": {"schema": {"$ref": "#/components/schemas/RenderRequest"}}}}}
@@ -321,7 +143,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if png is None:
             raise InputError("model", f"{served.name!r} is a {served.manifest.modality} model; /render serves "
                              "rendering models (pose in, image out): use /predict", 400)
-        steps = check_params(served, req.ddim_steps, req.ensemble)
+        steps = served.check_params(req.ddim_steps, req.ensemble, settings)
         x = served.modality.decode_json(req.pose, "pose")
         seed = req.seed if req.seed is not None else secrets.randbelow(2**63)
         ((pred, _timings, _job),) = await run(request, served, [x], steps, req.ensemble, [seed])
@@ -393,7 +215,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise RequestValidationError(e.errors()) from None
         return req
 
-    async def infer(request: Request, name: str, version: str | None, body: V2InferRequest) -> V2InferResponse:
+    async def infer_v2(request: Request, name: str, version: str | None, body: V2InferRequest) -> V2InferResponse:
         served = registry.get(name, version)
         request.state.model = served.name
         params = body.parameters or {}
@@ -403,7 +225,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         for key in ("ddim_steps", "ensemble", "seed"):
             if key in params and (not isinstance(params[key], int) or isinstance(params[key], bool)):
                 raise InputError(f"parameters.{key}", f"must be an integer, got {params[key]!r}")
-        steps = check_params(served, params.get("ddim_steps"), params.get("ensemble", 1), "parameters.")
+        steps = served.check_params(params.get("ddim_steps"), params.get("ensemble", 1), settings, "parameters.")
         seed = params.get("seed")
         if seed is not None and not 0 <= seed < 2**63 - 2**20:
             raise InputError("parameters.seed", "must be between 0 and 2**63 - 2**20")
@@ -428,21 +250,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.post("/v2/models/{name}/infer", response_model=V2InferResponse, responses=ERRORS, summary="Inference (v2)",
               openapi_extra=v2_body)
     async def v2_infer(name: str, request: Request):
-        return await infer(request, name, None, await parse_v2(request))
+        return await infer_v2(request, name, None, await parse_v2(request))
 
     @app.post("/v2/models/{name}/versions/{version}/infer", response_model=V2InferResponse, responses=ERRORS,
               openapi_extra=v2_body)
     async def v2_infer_version(name: str, version: str, request: Request):
-        return await infer(request, name, version, await parse_v2(request))
+        return await infer_v2(request, name, version, await parse_v2(request))
 
     def openapi() -> dict[str, Any]:
-        """The generated spec plus the request bodies that /predict (JSON or multipart) and the v2
-        infer routes (JSON or the binary tensor extension) parse themselves."""
+        """The generated spec, plus /predict (served ahead of FastAPI) and the request bodies that
+        the v2 infer routes (JSON or the binary tensor extension) parse themselves."""
         if app.openapi_schema is None:
             from fastapi.openapi.utils import get_openapi
 
             spec = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-            for model in (PredictRequest, RenderRequest, V2InferRequest):
+            spec["paths"] = {"/predict": PREDICT_OPENAPI, **spec["paths"]}
+            for model in (PredictRequest, PredictResponse, ErrorResponse, RenderRequest, V2InferRequest):
                 schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 spec["components"]["schemas"].update(schema.pop("$defs", {}))
                 spec["components"]["schemas"][model.__name__] = schema
@@ -456,4 +279,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         data, ctype = metrics.render()
         return Response(data, media_type=ctype)
 
-    return app
+    served = Count(BodyLimit(Front(app, PredictEndpoint(registry, settings)), settings.max_body_bytes), registry.inflight)
+    served.api = app
+    return served

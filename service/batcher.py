@@ -31,6 +31,10 @@ class DeadlineExceeded(Exception):
     """The request's deadline passed while it waited: answer 504."""
 
 
+class ClientGone(Exception):
+    """The client hung up before its batch ran: nobody reads the answer (logged as 499)."""
+
+
 @dataclass
 class Job:
     x: torch.Tensor  # one sample in model space, (*input_shape)
@@ -186,3 +190,26 @@ class Batcher:
             job.batch_size = len(group)
             if not job.future.done():
                 job.future.set_result((result, timings))
+
+
+async def infer(batcher: Batcher, xs: list[torch.Tensor], steps: int, ensemble: int, seeds: list[int], deadline: float,
+                gone: Callable[[], Awaitable[bool]] | None = None) -> list[tuple[Any, dict[str, float], Job]]:
+    """One request of ``len(xs)`` samples: queue a job per sample, wait for all of them (or the
+    deadline, or the client hanging up); -> (prediction, the batch's stage timings, job) per sample."""
+    jobs = [Job(x, steps, ensemble, s, deadline, gone=gone, share=1 / len(xs)) for x, s in zip(xs, seeds)]
+    try:
+        for j in jobs:
+            batcher.submit(j)
+    except QueueFull:
+        for j in jobs:
+            j.future.cancel()
+        raise
+    futures = [j.future for j in jobs]
+    _, pending = await asyncio.wait(futures, timeout=max(0.0, deadline - time.monotonic()))
+    if pending:
+        for f in futures:  # nobody will read these: drop them before they cost inference
+            f.cancel()
+        raise DeadlineExceeded("no result in time")
+    if any(f.cancelled() for f in futures):
+        raise ClientGone()  # the batcher saw the client hang up
+    return [(*f.result(), j) for f, j in zip(futures, jobs)]

@@ -12,7 +12,7 @@ from ocd_core.predictor import OCDModel, SamplePrediction
 
 from . import metrics
 from .batcher import Batcher, InFlight, Job
-from .modalities import Modality, modality_for
+from .modalities import InputError, Modality, modality_for
 from .onnx_engine import OnnxOCD
 from .settings import Settings
 
@@ -44,6 +44,16 @@ class Served:
     manifest: Manifest
     modality: Modality
     batcher: Batcher
+
+    def check_params(self, steps: int | None, ensemble: int, settings: Settings, field_prefix: str = "") -> int:
+        """Validate a request's DDIM steps (None: the model's default) and ensemble size -> the steps."""
+        steps = self.manifest.serving.ddim_steps if steps is None else steps
+        limit = min(settings.max_ddim_steps, self.manifest.schedule.num_train_timesteps)
+        if not 1 <= steps <= limit:
+            raise InputError(f"{field_prefix}ddim_steps", f"must be between 1 and {limit}, got {steps}")
+        if not 1 <= ensemble <= settings.max_ensemble:
+            raise InputError(f"{field_prefix}ensemble", f"must be between 1 and {settings.max_ensemble}, got {ensemble}")
+        return steps
 
 
 class Registry:

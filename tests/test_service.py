@@ -482,3 +482,20 @@ def test_png_pixels_reads_the_header_and_refuses_what_could_be_slow():
     itxt = PngImagePlugin.PngInfo()
     itxt.add_itxt("k", "v", zip=True)
     assert png_pixels(png_bytes(Image.new("L", (30, 20)), pnginfo=itxt)) is None
+
+
+def test_predict_keeps_its_documented_contract(server):
+    """/predict is served ahead of FastAPI: its answer still has PredictResponse's fields in order,
+    it is in /openapi.json, other methods get 405."""
+    from service.schemas import PredictResponse
+
+    body = post(server, {"model": "mnist", "input": DIGIT, "seed": 3}).json()
+    assert list(body) == list(PredictResponse.model_fields)
+    assert PredictResponse.model_validate(body).model_dump(mode="json") == body
+    assert body["value"] is None and body["image"] is None and body["ddim_steps"] == 10
+    op = httpx.get(f"{server.url}/openapi.json").json()["paths"]["/predict"]["post"]
+    assert op["responses"]["200"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/PredictResponse"}
+    assert set(op["requestBody"]["content"]) == {"application/json", "multipart/form-data"}
+    r = httpx.get(f"{server.url}/predict")
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+    assert r.json() == {"error": "method: GET is not allowed; use POST"}

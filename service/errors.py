@@ -1,0 +1,51 @@
+"""Client mistakes and server conditions -> ``(status, {"error": "<field>: <reason>"}, headers)``,
+one mapping for the FastAPI routes and the plain-ASGI /predict."""
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException
+
+from .batcher import ClientGone, DeadlineExceeded, QueueFull
+from .modalities import InputError
+from .registry import UnknownModel
+
+
+class BodyTooLarge(Exception):
+    """413: the body streamed past ``max_body_bytes``."""
+
+
+def validation_message(errors: list[dict[str, Any]]) -> str:
+    """pydantic errors -> ``"<field.path>: <reason>; ..."`` (a body-level error: ``body: ...``)."""
+    parts = []
+    for e in errors:
+        loc = [str(p) for p in e.get("loc", ()) if p not in ("body",)]
+        parts.append(f"{'.'.join(loc) or 'body'}: {e.get('msg', 'invalid')}")
+    return "; ".join(parts)
+
+
+def reply_for(e: Exception, timeout_s: float) -> tuple[int, str, dict[str, str] | None] | None:
+    """The answer to ``e``: (status, error message, extra headers); None for a server fault (500)."""
+    if isinstance(e, InputError):
+        return e.status, str(e), None
+    if isinstance(e, ValidationError):
+        if any(err["type"] == "json_invalid" for err in e.errors()):
+            return 400, "body: not valid JSON", None
+        return 422, validation_message(e.errors()), None
+    if isinstance(e, RequestValidationError):
+        return 422, validation_message(e.errors()), None
+    if isinstance(e, UnknownModel):
+        return 404, str(e), None
+    if isinstance(e, QueueFull):
+        return 503, str(e), {"Retry-After": "1"}
+    if isinstance(e, DeadlineExceeded):
+        return 504, f"deadline of {timeout_s:g} s exceeded ({e})", None
+    if isinstance(e, BodyTooLarge):
+        return 413, str(e), None
+    if isinstance(e, ClientGone):
+        return 499, "client closed the request", None
+    if isinstance(e, HTTPException):
+        return e.status_code, str(e.detail), None
+    return None
