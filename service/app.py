@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import ocd_core
 
 from . import metrics
-from .batcher import ClientGone, DeadlineExceeded, QueueFull, infer
+from .batcher import ClientGone, DeadlineExceeded, QueueFull, disconnected, infer
 from .errors import BodyTooLarge, reply_for
 from .malloc import tune_malloc
 from .middleware import BodyLimit, Count
@@ -112,7 +112,7 @@ def create_app(settings: Settings | None = None) -> Count:
 
     async def run(request: Request, served: Served, xs: list, steps: int, ensemble: int, seeds: list[int]):
         return await infer(served.batcher, xs, steps, ensemble, seeds, request.state.start + settings.timeout_s,
-                           request.is_disconnected)
+                           lambda: disconnected(request.receive))
 
     def validated(schema: type[RenderRequest], data: Any):
         try:

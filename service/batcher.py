@@ -12,6 +12,7 @@ before it costs inference.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -46,7 +47,7 @@ class Job:
     enqueued: float = field(default_factory=time.monotonic)
     queue_s: float = 0.0
     batch_size: int = 0
-    gone: Callable[[], Awaitable[bool]] | None = None  # has the client hung up? (checked before running)
+    gone: Callable[[], bool] | None = None  # has the client hung up? (checked before running; must not block)
     share: float = 1.0  # this job's part of its request: 1/N for a request of N inputs
 
 
@@ -56,17 +57,50 @@ RunBatch = Callable[[list[Job]], tuple[list[Any], dict[str, float]]]
 YIELDS = 3  # event-loop turns from a socket's data to the middleware that counts its request
 
 
+def disconnected(receive: Callable[[], Awaitable[dict]]) -> bool:
+    """Whether the client of an ASGI request (its body already read) has hung up, without waiting:
+    step ``receive()`` once; a message ready now is the answer, else the client is still there.
+
+    (Starlette's ``Request.is_disconnected`` yields to the event loop once per call; a batch checks
+    every job between taking it from the queue and running it, and must not yield there: the
+    loop would first answer the previous batch and read the next requests, and inference would
+    stop overlapping with them.)"""
+    step = receive()
+    try:
+        step.send(None)
+    except StopIteration as done:
+        return done.value.get("type") == "http.disconnect"
+    step.close()  # it would have waited: nothing has happened on the connection
+    return False
+
+
 class InFlight:
     """How many inference requests (POSTs) the app holds, from arrival to answer. A batch that
     holds them all has no one to wait for: the others can only come back once answered. Every
-    departure wakes the batchers to check."""
+    departure wakes the batchers to check. Also the event loop's CPU time per request
+    (``loop_s``), which decides whether batches pipeline (``Batcher._cap``)."""
 
     def __init__(self) -> None:
         self.n = 0
+        self.arrivals = 0
         self.listeners: list[asyncio.Event] = []
+        self.loop_s: float | None = None  # event-loop thread CPU seconds per request (moving average)
+        self._mark: tuple[float, int] | None = None
 
     def arrive(self) -> None:
         self.n += 1
+        self.arrivals += 1
+
+    def measure(self) -> float | None:
+        """Update and return ``loop_s``; call it on the event loop's thread."""
+        now, count = time.thread_time(), self.arrivals
+        if self._mark is None:
+            self._mark = (now, count)
+        elif count - self._mark[1] >= 16:
+            per = (now - self._mark[0]) / (count - self._mark[1])
+            self.loop_s = per if self.loop_s is None else 0.8 * self.loop_s + 0.2 * per
+            self._mark = (now, count)
+        return self.loop_s
 
     def leave(self) -> None:
         self.n -= 1
@@ -87,6 +121,8 @@ class Batcher:
         self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"infer-{name}")
         self.task: asyncio.Task | None = None
         self.busy = False
+        self.batch_s: float | None = None  # a batch's inference wall time, moving average
+        self.depth, self.waited = metrics.QUEUE_DEPTH.labels(label), metrics.QUEUE_DURATION.labels(label)
         self.wake = asyncio.Event()  # a job queued, or a request left the server
         if inflight is not None:
             inflight.listeners.append(self.wake)
@@ -100,7 +136,7 @@ class Batcher:
         except asyncio.QueueFull:
             raise QueueFull(f"model {self.name}: queue full ({self.queue.maxsize} requests waiting)") from None
         self.wake.set()
-        metrics.QUEUE_DEPTH.labels(self.label).set(self.queue.qsize())
+        self.depth.set(self.queue.qsize())
 
     async def drain(self) -> None:
         """Wait until every queued request has been answered, then stop."""
@@ -110,12 +146,29 @@ class Batcher:
             self.task.cancel()
         self.executor.shutdown(wait=False)  # idle: nothing is running on it
 
+    def _cap(self) -> int:
+        """Most jobs for the next batch: ``max_batch_size``, or half the requests in the server when
+        pipelining pays. While a batch runs the event loop can only answer the batch before and
+        read what its clients send next; a batch of everyone in flight leaves the loop idle during
+        inference, and inference idle while the loop works. Two halves overlap the two. With n
+        requests in flight, P loop seconds per request and inference a + b*k for k requests, one
+        batch cycles in P*n + a + b*n and two halves in max(2a + b*n, P*n): halves win when a < P*n,
+        which holds when one batch's measured inference time is under P*n (a is part of it)."""
+        cap = self.max_batch_size
+        if self.inflight is None or cap == 1:
+            return cap
+        loop_s, n = self.inflight.measure(), self.inflight.n
+        if loop_s is not None and self.batch_s is not None and self.batch_s < loop_s * n:
+            cap = min(cap, max(1, math.ceil(n / 2)))
+        return cap
+
     async def _collect(self) -> list[Job]:
         batch = [await self.queue.get()]
         self.busy = True  # from the first dequeue: drain() must wait for these jobs too
         loop = asyncio.get_running_loop()
         close = loop.time() + self.max_wait
-        while len(batch) < self.max_batch_size:
+        cap = self._cap()
+        while len(batch) < cap:
             try:
                 batch.append(self.queue.get_nowait())
                 continue
@@ -146,11 +199,11 @@ class Batcher:
         while True:
             batch = await self._collect()
             try:
-                metrics.QUEUE_DEPTH.labels(self.label).set(self.queue.qsize())
+                self.depth.set(self.queue.qsize())
                 now = time.monotonic()
                 live = []
                 for job in batch:
-                    if not job.future.done() and job.gone is not None and await job.gone():
+                    if not job.future.done() and job.gone is not None and job.gone():
                         job.future.cancel()  # the client went away: it costs no inference
                     if job.future.done():
                         continue
@@ -158,7 +211,7 @@ class Batcher:
                         job.future.set_exception(DeadlineExceeded("deadline passed while queued"))
                         continue
                     job.queue_s = now - job.enqueued
-                    metrics.QUEUE_DURATION.labels(self.label).observe(job.queue_s)
+                    self.waited.observe(job.queue_s)
                     live.append(job)
                 groups: dict[int, list[Job]] = defaultdict(list)
                 for job in live:
@@ -177,8 +230,11 @@ class Batcher:
         if not group:
             return
         metrics.BATCH_SIZE.labels(self.label).observe(len(group))
+        start = time.monotonic()
         try:
             results, timings = await loop.run_in_executor(self.executor, self.run_batch, group)
+            took = time.monotonic() - start
+            self.batch_s = took if self.batch_s is None else 0.8 * self.batch_s + 0.2 * took
         except Exception as e:  # a server-side failure: every request of the batch learns it
             for job in group:
                 if not job.future.done():
@@ -193,7 +249,7 @@ class Batcher:
 
 
 async def infer(batcher: Batcher, xs: list[torch.Tensor], steps: int, ensemble: int, seeds: list[int], deadline: float,
-                gone: Callable[[], Awaitable[bool]] | None = None) -> list[tuple[Any, dict[str, float], Job]]:
+                gone: Callable[[], bool] | None = None) -> list[tuple[Any, dict[str, float], Job]]:
     """One request of ``len(xs)`` samples: queue a job per sample, wait for all of them (or the
     deadline, or the client hanging up); -> (prediction, the batch's stage timings, job) per sample."""
     jobs = [Job(x, steps, ensemble, s, deadline, gone=gone, share=1 / len(xs)) for x, s in zip(xs, seeds)]

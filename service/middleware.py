@@ -47,6 +47,7 @@ class Count:
 
     def __init__(self, app, inflight: InFlight):
         self.app, self.inflight = app, inflight
+        self.series: dict[tuple[str, str, int], tuple] = {}  # (model, endpoint, status) -> (counter, histogram)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -70,6 +71,9 @@ class Count:
         finally:
             if post:
                 self.inflight.leave()
-            endpoint = state.get("endpoint") or getattr(scope.get("route"), "path", "other")
-            metrics.REQUESTS.labels(state["model"], endpoint, str(status)).inc()
-            metrics.REQUEST_DURATION.labels(state["model"], endpoint).observe(time.monotonic() - start)
+            key = (state["model"], state.get("endpoint") or getattr(scope.get("route"), "path", "other"), status)
+            if (series := self.series.get(key)) is None:
+                series = self.series[key] = (metrics.REQUESTS.labels(key[0], key[1], str(status)),
+                                             metrics.REQUEST_DURATION.labels(key[0], key[1]))
+            series[0].inc()
+            series[1].observe(time.monotonic() - start)

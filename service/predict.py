@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
-from .batcher import ClientGone, infer
+from .batcher import ClientGone, disconnected, infer
 from .errors import reply_for
 from .modalities import InputError
 from .registry import Registry
@@ -90,9 +90,8 @@ class PredictEndpoint:
         elif (x := modality.decode_json_inline(payload[1], payload[2])) is None:
             x = await run_in_threadpool(modality.decode_json, payload[1], "input")
         seed = req.seed if req.seed is not None else secrets.randbelow(2**63)
-        gone = Request(scope, receive).is_disconnected
         ((pred, timings, job),) = await infer(served.batcher, [x], steps, req.ensemble, [seed],
-                                              start + self.settings.timeout_s, gone)
+                                              start + self.settings.timeout_s, lambda: disconnected(receive))
         out: dict[str, Any] = {"model": served.name, "version": served.version, **dict.fromkeys(PREDICTION_FIELDS)}
         out.update(modality.encode(pred, req.return_uncertainty))
         out.update(ddim_steps=steps, ensemble=req.ensemble, seed=seed, timings={

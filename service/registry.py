@@ -7,34 +7,19 @@ from pathlib import Path
 
 import torch
 
-from ocd_core.bundle import BundleError, Manifest, list_versions, load_bundle
-from ocd_core.predictor import OCDModel, SamplePrediction
+from ocd_core.bundle import BundleError, Manifest, list_versions, read_manifest
 
 from . import metrics
-from .batcher import Batcher, InFlight, Job
+from .batcher import Batcher, InFlight
 from .modalities import InputError, Modality, modality_for
-from .onnx_engine import OnnxOCD
 from .settings import Settings
+from .worker import InferenceProcess, build_engine
 
 log = logging.getLogger("ocd.service")
 
 
 class UnknownModel(Exception):
     """404: no such model or version."""
-
-
-class Engine:
-    """Runs a batch of jobs through a predictor (an OCDModel, or OnnxOCD for ``OCD_BACKEND=onnx``)."""
-
-    def __init__(self, model: OCDModel | OnnxOCD, device: str):
-        self.model, self.device = model, torch.device(device)
-
-    def __call__(self, jobs: list[Job]) -> tuple[list[SamplePrediction], dict[str, float]]:
-        x = torch.stack([j.x for j in jobs]).to(self.device)
-        preds, timings = self.model.predict_ragged(x, jobs[0].steps, [j.ensemble for j in jobs],
-                                                   [j.seed for j in jobs])
-        cpu = [SamplePrediction(*(t.cpu() for t in (p.members, p.mean, p.uncertainty, p.base))) for p in preds]
-        return cpu, timings
 
 
 @dataclass
@@ -61,6 +46,7 @@ class Registry:
         self.settings = settings
         self.inflight = InFlight()  # shared by the app (counting) and every batcher (reading)
         self.models: dict[str, dict[str, Served]] = {}
+        self.process: InferenceProcess | None = None
         self.ready = False
 
     def _wanted(self) -> list[tuple[str, str]]:
@@ -85,22 +71,22 @@ class Registry:
         s, root, device = self.settings, Path(self.settings.models_dir), self.settings.resolved_device()
         if s.threads:
             torch.set_num_threads(s.threads)
-        for name, version in self._wanted():
-            path = root / name / version
-            if s.backend == "onnx":  # the torch bundle on the CPU keeps the schedule; ORT runs the networks
-                model, manifest = load_bundle(path, "cpu")
-                engine = Engine(OnnxOCD(path, model, device, s.threads, device_required=s.device != "auto"), "cpu")
-            else:
-                model, manifest = load_bundle(path, device)
-                engine = Engine(model, device)
-            label = f"{name}:{version}"
-            batcher = Batcher(name, label, engine, s.max_batch_size, s.max_wait_ms, s.max_queue, self.inflight)
+        wanted = [(name, version, f"{name}:{version}", root / name / version) for name, version in self._wanted()]
+        manifests = {label: read_manifest(path) for _, _, label, path in wanted}
+        if s.inference_process:
+            self.process = InferenceProcess([(label, path) for _, _, label, path in wanted], s)
+            engines = {label: self.process.engine(label) for label in manifests}
+        else:
+            engines = {label: build_engine(path, s) for _, _, label, path in wanted}
+        for name, version, label, _ in wanted:
+            manifest = manifests[label]
+            batcher = Batcher(name, label, engines[label], s.max_batch_size, s.max_wait_ms, s.max_queue, self.inflight)
             batcher.start()
             self.models.setdefault(name, {})[version] = Served(name, version, manifest, modality_for(manifest), batcher)
             metrics.MODEL_INFO.labels(name, version, manifest.modality, manifest.task, manifest.denoiser.kind,
                                       device, s.backend).set(1)
-            log.info("serving %s on %s with %s (%s, layer %s)", label, device, s.backend, manifest.modality,
-                     manifest.layer)
+            log.info("serving %s on %s with %s (%s, layer %s)%s", label, device, s.backend, manifest.modality,
+                     manifest.layer, " in the inference process" if s.inference_process else "")
         self.ready = True
 
     def get(self, name: str, version: str | None = None) -> Served:
@@ -118,3 +104,5 @@ class Registry:
         for versions in self.models.values():
             for served in versions.values():
                 await served.batcher.drain()
+        if self.process is not None:
+            self.process.stop()

@@ -26,8 +26,14 @@ class Settings(BaseModel):
     max_ensemble: int = Field(32, ge=1)
     max_ddim_steps: int = Field(100, ge=1)
     threads: int = Field(0, ge=0, description="torch CPU threads (0: torch's default)")
+    inference_process: bool = Field(True, description="run the models in a separate inference process, so that "
+                                                      "inference and the event loop do not share a GIL (false: on a "
+                                                      "thread of each server process)")
     tune_malloc: bool = Field(True, description="glibc malloc keeps batch-sized blocks instead of returning them "
                                                 "to the OS (service/malloc.py; up to 64 MiB stays with a heap)")
+    access_log: bool = Field(False, description="uvicorn's access log, a line per request (off: /metrics counts "
+                                                 "requests by model, endpoint and status; the log costs ~5 % of "
+                                                 "the event loop's time per request)")
     otel: bool = Field(False, description="FastAPI's native OpenTelemetry through the global providers (off: "
                                           "Prometheus /metrics only, and no provider lookup per request)")
 

@@ -54,7 +54,7 @@ def _serve(args: argparse.Namespace) -> int:
     if s.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="ocd-prom-")
     uvicorn.run("service.app:create_app", factory=True, host=s.host, port=s.port, workers=s.workers,
-                timeout_graceful_shutdown=int(s.timeout_s) + 5, log_level="info")
+                timeout_graceful_shutdown=int(s.timeout_s) + 5, log_level="info", access_log=s.access_log)
     return 0
 
 
