@@ -121,7 +121,7 @@ class Batcher:
         self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"infer-{name}")
         self.task: asyncio.Task | None = None
         self.busy = False
-        self.batch_s: float | None = None  # a batch's inference wall time, moving average
+        self.cost: dict[int, float] = {}  # batch size -> its inference wall time (moving average)
         self.depth, self.waited = metrics.QUEUE_DEPTH.labels(label), metrics.QUEUE_DURATION.labels(label)
         self.wake = asyncio.Event()  # a job queued, or a request left the server
         if inflight is not None:
@@ -148,19 +148,29 @@ class Batcher:
 
     def _cap(self) -> int:
         """Most jobs for the next batch: ``max_batch_size``, or half the requests in the server when
-        pipelining pays. While a batch runs the event loop can only answer the batch before and
-        read what its clients send next; a batch of everyone in flight leaves the loop idle during
+        pipelining pays. While a batch runs, the event loop can only answer the batch before and
+        read what its clients send next: a batch of everyone in flight leaves the loop idle during
         inference, and inference idle while the loop works. Two halves overlap the two. With n
         requests in flight, P loop seconds per request and inference a + b*k for k requests, one
-        batch cycles in P*n + a + b*n and two halves in max(2a + b*n, P*n): halves win when a < P*n,
-        which holds when one batch's measured inference time is under P*n (a is part of it)."""
+        batch cycles in P*n + a + b*n and two halves in max(2a + b*n, P*n): halves win when a < P*n."""
         cap = self.max_batch_size
         if self.inflight is None or cap == 1:
             return cap
-        loop_s, n = self.inflight.measure(), self.inflight.n
-        if loop_s is not None and self.batch_s is not None and self.batch_s < loop_s * n:
+        loop_s, n, a = self.inflight.measure(), self.inflight.n, self.fixed_cost()
+        if loop_s is not None and a is not None and a < loop_s * n:
             cap = min(cap, max(1, math.ceil(n / 2)))
         return cap
+
+    def fixed_cost(self) -> float | None:
+        """a, the part of a batch's inference time that does not grow with its size: the intercept of
+        a line through the measured (size, time) points; with one size measured, its whole time
+        (an upper bound); None before any."""
+        if len(self.cost) < 2:
+            return next(iter(self.cost.values()), None)
+        k, t = zip(*self.cost.items())
+        mk, mt = sum(k) / len(k), sum(t) / len(t)
+        slope = sum((x - mk) * (y - mt) for x, y in zip(k, t)) / sum((x - mk) ** 2 for x in k)
+        return max(0.0, mt - slope * mk)
 
     async def _collect(self) -> list[Job]:
         batch = [await self.queue.get()]
@@ -233,8 +243,8 @@ class Batcher:
         start = time.monotonic()
         try:
             results, timings = await loop.run_in_executor(self.executor, self.run_batch, group)
-            took = time.monotonic() - start
-            self.batch_s = took if self.batch_s is None else 0.8 * self.batch_s + 0.2 * took
+            took, k = time.monotonic() - start, len(group)
+            self.cost[k] = took if k not in self.cost else 0.8 * self.cost[k] + 0.2 * took
         except Exception as e:  # a server-side failure: every request of the batch learns it
             for job in group:
                 if not job.future.done():

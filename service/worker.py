@@ -64,7 +64,7 @@ def build_engine(path: Path, settings: Settings) -> Engine:
 
 # ---- the inference process -------------------------------------------------------------------
 def _serve_model(engine: Engine, conn: Connection) -> None:
-    """One model's loop in the inference process: (x, steps, ensembles, seeds) -> ("ok", preds, timings)."""
+    """One model's loop in the inference process: (x, steps, ensembles, seeds) -> ("ok", packed, timings)."""
     while True:
         try:
             x, steps, ensembles, seeds = conn.recv()
@@ -72,11 +72,23 @@ def _serve_model(engine: Engine, conn: Connection) -> None:
             return
         try:
             preds, timings = engine.run(torch.from_numpy(x), steps, ensembles, seeds)
-            reply: tuple = ("ok", [tuple(t.numpy() for t in (p.members, p.mean, p.uncertainty, p.base))
-                                   for p in preds], timings)
+            reply: tuple = ("ok", pack(preds), timings)
         except Exception as e:  # noqa: BLE001  (reported to the server process: a 500 for this batch)
             reply = ("error", f"{type(e).__name__}: {e}", traceback.format_exc())
         conn.send(reply)
+
+
+def pack(preds: list[SamplePrediction]) -> tuple[np.ndarray, ...]:
+    """A batch's predictions as four arrays (members of all rows concatenated, then mean, uncertainty,
+    base stacked): four arrays pickle in a few µs, 4 x B of them took ~1 ms at B = 32."""
+    return (np.concatenate([p.members.numpy() for p in preds]), *(np.stack([getattr(p, f).numpy() for p in preds])
+                                                                    for f in ("mean", "uncertainty", "base")))
+
+
+def unpack(arrays: tuple[np.ndarray, ...], ensembles: list[int]) -> list[SamplePrediction]:
+    """``pack``'s inverse: one SamplePrediction per row, its tensors views of the four arrays."""
+    members, mean, unc, base = (torch.from_numpy(a) for a in arrays)
+    return [SamplePrediction(m, mean[i], unc[i], base[i]) for i, m in enumerate(members.split(ensembles))]
 
 
 def _main(models: list[tuple[str, str, Connection]], settings: Settings) -> None:
@@ -176,10 +188,10 @@ class RemoteEngine:
         self.process, self.label = process, label
 
     def __call__(self, jobs: list[Job]) -> tuple[list[SamplePrediction], dict[str, float]]:
+        ensembles = [j.ensemble for j in jobs]
         x = torch.stack([j.x for j in jobs]).numpy()
-        reply = self.process.call(self.label, x, jobs[0].steps, [j.ensemble for j in jobs], [j.seed for j in jobs])
+        reply = self.process.call(self.label, x, jobs[0].steps, ensembles, [j.seed for j in jobs])
         if reply[0] != "ok":
             log.error("inference failed in the inference process:\n%s", reply[2])
             raise RuntimeError(reply[1])
-        preds = [SamplePrediction(*(torch.from_numpy(a) for a in arrays)) for arrays in reply[1]]
-        return preds, reply[2]
+        return unpack(reply[1], ensembles), reply[2]
