@@ -3,10 +3,12 @@ import base64
 import io
 import json
 import math
+import os
 import signal
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -499,3 +501,50 @@ def test_predict_keeps_its_documented_contract(server):
     r = httpx.get(f"{server.url}/predict")
     assert r.status_code == 405 and r.headers["allow"] == "POST"
     assert r.json() == {"error": "method: GET is not allowed; use POST"}
+
+
+def _children(pid: int) -> list[int]:
+    """The spawned processes of ``pid`` (not multiprocessing's resource tracker)."""
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out += [int(c) for c in (task / "children").read_text().split()
+                if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+    return out
+
+
+def test_inference_process_matches_in_thread_and_comes_back_after_a_kill(models):
+    """The same answers with inference in the spawned process and on a thread; a killed inference
+    process fails only the batch it was running, and the next request starts a new one."""
+    body = {"model": "mnist", "input": DIGIT, "seed": 11, "ensemble": 3, "ddim_steps": 5}
+    thread = Server(models, models="mnist:2", inference_process=False)
+    try:
+        assert _children(thread.proc.pid) == []
+        expected = post(thread, body).json()
+    finally:
+        thread.stop()
+    s = Server(models, models="mnist:2")
+    try:
+        (child,) = _children(s.proc.pid)
+        first = post(s, body).json()
+        assert first["probabilities"] == expected["probabilities"] and first["uncertainty"] == expected["uncertainty"]
+        os.kill(child, signal.SIGKILL)
+        time.sleep(0.2)
+        r = post(s, body)
+        assert r.status_code == 500
+        assert r.json() == {"error": "internal server error"}
+        again = post(s, body)
+        assert again.status_code == 200 and again.json()["probabilities"] == expected["probabilities"]
+        (new_child,) = _children(s.proc.pid)
+        assert new_child != child
+        assert "inference process exited (code -9); starting a new one" in s.logs()
+    finally:
+        s.stop()
+    assert not Path(f"/proc/{new_child}").exists() or "zombie" in Path(f"/proc/{new_child}/status").read_text()
+
+
+def test_a_bundle_that_fails_to_load_in_the_inference_process_stops_the_start(tmp_path):
+    root = tmp_path / "models"
+    bundle = make_bundle(root, version="1")
+    (bundle / "diffusion.safetensors").write_bytes(b"\x80\x04not a safetensors file")
+    with pytest.raises(RuntimeError, match=r"mnist:1: BundleError: .*diffusion\.safetensors"):
+        Server(root)
