@@ -1,10 +1,11 @@
 """Dynamic batching of requests whose weight deltas differ.
 
-Requests queue per model; a batch closes at ``max_batch_size``, or ``max_wait_ms`` after its
+Requests queue per model; a batch closes at ``max_batch_size`` (or half the requests in flight,
+when that pipelines inference with the event loop: ``Batcher._cap``), or ``max_wait_ms`` after its
 first request, or as soon as it holds every inference request the app has in hand (``InFlight``:
-a lone client does not wait for company that cannot come). It runs on the model's inference
-thread (never on the event loop): one base forward, one DDIM loop over all members, one adapted
-forward. Requests with different ``ddim_steps`` run as separate groups of the batch (the DDIM loop
+a lone client does not wait for company that cannot come). The model's batch thread hands it to
+the engine (in the inference process, or on that thread; never on the event loop): one base
+forward, one DDIM loop over all members, one adapted forward. Requests with different ``ddim_steps`` run as separate groups of the batch (the DDIM loop
 length differs); different ensemble sizes share one group (members are ragged, not padded: no
 wasted work). A request that was cancelled (client gone) or whose deadline passed is dropped
 before it costs inference.
