@@ -322,6 +322,10 @@ def test_trained_bundle_end_to_end():
 def test_metrics_are_correct_with_several_workers(models):
     s = Server(models, workers=2, models="mnist:2")
     try:
+        # Server() returns once one worker answers ready; the other may still be starting its inference process
+        deadline = time.monotonic() + 60
+        while s.metric("ocd_model_info", model="mnist", version="2") < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
         with ThreadPoolExecutor(8) as pool:
             codes = [r.status_code for r in pool.map(
                 lambda i: post(s, {"model": "mnist", "input": DIGIT, "seed": i, "ddim_steps": 2}), range(40))]
