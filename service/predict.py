@@ -56,6 +56,11 @@ def json_reply(status: int, content: Any, headers: dict[str, str] | None = None)
     return status, body, head
 
 
+async def send_reply(send, status: int, body: bytes, head: list) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": head})
+    await send({"type": "http.response.body", "body": body})
+
+
 class PredictEndpoint:
     """``POST /predict``: a JSON ``PredictRequest``, or a multipart upload (the file in ``file``,
     the other fields as form fields) -> a ``PredictResponse`` or ``{"error": ...}``."""
@@ -75,8 +80,7 @@ class PredictEndpoint:
                 log.exception("POST /predict failed")
                 reply = (500, "internal server error", None)
             status, body, head = json_reply(reply[0], {"error": reply[1]}, reply[2])
-        await send({"type": "http.response.start", "status": status, "headers": head})
-        await send({"type": "http.response.body", "body": body})
+        await send_reply(send, status, body, head)
 
     async def predict(self, scope, receive, state: dict, start: float) -> dict[str, Any]:
         req, payload = await self.parse(scope, receive)
@@ -142,8 +146,6 @@ class Front:
         if scope["type"] == "http" and scope["path"] == "/predict":
             if scope["method"] == "POST":
                 return await self.predict(scope, receive, send)
-            status, body, head = json_reply(405, {"error": f"method: {scope['method']} is not allowed; use POST"},
-                                            {"Allow": "POST"})
-            await send({"type": "http.response.start", "status": status, "headers": head})
-            return await send({"type": "http.response.body", "body": body})
+            return await send_reply(send, *json_reply(405, {"error": f"method: {scope['method']} is not allowed; use POST"},
+                                                      {"Allow": "POST"}))
         return await self.app(scope, receive, send)
