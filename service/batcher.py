@@ -3,10 +3,10 @@
 Requests queue per model; a batch closes at ``max_batch_size`` (or half the requests in flight,
 when that pipelines inference with the event loop: ``Batcher._cap``), or ``max_wait_ms`` after its
 first request, or as soon as it holds every inference request the app has in hand (``InFlight``:
-a lone client does not wait for company that cannot come). The model's batch thread hands it to
-the engine (in the inference process, or on that thread; never on the event loop): one base
-forward, one DDIM loop over all members, one adapted forward. Requests with different ``ddim_steps`` run as separate groups of the batch (the DDIM loop
-length differs); different ensemble sizes share one group (members are ragged, not padded: no
+a lone client does not wait for company that cannot come). The batcher awaits the engine (in the
+inference process, or on a thread; never on the event loop), one batch at a time per model: one
+base forward, one DDIM loop over all members, one adapted forward. Requests with different
+``ddim_steps`` run as separate groups of the batch (the DDIM loop length differs); different ensemble sizes share one group (members are ragged, not padded: no
 wasted work). A request that was cancelled (client gone) or whose deadline passed is dropped
 before it costs inference.
 """
@@ -16,7 +16,6 @@ import asyncio
 import math
 import time
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
@@ -37,6 +36,14 @@ class ClientGone(Exception):
     """The client hung up before its batch ran: nobody reads the answer (logged as 499)."""
 
 
+@dataclass(frozen=True)
+class BatchCost:
+    """An engine's seconds for a batch of k samples at its model's default DDIM steps:
+    ``fixed + per_sample * k``, measured when the engine loads (``worker.Engine.calibrate``)."""
+    fixed: float
+    per_sample: float
+
+
 @dataclass
 class Job:
     x: torch.Tensor  # one sample in model space, (*input_shape)
@@ -52,7 +59,7 @@ class Job:
     share: float = 1.0  # this job's part of its request: 1/N for a request of N inputs
 
 
-RunBatch = Callable[[list[Job]], tuple[list[Any], dict[str, float]]]
+RunBatch = Callable[[list[Job]], Awaitable[tuple[list[Any], dict[str, float]]]]  # -> predictions, stage seconds
 
 
 YIELDS = 3  # event-loop turns from a socket's data to the middleware that counts its request
@@ -113,16 +120,15 @@ class Batcher:
     """One per served model version."""
 
     def __init__(self, label: str, name: str, run_batch: RunBatch, max_batch_size: int, max_wait_ms: float,
-                 max_queue: int, inflight: InFlight | None = None):
+                 max_queue: int, inflight: InFlight | None = None, cost: BatchCost | None = None):
         """``label``: the model name for metrics (no per-version series); ``name``: name:version for logs;
-        ``inflight``: without it a batch always waits up to ``max_wait_ms``."""
-        self.label, self.name, self.run_batch, self.inflight = label, name, run_batch, inflight
+        ``inflight``: without it a batch always waits up to ``max_wait_ms``; ``cost``: the engine's
+        measured batch cost (without it batches never split to pipeline)."""
+        self.label, self.name, self.run_batch, self.inflight, self.cost = label, name, run_batch, inflight, cost
         self.max_batch_size, self.max_wait = max_batch_size, max_wait_ms / 1000
         self.queue: asyncio.Queue[Job] = asyncio.Queue(max_queue)
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"infer-{name}")
         self.task: asyncio.Task | None = None
         self.busy = False
-        self.cost: dict[int, float] = {}  # batch size -> its inference wall time (moving average)
         self.depth, self.waited = metrics.QUEUE_DEPTH.labels(label), metrics.QUEUE_DURATION.labels(label)
         self.wake = asyncio.Event()  # a job queued, or a request left the server
         if inflight is not None:
@@ -145,7 +151,6 @@ class Batcher:
             await asyncio.sleep(0.01)
         if self.task:
             self.task.cancel()
-        self.executor.shutdown(wait=False)  # idle: nothing is running on it
 
     def _cap(self) -> int:
         """Most jobs for the next batch: ``max_batch_size``, or half the requests in the server when
@@ -155,23 +160,12 @@ class Batcher:
         requests in flight, P loop seconds per request and inference a + b*k for k requests, one
         batch cycles in P*n + a + b*n and two halves in max(2a + b*n, P*n): halves win when a < P*n."""
         cap = self.max_batch_size
-        if self.inflight is None or cap == 1:
+        if self.inflight is None or self.cost is None or cap == 1:
             return cap
-        loop_s, n, a = self.inflight.measure(), self.inflight.n, self.fixed_cost()
-        if loop_s is not None and a is not None and a < loop_s * n:
+        loop_s, n = self.inflight.measure(), self.inflight.n
+        if loop_s is not None and self.cost.fixed < loop_s * n:
             cap = min(cap, max(1, math.ceil(n / 2)))
         return cap
-
-    def fixed_cost(self) -> float | None:
-        """a, the part of a batch's inference time that does not grow with its size: the intercept of
-        a line through the measured (size, time) points; with one size measured, its whole time
-        (an upper bound); None before any."""
-        if len(self.cost) < 2:
-            return next(iter(self.cost.values()), None)
-        k, t = zip(*self.cost.items())
-        mk, mt = sum(k) / len(k), sum(t) / len(t)
-        slope = sum((x - mk) * (y - mt) for x, y in zip(k, t)) / sum((x - mk) ** 2 for x in k)
-        return max(0.0, mt - slope * mk)
 
     async def _collect(self) -> list[Job]:
         batch = [await self.queue.get()]
@@ -206,7 +200,6 @@ class Batcher:
         return self.inflight is not None and self.inflight.n <= sum(j.share for j in batch) + 1e-6
 
     async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             batch = await self._collect()
             try:
@@ -228,7 +221,7 @@ class Batcher:
                 for job in live:
                     groups[job.steps].append(job)
                 for group in groups.values():
-                    await self._run(loop, group)
+                    await self._run(group)
             except Exception as e:  # never let one batch kill the model's batcher
                 for job in batch:
                     if not job.future.done():
@@ -236,16 +229,13 @@ class Batcher:
             finally:
                 self.busy = False
 
-    async def _run(self, loop: asyncio.AbstractEventLoop, group: list[Job]) -> None:
+    async def _run(self, group: list[Job]) -> None:
         group = [j for j in group if not j.future.done()]
         if not group:
             return
         metrics.BATCH_SIZE.labels(self.label).observe(len(group))
-        start = time.monotonic()
         try:
-            results, timings = await loop.run_in_executor(self.executor, self.run_batch, group)
-            took, k = time.monotonic() - start, len(group)
-            self.cost[k] = took if k not in self.cost else 0.8 * self.cost[k] + 0.2 * took
+            results, timings = await self.run_batch(group)
         except Exception as e:  # a server-side failure: every request of the batch learns it
             for job in group:
                 if not job.future.done():

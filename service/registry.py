@@ -13,7 +13,7 @@ from . import metrics
 from .batcher import Batcher, InFlight
 from .modalities import InputError, Modality, modality_for
 from .settings import Settings
-from .worker import InferenceProcess, build_engine
+from .worker import InferenceProcess, LocalEngine, build_engine
 
 log = logging.getLogger("ocd.service")
 
@@ -47,6 +47,7 @@ class Registry:
         self.inflight = InFlight()  # shared by the app (counting) and every batcher (reading)
         self.models: dict[str, dict[str, Served]] = {}
         self.process: InferenceProcess | None = None
+        self.local: list[LocalEngine] = []  # engines on threads of this process (no inference process)
         self.ready = False
 
     def _wanted(self) -> list[tuple[str, str]]:
@@ -77,16 +78,20 @@ class Registry:
             self.process = InferenceProcess([(label, path) for _, _, label, path in wanted], s)
             engines = {label: self.process.engine(label) for label in manifests}
         else:
-            engines = {label: build_engine(path, s) for _, _, label, path in wanted}
+            engines = {label: LocalEngine(build_engine(path, s), label) for _, _, label, path in wanted}
+            self.local = list(engines.values())
         for name, version, label, _ in wanted:
             manifest = manifests[label]
-            batcher = Batcher(name, label, engines[label], s.max_batch_size, s.max_wait_ms, s.max_queue, self.inflight)
+            batcher = Batcher(name, label, engines[label], s.max_batch_size, s.max_wait_ms, s.max_queue, self.inflight,
+                              engines[label].cost)
             batcher.start()
             self.models.setdefault(name, {})[version] = Served(name, version, manifest, modality_for(manifest), batcher)
             metrics.MODEL_INFO.labels(name, version, manifest.modality, manifest.task, manifest.denoiser.kind,
                                       device, s.backend).set(1)
-            log.info("serving %s on %s with %s (%s, layer %s)%s", label, device, s.backend, manifest.modality,
-                     manifest.layer, " in the inference process" if s.inference_process else "")
+            cost = engines[label].cost
+            log.info("serving %s on %s with %s (%s, layer %s)%s; a batch of k costs %.2f ms + k x %.3f ms",
+                     label, device, s.backend, manifest.modality, manifest.layer,
+                     " in the inference process" if s.inference_process else "", 1000 * cost.fixed, 1000 * cost.per_sample)
         self.ready = True
 
     def get(self, name: str, version: str | None = None) -> Served:
@@ -106,3 +111,5 @@ class Registry:
                 await served.batcher.drain()
         if self.process is not None:
             self.process.stop()
+        for engine in self.local:
+            engine.close()

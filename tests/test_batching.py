@@ -5,40 +5,57 @@ import pytest
 import torch
 
 from ocd_core.predictor import SamplePrediction
-from service.batcher import Batcher, InFlight, disconnected
-from service.worker import pack, unpack
+from service.batcher import BatchCost, Batcher, InFlight, disconnected
+from service.worker import Engine, pack, unpack
 
 
-def batcher(max_batch_size=64, cost=None, loop_s=None, n=0) -> Batcher:
+def batcher(max_batch_size=64, fixed=None, loop_s=None, n=0) -> Batcher:
     inflight = InFlight()
     inflight.n, inflight.loop_s = n, loop_s
     inflight.measure = lambda: inflight.loop_s  # the policy, not the clock, is under test here
-    b = Batcher("m", "m:1", lambda jobs: ([], {}), max_batch_size, 2.0, 16, inflight)
-    b.cost = dict(cost or {})
-    return b
+    cost = None if fixed is None else BatchCost(fixed=fixed, per_sample=0.0002)
+    return Batcher("m", "m:1", lambda jobs: ([], {}), max_batch_size, 2.0, 16, inflight, cost)
 
 
-def test_fixed_cost_is_the_intercept_of_the_measured_sizes():
-    assert batcher().fixed_cost() is None
-    assert batcher(cost={64: 0.016}).fixed_cost() == 0.016  # one size: its whole time, an upper bound
-    assert batcher(cost={32: 0.012, 64: 0.016}).fixed_cost() == pytest.approx(0.008)
-    # least squares through (1, 4), (16, 7.5), (64, 17) ms: slope 0.2043 ms, intercept 3.984 ms
-    assert batcher(cost={1: 0.004, 16: 0.0075, 64: 0.017}).fixed_cost() == pytest.approx(0.003984, abs=1e-6)
-    assert batcher(cost={8: 0.001, 16: 0.004}).fixed_cost() == 0.0  # never negative
-
-
-@pytest.mark.parametrize("cost,loop_s,n,cap", [
-    ({32: 0.012, 64: 0.016}, 0.0003, 64, 32),  # a = 8 ms < 64 x 0.3 ms: two halves overlap the loop
-    ({64: 0.050}, 0.0003, 64, 64),  # a heavy model: a batch's fixed cost dwarfs the loop's work
-    ({32: 0.012, 64: 0.016}, 0.0005, 20, 10),
-    ({32: 0.012, 64: 0.016}, 0.0003, 20, 64),  # 20 x 0.3 ms < a: one batch
-    ({32: 0.012, 64: 0.016}, 0.0003, 500, 64),  # a deep queue: full batches
-    ({32: 0.012, 64: 0.016}, None, 64, 64),  # nothing measured yet
-    ({}, 0.0003, 64, 64),
+@pytest.mark.parametrize("fixed,loop_s,n,cap", [
+    (0.002, 0.0003, 64, 32),  # a = 2 ms < 64 x 0.3 ms: two halves overlap the loop
+    (0.002, 0.0003, 63, 32),  # ceil(n / 2)
+    (0.050, 0.0003, 64, 64),  # a heavy model: a batch's fixed cost dwarfs the loop's work
+    (0.008, 0.0005, 20, 10),
+    (0.008, 0.0003, 20, 64),  # 20 x 0.3 ms < a: one batch
+    (0.008, 0.0003, 500, 64),  # a deep queue: full batches
+    (0.008, None, 64, 64),  # the loop not measured yet
+    (None, 0.0003, 64, 64),  # an engine without a calibration
 ])
-def test_cap_halves_the_batch_only_when_pipelining_pays(cost, loop_s, n, cap):
-    assert batcher(cost=cost, loop_s=loop_s, n=n)._cap() == cap
-    assert batcher(max_batch_size=1, cost=cost, loop_s=loop_s, n=n)._cap() == 1  # batching off stays off
+def test_cap_halves_the_batch_only_when_pipelining_pays(fixed, loop_s, n, cap):
+    assert batcher(fixed=fixed, loop_s=loop_s, n=n)._cap() == cap
+    assert batcher(max_batch_size=1, fixed=fixed, loop_s=loop_s, n=n)._cap() == 1  # batching off stays off
+
+
+def test_calibration_measures_the_fixed_and_per_sample_cost():
+    """A stand-in predictor whose stage timings are 3 ms + 0.5 ms per sample, except a slow first
+    call (the warm-up, which calibration must leave out): the calibration recovers both."""
+    calls = []
+
+    class Timed:
+        def predict_ragged(self, x, steps, ensembles, seeds):
+            calls.append((tuple(x.shape), steps))
+            first = 0.5 if len(calls) == 1 else 0.0
+            k = len(ensembles)
+            preds = [SamplePrediction(torch.zeros(1, 10), torch.zeros(10), torch.tensor(0.0), torch.zeros(10))] * k
+            return preds, {"base": 0.001 + first, "ddim": 0.002 + 0.0004 * k, "adapt": 0.0001 * k}
+
+    engine = Engine(Timed(), "cpu")
+    cost = engine.calibrate([1, 28, 28], steps=5, size=8, repeats=2, budget_s=10.0)
+    assert cost == engine.cost
+    assert cost.fixed == pytest.approx(0.003)
+    assert cost.per_sample == pytest.approx(0.0005)
+    assert calls == [((1, 1, 28, 28), 5)] * 3 + [((8, 1, 28, 28), 5)] * 2
+
+    calls.clear()  # a model too slow to calibrate within the budget: the warm-up bounds the fixed cost
+    cost = Engine(Timed(), "cpu").calibrate([3], steps=5, size=8, repeats=2, budget_s=1.0)
+    assert cost == BatchCost(fixed=pytest.approx(0.5035), per_sample=0.0)
+    assert calls == [((1, 3), 5)]
 
 
 def test_pack_and_unpack_keep_ragged_ensembles():
