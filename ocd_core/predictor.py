@@ -69,6 +69,27 @@ class SamplePrediction:
     base: torch.Tensor
 
 
+@dataclass
+class RaggedPrediction:
+    """A ragged batch's predictions, still batched: members (ΣK, *out), sample-major; mean (B, *out);
+    uncertainty (B,) entropy or (B, *out) std; base (B, *out); counts: K per sample."""
+
+    members: torch.Tensor
+    mean: torch.Tensor
+    uncertainty: torch.Tensor
+    base: torch.Tensor
+    counts: list[int]
+
+    def split(self) -> list[SamplePrediction]:
+        """One SamplePrediction per sample, its tensors views of these (``unbind``: one op for B rows)."""
+        return [SamplePrediction(*row) for row in zip(self.members.split(self.counts), self.mean.unbind(),
+                                                       self.uncertainty.unbind(), self.base.unbind())]
+
+    def to(self, device: torch.device | str) -> RaggedPrediction:
+        return RaggedPrediction(*(t.to(device) for t in (self.members, self.mean, self.uncertainty, self.base)),
+                                self.counts)
+
+
 class OCDModel(nn.Module):
     """A base model, the layer OCD adapts, and the networks that generate its per-sample deltas."""
 
@@ -201,15 +222,39 @@ class OCDModel(nn.Module):
         members = out.view(x.shape[0], ensemble, *out.shape[1:])
         return Prediction(members, *self._summary(members, 1), base, timings)
 
-    @torch.no_grad()
     def predict_ragged(self, x: torch.Tensor, steps: int, ensembles: Sequence[int], seeds: Sequence[int],
                        eta: float = 0.0) -> tuple[list[SamplePrediction], dict[str, float]]:
         """Like ``predict`` with a per-sample ensemble size: one DDIM loop over all ΣK members."""
+        pred, timings = self.predict_batched(x, steps, ensembles, seeds, eta)
+        return pred.split(), timings
+
+    @torch.no_grad()
+    def predict_batched(self, x: torch.Tensor, steps: int, ensembles: Sequence[int], seeds: Sequence[int],
+                        eta: float = 0.0) -> tuple[RaggedPrediction, dict[str, float]]:
+        """``predict_ragged`` without splitting the batch into samples."""
         with self._lock:
             out, base, timings = self._run(x, steps, list(ensembles), eta, seeds, "net")
-        return self.split_ragged(out, base, ensembles), timings
+        return self.summarise_ragged(out, base, ensembles), timings
 
-    def split_ragged(self, out: torch.Tensor, base: torch.Tensor, ensembles: Sequence[int]) -> list[SamplePrediction]:
-        """Member outputs (ΣK, *out) and base outputs (B, *out), after the head -> one SamplePrediction per sample."""
-        return [SamplePrediction(members, *self._summary(members, 0), base[i])
-                for i, members in enumerate(out.split(list(ensembles)))]
+    def summarise_ragged(self, out: torch.Tensor, base: torch.Tensor, ensembles: Sequence[int]) -> RaggedPrediction:
+        """Member outputs (ΣK, *out) and base outputs (B, *out), after the head -> their ensemble
+        summaries, one ``_summary`` per distinct K over all the samples with K members (as ``predict``
+        summarises (B, K, *out)), not one per sample."""
+        counts, tail = list(ensembles), out.shape[1:]
+        if len(set(counts)) == 1:
+            mean, unc = self._summary(out.view(len(counts), counts[0], *tail), 1)
+            return RaggedPrediction(out, mean, unc, base, counts)
+        starts = [0]
+        for k in counts[:-1]:
+            starts.append(starts[-1] + k)
+        parts = {}
+        for k in sorted(set(counts)):
+            idx = [i for i, c in enumerate(counts) if c == k]
+            rows = torch.tensor([starts[i] + j for i in idx for j in range(k)], device=out.device)
+            parts[k] = (torch.tensor(idx, device=out.device), *self._summary(out[rows].view(len(idx), k, *tail), 1))
+        first = next(iter(parts.values()))
+        mean = out.new_empty(len(counts), *first[1].shape[1:])
+        unc = out.new_empty(len(counts), *first[2].shape[1:])
+        for idx, m, u in parts.values():
+            mean[idx], unc[idx] = m, u
+        return RaggedPrediction(out, mean, unc, base, counts)

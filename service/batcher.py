@@ -38,10 +38,17 @@ class ClientGone(Exception):
 
 @dataclass(frozen=True)
 class BatchCost:
-    """An engine's seconds for a batch of k samples at its model's default DDIM steps:
-    ``fixed + per_sample * k``, measured when the engine loads (``worker.Engine.calibrate``)."""
+    """An engine's seconds for a batch of k samples at ``steps`` DDIM steps: ``fixed + per_sample * k``,
+    measured when the engine loads (``worker.Engine.calibrate``)."""
     fixed: float
     per_sample: float
+    steps: int = 1
+
+    def predict(self, jobs: list[Job]) -> float:
+        """Roughly the seconds for these jobs (one ``steps`` value): members cost per_sample each,
+        and DDIM steps beyond the calibration's scale the whole batch (an upper bound)."""
+        members = sum(j.ensemble for j in jobs)
+        return (self.fixed + self.per_sample * members) * max(1.0, jobs[0].steps / self.steps)
 
 
 @dataclass
@@ -63,6 +70,8 @@ RunBatch = Callable[[list[Job]], Awaitable[tuple[list[Any], dict[str, float]]]] 
 
 
 YIELDS = 3  # event-loop turns from a socket's data to the middleware that counts its request
+PIPELINE_DEPTH = 2  # batches of one model at its engine at once: the next one waits there, ready to run
+PIPELINE_HORIZON_S = 0.05  # ... only behind a batch predicted to take less: a batch is committed when sent
 
 
 def disconnected(receive: Callable[[], Awaitable[dict]]) -> bool:
@@ -128,7 +137,12 @@ class Batcher:
         self.max_batch_size, self.max_wait = max_batch_size, max_wait_ms / 1000
         self.queue: asyncio.Queue[Job] = asyncio.Queue(max_queue)
         self.task: asyncio.Task | None = None
-        self.busy = False
+        self.busy = False  # collecting a batch
+        self.running = 0  # batches handed to the engine and not answered yet (at most PIPELINE_DEPTH)
+        self.long = 0  # how many of them are predicted to take PIPELINE_HORIZON_S or more
+        self.dispatched = 0.0  # the requests in them
+        self.slot = asyncio.Event()  # a running batch was answered
+        self.runs: set[asyncio.Task] = set()
         self.depth, self.waited = metrics.QUEUE_DEPTH.labels(label), metrics.QUEUE_DURATION.labels(label)
         self.wake = asyncio.Event()  # a job queued, or a request left the server
         if inflight is not None:
@@ -147,7 +161,7 @@ class Batcher:
 
     async def drain(self) -> None:
         """Wait until every queued request has been answered, then stop."""
-        while not self.queue.empty() or self.busy:
+        while not self.queue.empty() or self.busy or self.running:
             await asyncio.sleep(0.01)
         if self.task:
             self.task.cancel()
@@ -196,11 +210,24 @@ class Batcher:
         return batch
 
     def _holds_all(self, batch: list[Job]) -> bool:
-        """Whether ``batch`` holds every inference request in the server (requests, not jobs)."""
-        return self.inflight is not None and self.inflight.n <= sum(j.share for j in batch) + 1e-6
+        """Whether ``batch`` and the batches at the engine hold every inference request in the server
+        (requests, not jobs): no other request can arrive before one of them is answered."""
+        return self.inflight is not None and self.inflight.n <= sum(j.share for j in batch) + self.dispatched + 1e-6
+
+    async def _free_slot(self) -> None:
+        """Wait until the engine may take another batch: none running, or fewer than PIPELINE_DEPTH
+        and all of them quick (a client that hangs up while its batch waits at the engine still
+        costs inference; behind a quick batch that wait is short, and without it the engine would
+        idle between batches while the event loop is busy)."""
+        while self.running and (self.running >= PIPELINE_DEPTH or self.long or self.cost is None):
+            self.slot.clear()
+            await self.slot.wait()
 
     async def _loop(self) -> None:
+        """Collect a batch whenever the engine has room for one (``PIPELINE_DEPTH``): the engine
+        starts the next batch as it finishes one, while the event loop answers that one."""
         while True:
+            await self._free_slot()
             batch = await self._collect()
             try:
                 self.depth.set(self.queue.qsize())
@@ -208,7 +235,7 @@ class Batcher:
                 live = []
                 for job in batch:
                     if not job.future.done() and job.gone is not None and job.gone():
-                        job.future.cancel()  # the client went away: it costs no inference
+                        job.future.set_exception(ClientGone())  # it costs no inference
                     if job.future.done():
                         continue
                     if now > job.deadline:
@@ -221,7 +248,8 @@ class Batcher:
                 for job in live:
                     groups[job.steps].append(job)
                 for group in groups.values():
-                    await self._run(group)
+                    await self._free_slot()
+                    self._dispatch(group)
             except Exception as e:  # never let one batch kill the model's batcher
                 for job in batch:
                     if not job.future.done():
@@ -229,10 +257,19 @@ class Batcher:
             finally:
                 self.busy = False
 
-    async def _run(self, group: list[Job]) -> None:
+    def _dispatch(self, group: list[Job]) -> None:
         group = [j for j in group if not j.future.done()]
         if not group:
             return
+        long = self.cost is None or self.cost.predict(group) >= PIPELINE_HORIZON_S
+        self.running += 1
+        self.long += long
+        self.dispatched += sum(j.share for j in group)
+        run = asyncio.get_running_loop().create_task(self._run(group, long))
+        self.runs.add(run)  # (the loop keeps only a weak reference to a task)
+        run.add_done_callback(self.runs.discard)
+
+    async def _run(self, group: list[Job], long: bool) -> None:
         metrics.BATCH_SIZE.labels(self.label).observe(len(group))
         try:
             results, timings = await self.run_batch(group)
@@ -241,6 +278,11 @@ class Batcher:
                 if not job.future.done():
                     job.future.set_exception(e)
             return
+        finally:
+            self.running -= 1
+            self.long -= long
+            self.dispatched -= sum(j.share for j in group)
+            self.slot.set()
         for stage, seconds in timings.items():
             metrics.INFERENCE.labels(self.label, stage).observe(seconds)
         for job, result in zip(group, results):
@@ -252,7 +294,8 @@ class Batcher:
 async def infer(batcher: Batcher, xs: list[torch.Tensor], steps: int, ensemble: int, seeds: list[int], deadline: float,
                 gone: Callable[[], bool] | None = None) -> list[tuple[Any, dict[str, float], Job]]:
     """One request of ``len(xs)`` samples: queue a job per sample, wait for all of them (or the
-    deadline, or the client hanging up); -> (prediction, the batch's stage timings, job) per sample."""
+    deadline: DeadlineExceeded, or the client hanging up: ClientGone); -> (prediction, the batch's
+    stage timings, job) per sample."""
     jobs = [Job(x, steps, ensemble, s, deadline, gone=gone, share=1 / len(xs)) for x, s in zip(xs, seeds)]
     try:
         for j in jobs:
@@ -261,12 +304,21 @@ async def infer(batcher: Batcher, xs: list[torch.Tensor], steps: int, ensemble: 
         for j in jobs:
             j.future.cancel()
         raise
-    futures = [j.future for j in jobs]
-    _, pending = await asyncio.wait(futures, timeout=max(0.0, deadline - time.monotonic()))
-    if pending:
-        for f in futures:  # nobody will read these: drop them before they cost inference
-            f.cancel()
-        raise DeadlineExceeded("no result in time")
-    if any(f.cancelled() for f in futures):
-        raise ClientGone()  # the batcher saw the client hang up
-    return [(*f.result(), j) for f, j in zip(futures, jobs)]
+    loop = asyncio.get_running_loop()
+    timer = loop.call_at(loop.time() + deadline - time.monotonic(), _expire, jobs)
+    try:
+        return [(*await j.future, j) for j in jobs]
+    finally:
+        timer.cancel()
+        for j in jobs:
+            if not j.future.done():
+                j.future.cancel()  # after an error: the request's other jobs need not run
+            elif not j.future.cancelled():
+                j.future.exception()  # retrieved (else asyncio logs "exception was never retrieved")
+
+
+def _expire(jobs: list[Job]) -> None:
+    """The deadline passed: fail the jobs not done yet (the batcher drops them before they cost inference)."""
+    for j in jobs:
+        if not j.future.done():
+            j.future.set_exception(DeadlineExceeded("no result in time"))

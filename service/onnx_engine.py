@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ocd_core.bundle import BundleError, weights_digest
-from ocd_core.predictor import OCDModel, SamplePrediction, draw_noise
+from ocd_core.predictor import OCDModel, RaggedPrediction, SamplePrediction, draw_noise
 
 GRAPHS = ("base", "cond", "denoiser_step", "scale", "adapt")
 log = logging.getLogger("ocd.service")
@@ -106,12 +106,18 @@ class OnnxOCD:
         return (m.head(torch.from_numpy(adapted)), m.head(torch.from_numpy(base_out)),
                 {"base": t1 - t0, "ddim": t2 - t1, "adapt": t3 - t2})
 
-    @torch.no_grad()
     def predict_ragged(self, x: torch.Tensor, steps: int, ensembles: Sequence[int], seeds: Sequence[int],
                        eta: float = 0.0) -> tuple[list[SamplePrediction], dict[str, float]]:
         """Same contract as ``OCDModel.predict_ragged``: x (B, *input), one seed and ensemble size per sample."""
+        pred, timings = self.predict_batched(x, steps, ensembles, seeds, eta)
+        return pred.split(), timings
+
+    @torch.no_grad()
+    def predict_batched(self, x: torch.Tensor, steps: int, ensembles: Sequence[int], seeds: Sequence[int],
+                        eta: float = 0.0) -> tuple[RaggedPrediction, dict[str, float]]:
+        """Same contract as ``OCDModel.predict_batched``."""
         if len(seeds) != x.shape[0] or len(ensembles) != x.shape[0]:
             raise ValueError(f"{len(seeds)} seeds and {len(ensembles)} ensemble sizes for {x.shape[0]} inputs")
         with self._lock:
             out, base, timings = self._run(x, steps, list(ensembles), eta, seeds)
-        return self.model.split_ragged(out, base, ensembles), timings
+        return self.model.summarise_ragged(out, base, ensembles), timings

@@ -16,18 +16,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing as mp
+import os
+import pickle
+import struct
 import threading
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
+from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from ocd_core.bundle import BundleError, load_bundle
-from ocd_core.predictor import SamplePrediction
+from ocd_core.predictor import RaggedPrediction, SamplePrediction
 
 from .batcher import BatchCost, Job
 from .settings import Settings
@@ -44,14 +47,14 @@ class Engine:
 
     def __call__(self, jobs: list[Job]) -> tuple[list[SamplePrediction], dict[str, float]]:
         x = torch.stack([j.x for j in jobs])
-        return self.run(x, jobs[0].steps, [j.ensemble for j in jobs], [j.seed for j in jobs])
+        pred, timings = self.run(x, jobs[0].steps, [j.ensemble for j in jobs], [j.seed for j in jobs])
+        return pred.split(), timings
 
     def run(self, x: torch.Tensor, steps: int, ensembles: list[int], seeds: list[int]
-            ) -> tuple[list[SamplePrediction], dict[str, float]]:
-        """x (B, *input) on the CPU -> one CPU prediction per row, and the batch's seconds per stage."""
-        preds, timings = self.model.predict_ragged(x.to(self.device), steps, ensembles, seeds)
-        cpu = [SamplePrediction(*(t.cpu() for t in (p.members, p.mean, p.uncertainty, p.base))) for p in preds]
-        return cpu, timings
+            ) -> tuple[RaggedPrediction, dict[str, float]]:
+        """x (B, *input) on the CPU -> the batch's predictions on the CPU, and its seconds per stage."""
+        pred, timings = self.model.predict_batched(x.to(self.device), steps, ensembles, seeds)
+        return pred.to("cpu"), timings
 
     def calibrate(self, input_shape: list[int], steps: int, size: int = 8, repeats: int = 3,
                   budget_s: float = 2.0) -> BatchCost:
@@ -67,11 +70,11 @@ class Engine:
 
         first = seconds(1)
         if first * repeats * (1 + size) > budget_s:
-            self.cost = BatchCost(fixed=first, per_sample=0.0)
+            self.cost = BatchCost(fixed=first, per_sample=0.0, steps=steps)
             return self.cost
         one, many = (min(seconds(k) for _ in range(repeats)) for k in (1, size))
         per_sample = max(0.0, (many - one) / (size - 1))
-        self.cost = BatchCost(fixed=max(0.0, one - per_sample), per_sample=per_sample)
+        self.cost = BatchCost(fixed=max(0.0, one - per_sample), per_sample=per_sample, steps=steps)
         return self.cost
 
 
@@ -116,24 +119,22 @@ def _serve_model(engine: Engine, conn: Connection) -> None:
         except (EOFError, OSError):  # the server process closed the pipe or is gone
             return
         try:
-            preds, timings = engine.run(torch.from_numpy(x), steps, ensembles, seeds)
-            reply: tuple = (seq, "ok", pack(preds), timings)
+            pred, timings = engine.run(torch.from_numpy(x), steps, ensembles, seeds)
+            reply: tuple = (seq, "ok", pack(pred), timings)
         except Exception as e:  # noqa: BLE001  (reported to the server process: a 500 for this batch)
             reply = (seq, "error", f"{type(e).__name__}: {e}", traceback.format_exc())
         conn.send(reply)
 
 
-def pack(preds: list[SamplePrediction]) -> tuple[np.ndarray, ...]:
-    """A batch's predictions as four arrays (members of all rows concatenated, then mean, uncertainty,
-    base stacked): four arrays pickle in a few µs, 4 x B of them took ~1 ms at B = 32."""
-    return (np.concatenate([p.members.numpy() for p in preds]), *(np.stack([getattr(p, f).numpy() for p in preds])
-                                                                    for f in ("mean", "uncertainty", "base")))
+def pack(pred: RaggedPrediction) -> tuple[np.ndarray, ...]:
+    """A batch's predictions as four arrays (members, mean, uncertainty, base): four arrays pickle in a
+    few µs, 4 x B tensors took ~1 ms at B = 32."""
+    return tuple(t.numpy() for t in (pred.members, pred.mean, pred.uncertainty, pred.base))
 
 
 def unpack(arrays: tuple[np.ndarray, ...], ensembles: list[int]) -> list[SamplePrediction]:
     """``pack``'s inverse: one SamplePrediction per row, its tensors views of the four arrays."""
-    members, mean, unc, base = (torch.from_numpy(a) for a in arrays)
-    return [SamplePrediction(m, mean[i], unc[i], base[i]) for i, m in enumerate(members.split(ensembles))]
+    return RaggedPrediction(*(torch.from_numpy(a) for a in arrays), list(ensembles)).split()
 
 
 def _main(models: list[tuple[str, str, Connection]], settings: Settings) -> None:
@@ -160,14 +161,87 @@ def _main(models: list[tuple[str, str, Connection]], settings: Settings) -> None
         t.join()
 
 
-async def readable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
-    """Wait until ``fd`` has data (or EOF) to read, without blocking the event loop."""
-    ready = loop.create_future()
-    loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
-    try:
-        await ready
-    finally:
-        loop.remove_reader(fd)
+class Channel:
+    """The server process's end of one model's pipe, driven by the event loop. ``request`` queues a
+    batch without blocking (what the socket does not take now is written when it can: the process
+    may still be running the batch before) and the reply comes back to the request's future by its
+    sequence number. Framed as ``multiprocessing.Connection`` frames (a 4-byte length, then the
+    pickle), so the inference process's side is a plain Connection."""
+
+    def __init__(self, conn: Connection):
+        self.conn, self.fd = conn, conn.fileno()
+        os.set_blocking(self.fd, False)
+        self.loop: asyncio.AbstractEventLoop | None = None  # the event loop it is attached to, at the first request
+        self.out, self.inbox = bytearray(), bytearray()
+        self.waiting: dict[int, asyncio.Future] = {}
+        self.broken: BaseException | None = None
+
+    def request(self, seq: int, message: tuple) -> asyncio.Future:
+        """Send ``message`` (its first item ``seq``) -> the future of the reply's other items."""
+        if self.broken is not None:
+            raise EOFError(f"the inference process's pipe is closed: {self.broken}")
+        if self.loop is None:
+            self.loop = asyncio.get_running_loop()
+            self.loop.add_reader(self.fd, self._read)
+        data = ForkingPickler.dumps(message)
+        if len(data) > 0x7FFFFFFF:
+            raise ValueError(f"a batch of {len(data)} bytes is over the pipe's 2 GiB frame")
+        self.out += struct.pack("!i", len(data))
+        self.out += data
+        future = self.waiting[seq] = self.loop.create_future()
+        self._write()
+        return future
+
+    def _write(self) -> None:
+        try:
+            sent = os.write(self.fd, self.out)
+        except BlockingIOError:
+            sent = 0
+        except OSError as e:
+            return self._fail(e)
+        del self.out[:sent]
+        if self.out:
+            self.loop.add_writer(self.fd, self._write)
+        else:
+            self.loop.remove_writer(self.fd)
+
+    def _read(self) -> None:
+        try:
+            data = os.read(self.fd, 1 << 20)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            return self._fail(e)
+        if not data:
+            return self._fail(EOFError("the inference process closed its pipe"))
+        self.inbox += data
+        while len(self.inbox) >= 4:
+            (size,) = struct.unpack_from("!i", self.inbox)
+            if len(self.inbox) < 4 + size:
+                break
+            reply = pickle.loads(self.inbox[4:4 + size])
+            del self.inbox[:4 + size]
+            future = self.waiting.pop(reply[0], None)
+            if future is not None and not future.done():  # (cancelled: its caller went away)
+                future.set_result(reply[1:])
+
+    def _fail(self, error: BaseException) -> None:
+        """The pipe broke (the process died, or close()): every waiting request learns it (EOFError)."""
+        if self.broken is None:
+            self.broken = error
+            if self.loop is not None:
+                self.loop.remove_reader(self.fd)
+                self.loop.remove_writer(self.fd)
+        for future in self.waiting.values():
+            if not future.done():
+                future.set_exception(EOFError(f"the inference process's pipe broke: {error}"))
+        self.waiting.clear()
+
+    def close(self) -> None:
+        """Detach from the event loop (call it on the loop's thread) and close the pipe: the process's
+        thread for this model reads EOF and ends."""
+        self._fail(EOFError("closed by the server"))
+        self.conn.close()
 
 
 class InferenceProcess:
@@ -175,11 +249,11 @@ class InferenceProcess:
 
     def __init__(self, models: list[tuple[str, Path]], settings: Settings):
         self.models, self.settings = models, settings
-        self.lock = threading.Lock()
+        self.restarting: asyncio.Lock | None = None  # created on the event loop, at the first restart
         self.generation = 0
         self.seq = 0  # numbers the batches sent
         self.process: mp.process.BaseProcess | None = None
-        self.conns: dict[str, Connection] = {}
+        self.channels: dict[str, Channel] = {}
         self.costs: dict[str, BatchCost] = {}  # each engine's calibration, sent with "ready"
         self.start()
 
@@ -193,22 +267,28 @@ class InferenceProcess:
         self.process.start()
         for _, child in pipes.values():
             child.close()
-        self.conns = {label: parent for label, (parent, _) in pipes.items()}
         self.generation += 1
-        for label, conn in self.conns.items():
+        for label, (conn, _) in pipes.items():
             try:
                 status, message, _ = conn.recv()
             except EOFError:
                 status, message = "error", f"the inference process exited (code {self.process.exitcode})"
             if status != "ready":
-                self.stop()
+                for parent, _ in pipes.values():
+                    parent.close()
+                self._join()
                 raise BundleError(f"{label}: {message}")
             self.costs[label] = message
-        log.info("inference process %d serves %s", self.process.pid, ", ".join(self.conns))
+        self.channels = {label: Channel(conn) for label, (conn, _) in pipes.items()}
+        log.info("inference process %d serves %s", self.process.pid, ", ".join(self.channels))
 
     def stop(self) -> None:
-        for conn in self.conns.values():
-            conn.close()  # its threads read EOF and the process exits
+        """Close the pipes (on the event loop's thread, if it used them) and end the process."""
+        for channel in self.channels.values():
+            channel.close()  # its threads read EOF and the process exits
+        self._join()
+
+    def _join(self) -> None:
         if self.process is not None:
             self.process.join(5)
             if self.process.is_alive():
@@ -219,33 +299,32 @@ class InferenceProcess:
         return RemoteEngine(self, label)
 
     async def call(self, label: str, x: np.ndarray, steps: int, ensembles: list[int], seeds: list[int]) -> tuple:
-        """One batch through the process, from the event loop (the model's batcher: one call per model
-        at a time) -> ("ok", packed, timings) or ("error", message, traceback). The batch goes out at
-        once (the model's thread there waits in ``recv``), the reply is read when the pipe turns
-        readable; a reply to an earlier, cancelled call is dropped by its sequence number."""
-        generation, conn = self.generation, self.conns[label]
+        """One batch through the process, from the event loop -> ("ok", packed, timings) or ("error",
+        message, traceback). A model's batches run there in the order sent, one at a time."""
+        generation = self.generation
         self.seq += 1
-        seq, loop = self.seq, asyncio.get_running_loop()
         try:
-            conn.send((seq, x, steps, ensembles, seeds))
-            while True:
-                await readable(loop, conn.fileno())
-                reply = conn.recv()  # written in one piece by the process: the rest follows at once
-                if reply[0] == seq:
-                    return reply[1:]
+            return await self.channels[label].request(self.seq, (self.seq, x, steps, ensembles, seeds))
         except (EOFError, OSError):
-            await loop.run_in_executor(None, self.restart, generation)
+            await self.restart(generation)
             raise RuntimeError("the inference process exited during this batch; a new one serves the next") from None
 
-    def restart(self, generation: int) -> None:
-        """Start a new process unless another model's thread already did since ``generation``."""
-        with self.lock:
+    async def restart(self, generation: int) -> None:
+        """Start a new process (off the event loop) unless another batch already did since ``generation``."""
+        if self.restarting is None:
+            self.restarting = asyncio.Lock()
+        async with self.restarting:
             if generation != self.generation:
                 return
             code = self.process.exitcode if self.process is not None else None
             log.error("inference process exited (code %s); starting a new one", code)
-            self.stop()
-            self.start()
+            for channel in self.channels.values():
+                channel.close()
+            await asyncio.get_running_loop().run_in_executor(None, self.stop_and_start)
+
+    def stop_and_start(self) -> None:
+        self._join()
+        self.start()
 
 
 class RemoteEngine:

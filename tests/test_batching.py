@@ -1,11 +1,13 @@
 """Batcher policy and the inference process's wire format, without a server."""
 import asyncio
+import time
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from ocd_core.predictor import SamplePrediction
-from service.batcher import BatchCost, Batcher, InFlight, disconnected
+from ocd_core.predictor import OCDModel, RaggedPrediction, SamplePrediction
+from service.batcher import BatchCost, Batcher, InFlight, Job, disconnected
 from service.worker import Engine, pack, unpack
 
 
@@ -38,12 +40,12 @@ def test_calibration_measures_the_fixed_and_per_sample_cost():
     calls = []
 
     class Timed:
-        def predict_ragged(self, x, steps, ensembles, seeds):
+        def predict_batched(self, x, steps, ensembles, seeds):
             calls.append((tuple(x.shape), steps))
             first = 0.5 if len(calls) == 1 else 0.0
             k = len(ensembles)
-            preds = [SamplePrediction(torch.zeros(1, 10), torch.zeros(10), torch.tensor(0.0), torch.zeros(10))] * k
-            return preds, {"base": 0.001 + first, "ddim": 0.002 + 0.0004 * k, "adapt": 0.0001 * k}
+            pred = RaggedPrediction(torch.zeros(k, 10), torch.zeros(k, 10), torch.zeros(k), torch.zeros(k, 10), [1] * k)
+            return pred, {"base": 0.001 + first, "ddim": 0.002 + 0.0004 * k, "adapt": 0.0001 * k}
 
     engine = Engine(Timed(), "cpu")
     cost = engine.calibrate([1, 28, 28], steps=5, size=8, repeats=2, budget_s=10.0)
@@ -54,18 +56,81 @@ def test_calibration_measures_the_fixed_and_per_sample_cost():
 
     calls.clear()  # a model too slow to calibrate within the budget: the warm-up bounds the fixed cost
     cost = Engine(Timed(), "cpu").calibrate([3], steps=5, size=8, repeats=2, budget_s=1.0)
-    assert cost == BatchCost(fixed=pytest.approx(0.5035), per_sample=0.0)
+    assert cost == BatchCost(fixed=pytest.approx(0.5035), per_sample=0.0, steps=5)
     assert calls == [((1, 3), 5)]
 
 
+def test_batch_cost_predicts_members_and_steps():
+    cost = BatchCost(fixed=0.002, per_sample=0.0002, steps=5)
+    job = lambda steps, ensemble: SimpleNamespace(steps=steps, ensemble=ensemble)  # noqa: E731  (what predict reads)
+    assert cost.predict([job(5, 1)] * 10) == pytest.approx(0.004)
+    assert cost.predict([job(5, 4), job(5, 6)]) == pytest.approx(0.004)  # ensemble members count
+    assert cost.predict([job(50, 1)] * 10) == pytest.approx(0.04)  # 10x the steps: 10x the batch
+    assert cost.predict([job(2, 1)] * 10) == pytest.approx(0.004)  # fewer steps: still the upper bound
+
+
+@pytest.mark.parametrize("fixed,at_engine", [(0.001, 2), (1.0, 1)])
+def test_a_second_batch_waits_at_the_engine_only_behind_a_quick_one(fixed, at_engine):
+    """Three single-job batches: behind a quick batch the next one is sent at once (PIPELINE_DEPTH);
+    behind a slow one it stays queued, where a client that hangs up still costs nothing."""
+    async def main():
+        started, gate = [], asyncio.Event()
+
+        async def engine(jobs):
+            started.append([j.seed for j in jobs])
+            await gate.wait()
+            return [j.seed for j in jobs], {"ddim": 0.001}
+
+        b = Batcher("m", "m:1", engine, 1, 0.0, 16, None, BatchCost(fixed, 0.0, steps=5))
+        b.start()
+        jobs = [Job(torch.zeros(1), 5, 1, seed, time.monotonic() + 10) for seed in range(3)]
+        for j in jobs:
+            b.submit(j)
+        for _ in range(20):
+            await asyncio.sleep(0)
+        seen = list(started)
+        gate.set()
+        results = [(await j.future)[0] for j in jobs]
+        await b.drain()
+        return seen, results, started
+
+    seen, results, started = asyncio.run(main())
+    assert seen == [[0], [1]][:at_engine]
+    assert results == [0, 1, 2] and started == [[0], [1], [2]]
+
+
 def test_pack_and_unpack_keep_ragged_ensembles():
+    counts = [1, 3, 2]
     preds = [SamplePrediction(torch.full((k, 10), float(i)), torch.full((10,), i + 0.5), torch.tensor(i + 0.25),
-                              torch.full((10,), i - 1.0)) for i, k in enumerate([1, 3, 2])]
-    back = unpack(pack(preds), [1, 3, 2])
+                              torch.full((10,), i - 1.0)) for i, k in enumerate(counts)]
+    batched = RaggedPrediction(torch.cat([p.members for p in preds]), *(torch.stack([getattr(p, f) for p in preds])
+                                                                          for f in ("mean", "uncertainty", "base")), counts)
+    arrays = pack(batched)
+    assert [a.shape for a in arrays] == [(6, 10), (3, 10), (3,), (3, 10)]
+    back = unpack(arrays, counts)
     assert len(back) == 3
     for p, q in zip(preds, back):
         for f in ("members", "mean", "uncertainty", "base"):
             assert torch.equal(getattr(p, f), getattr(q, f)), f
+
+
+@pytest.mark.parametrize("task", ["classification", "regression"])
+def test_batched_summary_equals_each_sample_alone(task):
+    """summarise_ragged summarises all samples with K members at once; every sample's mean and
+    uncertainty must be bit-identical to summarising it alone (no dependence on the batch)."""
+    model = OCDModel.__new__(OCDModel)  # only the task matters to the summary
+    model.__dict__["task"] = task
+    g = torch.Generator().manual_seed(0)
+    for counts in ([1] * 7, [3] * 5, [1, 3, 2, 3, 1, 5, 2]):
+        out = torch.rand(sum(counts), 10, generator=g).softmax(-1)
+        base = torch.rand(len(counts), 10, generator=g)
+        pred = model.summarise_ragged(out, base, counts)
+        assert pred.mean.shape == (len(counts), 10)
+        assert pred.uncertainty.shape == ((len(counts),) if task == "classification" else (len(counts), 10))
+        for i, (members, p) in enumerate(zip(out.split(counts), pred.split())):
+            mean, unc = model._summary(members.unsqueeze(0), 1)
+            assert torch.equal(p.members, members) and torch.equal(p.base, base[i])
+            assert torch.equal(p.mean, mean[0]) and torch.equal(p.uncertainty, unc[0]), (counts, i)
 
 
 def test_disconnected_steps_receive_once_without_waiting():

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..layers import MaxPool2x2
+
 
 class AudioCNN(nn.Module):
     """x: (B, 1, n_mels, frames) normalised log-mel -> logits (B, num_classes)."""
@@ -14,7 +16,7 @@ class AudioCNN(nn.Module):
         self.conv1 = nn.Conv2d(1, width, 3, padding=1)
         self.conv2 = nn.Conv2d(width, 2 * width, 3, padding=1)
         self.conv3 = nn.Conv2d(2 * width, 4 * width, 3, padding=1)
-        self.pool = nn.MaxPool2d(2)
+        self.pool = MaxPool2x2()
         self.act = nn.ReLU()
         self.gap = nn.AdaptiveAvgPool2d(1)
         self.fc1 = nn.Linear(4 * width, hidden)

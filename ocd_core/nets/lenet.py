@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..layers import MaxPool2x2
+
 
 class LeNet5(nn.Module):
     """x: (B, 1, 28, 28) normalised image -> logits (B, num_classes). OCD layer: ``fc1``."""
@@ -13,7 +15,7 @@ class LeNet5(nn.Module):
         self.conv1 = nn.Conv2d(in_channels, 6, 5, padding=2)  # 28 -> 28 (as 32x32 LeNet)
         self.conv2 = nn.Conv2d(6, 16, 5)  # 14 -> 10
         self.conv3 = nn.Conv2d(16, 120, 5)  # 5 -> 1
-        self.pool = nn.MaxPool2d(2)
+        self.pool = MaxPool2x2()
         self.act = nn.ReLU()
         self.fc1 = nn.Linear(120, 84)
         self.fc2 = nn.Linear(84, num_classes)
