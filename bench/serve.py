@@ -1,12 +1,17 @@
-"""Serving benchmark against a real server it starts: throughput and p50/p99 latency at
+"""Serving benchmark against real servers it starts: throughput and p50/p99 latency at
 concurrency 1, 16 and 64, dynamic batching on vs off (OCD_MAX_BATCH_SIZE=1).
+
+Both servers run side by side (the idle one costs no CPU), and each level's seconds are split into
+``--rounds`` runs per mode, alternating on, off, off, on, ...: on this shared machine the speed
+drifts by 10-20 % within minutes, which sequential on-then-off runs put into the ratio. A level's
+throughput is over all its runs, its p50 the median of the runs' and its p99 the largest.
 
 Requests are base64 PNG MNIST digits, the model's DDIM steps, ensemble 1, fixed seeds, sent over
 keep-alive connections by `wrk` (C; `apt install wrk`) when it is installed, else by up to 4 Python
 client processes of blocking connections (`--client python`). The client shares the machine with
 the server: on 2 cores the Python client takes a large share of the CPU (say which one ran).
 Last line: ``speedup: <ratio>x`` = throughput at concurrency 64, batching on / off (goal >= 10x).
-Usage: python bench/serve.py [--seconds 8] [--models models] [--model mnist] [--steps N]
+Usage: python bench/serve.py [--seconds 8] [--rounds 2] [--models models] [--model mnist] [--steps N]
                              [--backend torch|onnx] [--workers N] [--client auto|wrk|python]
 """
 from __future__ import annotations
@@ -122,29 +127,42 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=1, help="server worker processes (OCD_WORKERS), each batching its own requests")
     p.add_argument("--client", choices=["auto", "wrk", "python"], default="auto",
                    help="load generator (auto: wrk when installed)")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="each level's seconds split into this many runs per mode, on and off alternating")
     a = p.parse_args()
     reqs = bodies(a.model, steps=a.steps)
     client = ("wrk" if shutil.which("wrk") else "python") if a.client == "auto" else a.client
     run = load_wrk if client == "wrk" else load
     print(f"client: {client}")
     levels = [int(c) for c in a.concurrency.split(",")]
+    servers = {mode: Server(Path(a.models), models=a.model, max_batch_size=batch, max_wait_ms=a.max_wait_ms,
+                            threads=a.threads, backend=a.backend, workers=a.workers)
+               for mode, batch in (("on", 64), ("off", 1))}
     results: dict[tuple[str, int], dict[str, float]] = {}
-    for mode, batch in (("on", 64), ("off", 1)):
-        server = Server(Path(a.models), models=a.model, max_batch_size=batch, max_wait_ms=a.max_wait_ms, threads=a.threads,
-                        backend=a.backend, workers=a.workers)
-        try:
+    try:
+        for server in servers.values():
             run(server.port, reqs, 4, 1.0)  # warm-up
-            for c in levels:
-                results[(mode, c)] = r = run(server.port, reqs, c, a.seconds)
+        for c in levels:
+            rounds: dict[str, list[dict[str, float]]] = {"on": [], "off": []}
+            for i in range(a.rounds):  # on, off, off, on, ...: a drift in the machine's speed hits both alike
+                for mode in (("on", "off") if i % 2 == 0 else ("off", "on")):
+                    rounds[mode].append(run(servers[mode].port, reqs, c, a.seconds / a.rounds))
+            for mode, rs in rounds.items():
+                seconds = sum(x["n"] / x["rps"] if x["rps"] else a.seconds / a.rounds for x in rs)  # as each run timed itself
+                results[(mode, c)] = r = {"rps": sum(x["n"] for x in rs) / seconds, "n": sum(x["n"] for x in rs),
+                                          "errors": sum(x["errors"] for x in rs),
+                                          "p50_ms": statistics.median(x["p50_ms"] for x in rs),
+                                          "p99_ms": max(x["p99_ms"] for x in rs)}
                 print(f"batching {mode:3s} concurrency {c:3d}: {r['rps']:8.1f} req/s  p50 {r['p50_ms']:8.1f} ms  "
                       f"p99 {r['p99_ms']:8.1f} ms  ({r['n']} ok, {r['errors']} errors)", flush=True)
+        for mode, server in servers.items():
             mean_batch = server.metric("ocd_batch_size_sum") / max(server.metric("ocd_batch_size_count"), 1)
             print(f"batching {mode}: mean batch size {mean_batch:.1f}")
-        finally:
+    finally:
+        for server in servers.values():
             server.stop()
     top = max(levels)
     print(f"speedup: {results[('on', top)]['rps'] / results[('off', top)]['rps']:.1f}x")
-
 
 if __name__ == "__main__":
     main()

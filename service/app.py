@@ -25,6 +25,7 @@ import ocd_core
 from . import metrics
 from .batcher import ClientGone, DeadlineExceeded, QueueFull, disconnected, infer
 from .errors import BodyTooLarge, reply_for
+from .gcfreeze import freeze_heap
 from .malloc import tune_malloc
 from .middleware import BodyLimit, Count
 from .modalities import InputError
@@ -94,6 +95,7 @@ def create_app(settings: Settings | None = None) -> Count:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         registry.load()
+        freeze_heap()
         yield
         await registry.drain()  # SIGTERM: uvicorn stops accepting, in-flight requests finish, then this
 

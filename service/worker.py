@@ -33,6 +33,7 @@ from ocd_core.bundle import BundleError, load_bundle
 from ocd_core.predictor import RaggedPrediction, SamplePrediction
 
 from .batcher import BatchCost, Job
+from .gcfreeze import freeze_heap
 from .settings import Settings
 
 log = logging.getLogger("ocd.service")
@@ -155,6 +156,7 @@ def _main(models: list[tuple[str, str, Connection]], settings: Settings) -> None
             continue
         conn.send(("ready", engine.cost, None))
         threads.append(threading.Thread(target=_serve_model, args=(engine, conn), name=f"infer-{label}"))
+    freeze_heap()
     for t in threads:
         t.start()
     for t in threads:
@@ -267,7 +269,6 @@ class InferenceProcess:
         self.process.start()
         for _, child in pipes.values():
             child.close()
-        self.generation += 1
         for label, (conn, _) in pipes.items():
             try:
                 status, message, _ = conn.recv()
@@ -280,6 +281,7 @@ class InferenceProcess:
                 raise BundleError(f"{label}: {message}")
             self.costs[label] = message
         self.channels = {label: Channel(conn) for label, (conn, _) in pipes.items()}
+        self.generation += 1  # (after the channels: a call that reads the new generation gets the new pipes)
         log.info("inference process %d serves %s", self.process.pid, ", ".join(self.channels))
 
     def stop(self) -> None:

@@ -490,6 +490,50 @@ def test_png_pixels_reads_the_header_and_refuses_what_could_be_slow():
     assert png_pixels(png_bytes(Image.new("L", (30, 20)), pnginfo=itxt)) is None
 
 
+def test_png_image_decodes_common_pngs_as_pillow_does_and_leaves_the_rest_to_it():
+    """png_image: 8-bit grey and RGB PNGs (every filter type Pillow's encoder picks) decode to the
+    pixels Image.open gives; palette, alpha, 16-bit, interlaced and damaged PNGs -> None."""
+    import zlib
+
+    import numpy as np
+    from PIL import PngImagePlugin
+
+    from service.modalities import png_image
+
+    rng = np.random.default_rng(0)
+    noisy = rng.integers(0, 256, (20, 30), dtype=np.uint8)
+    smooth = np.add.outer(np.arange(20), np.arange(30)).astype(np.uint8) * 4  # picks other filters
+    for img in (Image.fromarray(noisy), Image.fromarray(smooth), Image.fromarray(np.stack([noisy, smooth, noisy], -1)),
+                Image.fromarray(noisy).resize((7, 5))):
+        for optimize in (False, True):
+            data = png_bytes(img, optimize=optimize)
+            fast = png_image(data)
+            assert fast is not None and fast.mode == img.mode and fast.size == img.size
+            assert np.array_equal(np.asarray(fast), np.asarray(Image.open(io.BytesIO(data))))
+    for other in (Image.fromarray(noisy).convert("P"), Image.fromarray(noisy).convert("LA"),
+                  Image.fromarray(noisy).convert("RGBA"), Image.fromarray(noisy.astype(np.uint16) * 256)):
+        assert png_image(png_bytes(other)) is None, other.mode
+    plain = png_bytes(Image.fromarray(noisy))
+    ihdr = plain[12:28] + b"\x01"  # Adam7 (Pillow writes no interlaced PNGs: the header says so)
+    assert png_image(plain[:12] + ihdr + zlib.crc32(ihdr).to_bytes(4, "big") + plain[33:]) is None
+    data = bytearray(png_bytes(Image.fromarray(noisy)))
+    data[-20] ^= 0xFF  # a byte of the last IDAT chunk: its CRC no longer matches
+    assert png_image(bytes(data)) is None
+    assert png_image(png_bytes(Image.fromarray(noisy))[:60]) is None  # truncated
+    text = PngImagePlugin.PngInfo()
+    text.add_text("comment", "a")  # a chunk Pillow reads with limits (a zTXt over 1 MB is refused): left to it
+    assert png_image(png_bytes(Image.fromarray(noisy), pnginfo=text)) is None
+    assert png_image(png_bytes(Image.fromarray(noisy), dpi=(72, 72))) is not None  # pHYs
+    raw = zlib.compress(noisy.tobytes())[:100]  # a cut deflate stream, in a chunk with a good CRC
+    chunk = len(raw).to_bytes(4, "big") + b"IDAT" + raw + zlib.crc32(b"IDAT" + raw).to_bytes(4, "big")
+    cut = png_bytes(Image.fromarray(noisy))[:33] + chunk + b"\x00\x00\x00\x00IEND\xaeB`\x82"
+    with pytest.raises(ValueError):  # as Image.open's load raises OSError: both are a 400
+        png_image(cut)
+    with pytest.raises(OSError):
+        Image.open(io.BytesIO(cut)).load()
+    assert png_image(b"GIF89a" + bytes(40)) is None
+
+
 def test_predict_keeps_its_documented_contract(server):
     """/predict is served ahead of FastAPI: its answer still has PredictResponse's fields in order,
     it is in /openapi.json, other methods get 405."""
