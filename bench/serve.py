@@ -49,10 +49,12 @@ def bodies(model: str, n: int = 256, steps: int | None = None) -> list[dict]:
     return out
 
 
-def _client(port: int, payloads: list[bytes], threads: int, offset: int, stop_at: float, out) -> None:
-    """One load process: ``threads`` blocking keep-alive connections (http.client is light)."""
+def _client(port: int, payloads: list[bytes], threads: int, offset: int, start: float, stop_at: float, out) -> None:
+    """One load process: ``threads`` blocking keep-alive connections (http.client is light), sending
+    from ``start`` to ``stop_at`` (time.time())."""
     lat: list[float] = []
     errors = [0]
+    time.sleep(max(0.0, start - time.time()))
 
     def run(k: int) -> None:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
@@ -86,7 +88,7 @@ def load(port: int, reqs: list[dict], concurrency: int, seconds: float) -> dict[
     out = ctx.Queue()
     start = time.time() + 0.5
     stop_at = start + seconds
-    ps = [ctx.Process(target=_client, args=(port, payloads, n, sum(share[:i]), stop_at, out))
+    ps = [ctx.Process(target=_client, args=(port, payloads, n, sum(share[:i]), start, stop_at, out))
           for i, n in enumerate(share)]
     for p in ps:
         p.start()

@@ -3,9 +3,10 @@
 Requests queue per model; a batch closes at ``max_batch_size`` (or half the requests in flight,
 when that pipelines inference with the event loop: ``Batcher._cap``), or ``max_wait_ms`` after its
 first request, or as soon as it holds every inference request the app has in hand (``InFlight``:
-a lone client does not wait for company that cannot come). The batcher awaits the engine (in the
-inference process, or on a thread; never on the event loop), one batch at a time per model: one
-base forward, one DDIM loop over all members, one adapted forward. Requests with different
+a lone client does not wait for company that cannot come). The batcher hands it to the engine (in
+the inference process, or on a thread; never on the event loop), which may hold a second batch
+ready behind the one it runs (``PIPELINE_DEPTH``): one base forward, one DDIM loop over all
+members, one adapted forward. Requests with different
 ``ddim_steps`` run as separate groups of the batch (the DDIM loop length differs); different ensemble sizes share one group (members are ragged, not padded: no
 wasted work). A request that was cancelled (client gone) or whose deadline passed is dropped
 before it costs inference.
@@ -231,21 +232,8 @@ class Batcher:
             batch = await self._collect()
             try:
                 self.depth.set(self.queue.qsize())
-                now = time.monotonic()
-                live = []
-                for job in batch:
-                    if not job.future.done() and job.gone is not None and job.gone():
-                        job.future.set_exception(ClientGone())  # it costs no inference
-                    if job.future.done():
-                        continue
-                    if now > job.deadline:
-                        job.future.set_exception(DeadlineExceeded("deadline passed while queued"))
-                        continue
-                    job.queue_s = now - job.enqueued
-                    self.waited.observe(job.queue_s)
-                    live.append(job)
                 groups: dict[int, list[Job]] = defaultdict(list)
-                for job in live:
+                for job in batch:
                     groups[job.steps].append(job)
                 for group in groups.values():
                     await self._free_slot()
@@ -258,8 +246,21 @@ class Batcher:
                 self.busy = False
 
     def _dispatch(self, group: list[Job]) -> None:
-        group = [j for j in group if not j.future.done()]
-        if not group:
+        """Send a group to the engine, less the jobs whose client hung up or whose deadline passed
+        (checked here, just before: a group may have waited for the engine behind another)."""
+        now, live = time.monotonic(), []
+        for job in group:
+            if not job.future.done() and job.gone is not None and job.gone():
+                job.future.set_exception(ClientGone())  # it costs no inference
+            if job.future.done():
+                continue
+            if now > job.deadline:
+                job.future.set_exception(DeadlineExceeded("deadline passed while queued"))
+                continue
+            job.queue_s = now - job.enqueued
+            self.waited.observe(job.queue_s)
+            live.append(job)
+        if not (group := live):
             return
         long = self.cost is None or self.cost.predict(group) >= PIPELINE_HORIZON_S
         self.running += 1
@@ -270,8 +271,8 @@ class Batcher:
         run.add_done_callback(self.runs.discard)
 
     async def _run(self, group: list[Job], long: bool) -> None:
-        metrics.BATCH_SIZE.labels(self.label).observe(len(group))
         try:
+            metrics.BATCH_SIZE.labels(self.label).observe(len(group))
             results, timings = await self.run_batch(group)
         except Exception as e:  # a server-side failure: every request of the batch learns it
             for job in group:

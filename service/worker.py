@@ -8,8 +8,8 @@ batch's inputs (B x input floats) and its predictions, on the event loop itself 
 would wait for the busy loop's GIL at each hand-off). ``OCD_INFERENCE_PROCESS=false`` keeps
 inference on a thread of the server process (``LocalEngine``).
 
-If the inference process dies (killed, out of memory), the batch in flight fails with a 500 and
-the next batch starts a new one.
+If the inference process dies (killed, out of memory), the batches sent to it fail with a 500, a
+new one starts at once, and batches that come meanwhile wait for it.
 """
 from __future__ import annotations
 
@@ -61,17 +61,19 @@ class Engine:
                   budget_s: float = 2.0) -> BatchCost:
         """Warm the engine up (first calls allocate and select kernels) and measure its batch cost
         from the best of ``repeats`` batches of 1 and of ``size`` zero inputs (B, *input_shape),
-        timed by the engine's own stage timings. A model whose warm-up batch of one says the
+        timed by the engine's own stage timings. A model whose second batch of one says the
         calibration would take over ``budget_s`` (the NeRF bundle renders a whole image per sample:
-        2.7 s on the CPU) gets the warm-up's time as its fixed cost, an upper bound."""
+        1.7 s on the CPU) gets that batch's time as its fixed cost, an upper bound; one whose warm-up
+        alone took longer than ``budget_s`` gets the warm-up's time."""
         x = torch.zeros(size, *input_shape)
 
         def seconds(k: int) -> float:
             return sum(self.run(x[:k], steps, [1] * k, list(range(k)))[1].values())
 
-        first = seconds(1)
-        if first * repeats * (1 + size) > budget_s:
-            self.cost = BatchCost(fixed=first, per_sample=0.0, steps=steps)
+        warm = seconds(1)  # (on a GPU: context, allocator, kernel selection; not what a batch costs)
+        one = warm if warm > budget_s else seconds(1)
+        if one * repeats * (1 + size) > budget_s:
+            self.cost = BatchCost(fixed=one, per_sample=0.0, steps=steps)
             return self.cost
         one, many = (min(seconds(k) for _ in range(repeats)) for k in (1, size))
         per_sample = max(0.0, (many - one) / (size - 1))
@@ -119,6 +121,9 @@ def _serve_model(engine: Engine, conn: Connection) -> None:
             seq, x, steps, ensembles, seeds = conn.recv()
         except (EOFError, OSError):  # the server process closed the pipe or is gone
             return
+        except Exception:  # noqa: BLE001  an unreadable message: the pipe is out of step; end the process
+            traceback.print_exc()  # (the server sees EOF and starts a new one)
+            os._exit(70)
         try:
             pred, timings = engine.run(torch.from_numpy(x), steps, ensembles, seeds)
             reply: tuple = (seq, "ok", pack(pred), timings)
@@ -217,15 +222,20 @@ class Channel:
         if not data:
             return self._fail(EOFError("the inference process closed its pipe"))
         self.inbox += data
-        while len(self.inbox) >= 4:
-            (size,) = struct.unpack_from("!i", self.inbox)
-            if len(self.inbox) < 4 + size:
-                break
-            reply = pickle.loads(self.inbox[4:4 + size])
-            del self.inbox[:4 + size]
-            future = self.waiting.pop(reply[0], None)
-            if future is not None and not future.done():  # (cancelled: its caller went away)
-                future.set_result(reply[1:])
+        try:
+            while len(self.inbox) >= 4:
+                (size,) = struct.unpack_from("!i", self.inbox)
+                if size < 0:
+                    raise ValueError("a reply frame over 2 GiB")
+                if len(self.inbox) < 4 + size:
+                    break
+                reply = pickle.loads(self.inbox[4:4 + size])
+                del self.inbox[:4 + size]
+                future = self.waiting.pop(reply[0], None)
+                if future is not None and not future.done():  # (cancelled: its caller went away)
+                    future.set_result(reply[1:])
+        except Exception as e:  # noqa: BLE001  the pipe is out of step: fail its calls (the process restarts)
+            self._fail(e)
 
     def _fail(self, error: BaseException) -> None:
         """The pipe broke (the process died, or close()): every waiting request learns it (EOFError)."""
@@ -252,6 +262,7 @@ class InferenceProcess:
     def __init__(self, models: list[tuple[str, Path]], settings: Settings):
         self.models, self.settings = models, settings
         self.restarting: asyncio.Lock | None = None  # created on the event loop, at the first restart
+        self.restarts: set[asyncio.Task] = set()
         self.generation = 0
         self.seq = 0  # numbers the batches sent
         self.process: mp.process.BaseProcess | None = None
@@ -302,14 +313,32 @@ class InferenceProcess:
 
     async def call(self, label: str, x: np.ndarray, steps: int, ensembles: list[int], seeds: list[int]) -> tuple:
         """One batch through the process, from the event loop -> ("ok", packed, timings) or ("error",
-        message, traceback). A model's batches run there in the order sent, one at a time."""
-        generation = self.generation
-        self.seq += 1
-        try:
-            return await self.channels[label].request(self.seq, (self.seq, x, steps, ensembles, seeds))
-        except (EOFError, OSError):
-            await self.restart(generation)
-            raise RuntimeError("the inference process exited during this batch; a new one serves the next") from None
+        message, traceback). A model's batches run there in the order sent, one at a time. A batch
+        that was sent when the process died fails (a 500) while a new process starts in the
+        background; one whose pipe had already broken waits for the new process and runs there."""
+        for attempt in range(2):
+            generation = self.generation
+            self.seq += 1
+            try:
+                reply = self.channels[label].request(self.seq, (self.seq, x, steps, ensembles, seeds))
+            except EOFError:  # not sent: the process died before, or is being replaced
+                if attempt:
+                    raise RuntimeError("the inference process is not running") from None
+                await self.restart(generation)
+                continue
+            try:
+                return await reply
+            except (EOFError, OSError):
+                restart = asyncio.get_running_loop().create_task(self.restart(generation))
+                self.restarts.add(restart)  # (a strong reference until it is done)
+                restart.add_done_callback(self._restarted)
+                raise RuntimeError("the inference process exited during this batch; a new one serves the next") from None
+        raise AssertionError("unreachable")
+
+    def _restarted(self, task: asyncio.Task) -> None:
+        self.restarts.discard(task)
+        if not task.cancelled() and task.exception() is not None:  # the next batch tries again
+            log.error("the new inference process did not start: %s", task.exception())
 
     async def restart(self, generation: int) -> None:
         """Start a new process (off the event loop) unless another batch already did since ``generation``."""

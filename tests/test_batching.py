@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from ocd_core.predictor import OCDModel, RaggedPrediction, SamplePrediction
-from service.batcher import BatchCost, Batcher, InFlight, Job, disconnected
-from service.worker import Engine, pack, unpack
+from service.batcher import BatchCost, Batcher, ClientGone, InFlight, Job, disconnected
+from service.worker import Channel, Engine, pack, unpack
 
 
 def batcher(max_batch_size=64, fixed=None, loop_s=None, n=0) -> Batcher:
@@ -35,28 +35,36 @@ def test_cap_halves_the_batch_only_when_pipelining_pays(fixed, loop_s, n, cap):
 
 
 def test_calibration_measures_the_fixed_and_per_sample_cost():
-    """A stand-in predictor whose stage timings are 3 ms + 0.5 ms per sample, except a slow first
-    call (the warm-up, which calibration must leave out): the calibration recovers both."""
+    """A stand-in predictor whose stage timings are ``slow`` + 3 ms + 0.5 ms per sample, and a
+    ``warm`` extra on its first call (the warm-up, which calibration must leave out)."""
     calls = []
 
     class Timed:
+        def __init__(self, slow=0.0, warm=0.5):
+            self.slow, self.warm = slow, warm
+
         def predict_batched(self, x, steps, ensembles, seeds):
             calls.append((tuple(x.shape), steps))
-            first = 0.5 if len(calls) == 1 else 0.0
+            first = self.warm if len(calls) == 1 else 0.0
             k = len(ensembles)
             pred = RaggedPrediction(torch.zeros(k, 10), torch.zeros(k, 10), torch.zeros(k), torch.zeros(k, 10), [1] * k)
-            return pred, {"base": 0.001 + first, "ddim": 0.002 + 0.0004 * k, "adapt": 0.0001 * k}
+            return pred, {"base": self.slow + 0.001 + first, "ddim": 0.002 + 0.0004 * k, "adapt": 0.0001 * k}
 
     engine = Engine(Timed(), "cpu")
-    cost = engine.calibrate([1, 28, 28], steps=5, size=8, repeats=2, budget_s=10.0)
+    cost = engine.calibrate([1, 28, 28], steps=5, size=8, repeats=2, budget_s=1.0)
     assert cost == engine.cost
     assert cost.fixed == pytest.approx(0.003)
     assert cost.per_sample == pytest.approx(0.0005)
-    assert calls == [((1, 1, 28, 28), 5)] * 3 + [((8, 1, 28, 28), 5)] * 2
+    assert calls == [((1, 1, 28, 28), 5)] * 4 + [((8, 1, 28, 28), 5)] * 2  # warm-up, the budget check, 2 + 2
 
-    calls.clear()  # a model too slow to calibrate within the budget: the warm-up bounds the fixed cost
-    cost = Engine(Timed(), "cpu").calibrate([3], steps=5, size=8, repeats=2, budget_s=1.0)
-    assert cost == BatchCost(fixed=pytest.approx(0.5035), per_sample=0.0, steps=5)
+    calls.clear()  # too slow to calibrate within the budget: a batch of one bounds the fixed cost
+    cost = Engine(Timed(slow=0.1), "cpu").calibrate([3], steps=5, size=8, repeats=2, budget_s=1.0)
+    assert cost == BatchCost(fixed=pytest.approx(0.1035), per_sample=0.0, steps=5)
+    assert calls == [((1, 3), 5)] * 2
+
+    calls.clear()  # a warm-up over the whole budget: no second call
+    cost = Engine(Timed(warm=1.5), "cpu").calibrate([3], steps=5, size=8, repeats=2, budget_s=1.0)
+    assert cost == BatchCost(fixed=pytest.approx(1.5035), per_sample=0.0, steps=5)
     assert calls == [((1, 3), 5)]
 
 
@@ -97,6 +105,71 @@ def test_a_second_batch_waits_at_the_engine_only_behind_a_quick_one(fixed, at_en
     seen, results, started = asyncio.run(main())
     assert seen == [[0], [1]][:at_engine]
     assert results == [0, 1, 2] and started == [[0], [1], [2]]
+
+
+def test_a_group_waiting_for_the_engine_is_checked_again_before_it_is_sent():
+    """Jobs with different DDIM steps run as separate groups; the second waits for the engine
+    behind the first (a slow one). Its client hangs up meanwhile: it is dropped (ClientGone), not run."""
+    async def main():
+        started, gate, hung_up = [], asyncio.Event(), []
+
+        async def engine(jobs):
+            started.append([j.seed for j in jobs])
+            await gate.wait()
+            return [j.seed for j in jobs], {"ddim": 0.001}
+
+        b = Batcher("m", "m:1", engine, 64, 0.0, 16, None, BatchCost(1.0, 0.0, steps=5))
+        b.start()
+        first = Job(torch.zeros(1), 5, 1, 0, time.monotonic() + 10)
+        second = Job(torch.zeros(1), 50, 1, 1, time.monotonic() + 10, gone=lambda: bool(hung_up))
+        b.submit(first)
+        b.submit(second)
+        for _ in range(20):
+            await asyncio.sleep(0)
+        hung_up.append(True)
+        gate.set()
+        assert (await first.future)[0] == 0
+        with pytest.raises(ClientGone):
+            await second.future
+        await b.drain()
+        return started
+
+    assert asyncio.run(main()) == [[0]]
+
+
+def test_channel_routes_replies_and_fails_its_calls_when_the_pipe_breaks():
+    """The server side of an inference-process pipe, against a real pipe: a reply reaches the call
+    of its sequence number (a stray one is dropped); an unreadable frame or EOF fails the waiting
+    calls with EOFError, and a broken channel refuses new requests."""
+    import multiprocessing as mp
+
+    async def main():
+        ours, theirs = mp.Pipe()
+        channel = Channel(ours)
+        first = channel.request(1, (1, "x"))
+        assert await asyncio.to_thread(theirs.recv) == (1, "x")
+        theirs.send((99, "ok", "stray"))
+        theirs.send((1, "ok", "answer"))
+        assert await asyncio.wait_for(first, 5) == ("ok", "answer")
+        second = channel.request(2, (2, "y"))
+        await asyncio.to_thread(theirs.recv)
+        theirs.send_bytes(b"not a pickle")
+        with pytest.raises(EOFError):
+            await asyncio.wait_for(second, 5)
+        with pytest.raises(EOFError):
+            channel.request(3, (3, "z"))
+        channel.close()
+
+        ours, theirs = mp.Pipe()
+        channel = Channel(ours)
+        third = channel.request(1, (1, "big" * 100_000))  # over the pipe's buffer: written as it drains
+        assert await asyncio.to_thread(theirs.recv) == (1, "big" * 100_000)  # (read on a thread: the loop writes)
+        theirs.close()
+        with pytest.raises(EOFError):
+            await asyncio.wait_for(third, 5)
+        channel.close()
+
+    asyncio.run(main())
 
 
 def test_pack_and_unpack_keep_ragged_ensembles():

@@ -533,6 +533,24 @@ def test_png_image_decodes_common_pngs_as_pillow_does_and_leaves_the_rest_to_it(
         Image.open(io.BytesIO(cut)).load()
     assert png_image(b"GIF89a" + bytes(40)) is None
 
+    def with_ihdr(ihdr: bytes) -> bytes:  # the plain PNG with another IHDR chunk (good CRC)
+        return plain[:8] + len(ihdr).to_bytes(4, "big") + b"IHDR" + ihdr + zlib.crc32(b"IHDR" + ihdr).to_bytes(4, "big") + plain[33:]
+
+    assert png_image(with_ihdr(plain[16:29])) is not None
+    assert png_image(with_ihdr(plain[16:28] + b"\x00\x00")) is None  # IHDR is 13 bytes
+    assert png_image(with_ihdr(plain[16:27] + b"\x01\x00")) is None  # an unknown filter method
+    assert png_image(with_ihdr(plain[16:26] + b"\x01\x00\x00")) is None  # an unknown compression method
+    idat = plain.index(b"IDAT") - 4
+    size = int.from_bytes(plain[idat:idat + 4], "big")
+    half = size // 2  # the IDAT data in two chunks: consecutive is fine, with a chunk between them it is not
+    parts = [plain[idat + 8:idat + 8 + half], plain[idat + 8 + half:idat + 8 + size]]
+    chunks = [len(p).to_bytes(4, "big") + b"IDAT" + p + zlib.crc32(b"IDAT" + p).to_bytes(4, "big") for p in parts]
+    gama = (4).to_bytes(4, "big") + b"gAMA" + (45455).to_bytes(4, "big") + zlib.crc32(b"gAMA" + (45455).to_bytes(4, "big")).to_bytes(4, "big")
+    rest = plain[idat + 12 + size:]
+    split = png_image(plain[:idat] + chunks[0] + chunks[1] + rest)
+    assert split is not None and np.array_equal(np.asarray(split), noisy)
+    assert png_image(plain[:idat] + chunks[0] + gama + chunks[1] + rest) is None
+
 
 def test_predict_keeps_its_documented_contract(server):
     """/predict is served ahead of FastAPI: its answer still has PredictResponse's fields in order,
@@ -561,33 +579,41 @@ def _children(pid: int) -> list[int]:
 
 
 def test_inference_process_matches_in_thread_and_comes_back_after_a_kill(models):
-    """The same answers with inference in the spawned process and on a thread; a killed inference
-    process fails only the batch it was running, and the next request starts a new one."""
+    """The same answers with inference in the spawned process and on a thread. A killed inference
+    process fails only the batch it was running (500) and a new one serves the next; killed while
+    idle, it fails nothing: the next request waits for the new process."""
     body = {"model": "mnist", "input": DIGIT, "seed": 11, "ensemble": 3, "ddim_steps": 5}
+    slow = {"model": "mnist", "input": DIGIT, "ensemble": 64, "ddim_steps": 400, "seed": 0}  # seconds of work
     thread = Server(models, models="mnist:2", inference_process=False)
     try:
         assert _children(thread.proc.pid) == []
         expected = post(thread, body).json()
     finally:
         thread.stop()
-    s = Server(models, models="mnist:2")
+    s = Server(models, models="mnist:2", max_ensemble=64, max_ddim_steps=400)
     try:
         (child,) = _children(s.proc.pid)
         first = post(s, body).json()
         assert first["probabilities"] == expected["probabilities"] and first["uncertainty"] == expected["uncertainty"]
+        running = ThreadPoolExecutor(1).submit(httpx.post, f"{s.url}/predict", json=slow, timeout=60)
+        time.sleep(0.5)
         os.kill(child, signal.SIGKILL)
-        time.sleep(0.2)
-        r = post(s, body)
-        assert r.status_code == 500
-        assert r.json() == {"error": "internal server error"}
+        r = running.result()
+        assert r.status_code == 500 and r.json() == {"error": "internal server error"}
         again = post(s, body)
         assert again.status_code == 200 and again.json()["probabilities"] == expected["probabilities"]
-        (new_child,) = _children(s.proc.pid)
-        assert new_child != child
+        (second,) = _children(s.proc.pid)
+        assert second != child
         assert "inference process exited (code -9); starting a new one" in s.logs()
+        os.kill(second, signal.SIGKILL)  # idle this time
+        time.sleep(0.2)
+        idle = post(s, body)
+        assert idle.status_code == 200 and idle.json()["probabilities"] == expected["probabilities"]
+        (third,) = _children(s.proc.pid)
+        assert third not in (child, second)
     finally:
         s.stop()
-    assert not Path(f"/proc/{new_child}").exists() or "zombie" in Path(f"/proc/{new_child}/status").read_text()
+    assert not Path(f"/proc/{third}").exists() or "zombie" in Path(f"/proc/{third}/status").read_text()
 
 
 def test_a_bundle_that_fails_to_load_in_the_inference_process_stops_the_start(tmp_path):
