@@ -153,3 +153,22 @@ def test_split_with_a_non_batch_value_alive_at_the_layer_is_refused(lenet, mnist
     assert split is not None and not check_split(model, split, x[:2])
     good = split_model(lenet, "fc1")
     assert check_split(lenet, good, x[:2])
+
+
+def test_fast_max_pool_equals_max_pool2d_in_eval_and_keeps_it_for_training():
+    """MaxPool2x2 in eval mode on the CPU (the max of four strided views) gives max_pool2d's values
+    exactly, for even and odd sizes, 3-D and 4-D inputs, NaN and ties; training uses max_pool2d."""
+    from ocd_core.layers import MaxPool2x2
+
+    pool = MaxPool2x2().eval()
+    g = torch.Generator().manual_seed(0)
+    for shape in [(2, 3, 8, 8), (2, 3, 9, 7), (3, 5, 5), (1, 1, 2, 2)]:
+        x = torch.randn(*shape, generator=g).relu()  # ReLU: many tied zeros, as in LeNet5
+        x.view(-1)[3] = float("nan")
+        want, got = F.max_pool2d(x, 2), pool(x)
+        assert got.shape == want.shape and torch.equal(got.isnan(), want.isnan())
+        assert torch.equal(got.nan_to_num(-1.0), want.nan_to_num(-1.0)), shape
+    pool.train()
+    x = torch.randn(2, 3, 8, 8, generator=g, requires_grad=True)
+    pool(x).sum().backward()
+    assert torch.equal(x.grad.sum(), torch.tensor(2 * 3 * 4 * 4.0))  # max_pool2d's gradient: one input per window
