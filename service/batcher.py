@@ -6,10 +6,10 @@ first request, or as soon as it holds every inference request the app has in han
 a lone client does not wait for company that cannot come). The batcher hands it to the engine (in
 the inference process, or on a thread; never on the event loop), which may hold a second batch
 ready behind the one it runs (``PIPELINE_DEPTH``): one base forward, one DDIM loop over all
-members, one adapted forward. Requests with different
-``ddim_steps`` run as separate groups of the batch (the DDIM loop length differs); different ensemble sizes share one group (members are ragged, not padded: no
-wasted work). A request that was cancelled (client gone) or whose deadline passed is dropped
-before it costs inference.
+members, one adapted forward. Requests with different ``ddim_steps`` run as separate groups of the
+batch (the DDIM loop length differs); different ensemble sizes share one group (members are
+ragged, not padded: no wasted work). A request whose client hung up or whose deadline passed is
+dropped before it costs inference.
 """
 from __future__ import annotations
 
@@ -220,7 +220,7 @@ class Batcher:
         and all of them quick (a client that hangs up while its batch waits at the engine still
         costs inference; behind a quick batch that wait is short, and without it the engine would
         idle between batches while the event loop is busy)."""
-        while self.running and (self.running >= PIPELINE_DEPTH or self.long or self.cost is None):
+        while self.running and (self.running >= PIPELINE_DEPTH or self.long):
             self.slot.clear()
             await self.slot.wait()
 
