@@ -35,6 +35,8 @@ class MaxPool2x2(nn.MaxPool2d):
     Training keeps ``max_pool2d``, whose gradient goes to one of tied inputs, and so do GPUs (one
     kernel instead of three)."""
 
+    fx_leaf = True  # one call in a torch.fx trace (``split.split_model``): the path is chosen when it runs
+
     def __init__(self) -> None:
         super().__init__(2)
 

@@ -20,9 +20,19 @@ class Split:
     tail: fx.GraphModule  # *live tensors -> network output; holds the layer under its own name
 
 
+class _Tracer(fx.Tracer):
+    """fx's tracer, keeping modules that set ``fx_leaf = True`` as one call (their forward then
+    decides at run time, e.g. ``layers.MaxPool2x2`` by device)."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return getattr(m, "fx_leaf", False) or super().is_leaf_module(m, qualname)
+
+
 def split_model(model: nn.Module, layer: str) -> Split | None:
     try:
-        gm = fx.symbolic_trace(model)
+        tracer = _Tracer()
+        graph = tracer.trace(model)
+        gm = fx.GraphModule(tracer.root, graph)
     except Exception:  # data-dependent control flow etc.: not traceable
         return None
     nodes = list(gm.graph.nodes)
