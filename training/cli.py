@@ -38,10 +38,12 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import copy
     import os
     import tempfile
 
     import uvicorn
+    import uvicorn.config
 
     from service.settings import Settings
 
@@ -53,8 +55,11 @@ def _serve(args: argparse.Namespace) -> int:
     s = Settings.from_env()
     if s.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="ocd-prom-")
+    log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)  # and the service's own INFO lines (models, costs)
+    log_config["loggers"]["ocd"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
     uvicorn.run("service.app:create_app", factory=True, host=s.host, port=s.port, workers=s.workers,
-                timeout_graceful_shutdown=int(s.timeout_s) + 5, log_level="info", access_log=s.access_log)
+                timeout_graceful_shutdown=int(s.timeout_s) + 5, log_level="info", access_log=s.access_log,
+                log_config=log_config)
     return 0
 
 
