@@ -347,14 +347,13 @@ class InferenceProcess:
         async with self.restarting:
             if generation != self.generation:
                 return
-            code = self.process.exitcode if self.process is not None else None
-            log.error("inference process exited (code %s); starting a new one", code)
             for channel in self.channels.values():
                 channel.close()
             await asyncio.get_running_loop().run_in_executor(None, self.stop_and_start)
 
     def stop_and_start(self) -> None:
-        self._join()
+        self._join()  # (first: its pipe can report EOF a moment before the process can be reaped)
+        log.error("inference process exited (code %s); starting a new one", self.process.exitcode)
         self.start()
 
 
