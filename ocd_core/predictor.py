@@ -5,6 +5,7 @@ A request's result depends only on its input, its parameters and its seed: the i
 """
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from dataclasses import dataclass, field
@@ -244,9 +245,7 @@ class OCDModel(nn.Module):
         if len(set(counts)) == 1:
             mean, unc = self._summary(out.view(len(counts), counts[0], *tail), 1)
             return RaggedPrediction(out, mean, unc, base, counts)
-        starts = [0]
-        for k in counts[:-1]:
-            starts.append(starts[-1] + k)
+        starts = [0, *itertools.accumulate(counts[:-1])]  # each sample's first member row
         parts = {}
         for k in sorted(set(counts)):
             idx = [i for i, c in enumerate(counts) if c == k]
