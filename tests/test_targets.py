@@ -16,8 +16,20 @@ def test_vectorised_targets_match_reference(lenet, mnist_batch, cfg, layer):
     fast = overfit_deltas(lenet, layer, x, y, cfg, chunk=7)  # chunking must not matter
     ref = overfit_deltas_reference(lenet, layer, x, y, cfg)
     assert fast.shape == (20, *lenet.get_submodule(layer).weight.shape)
-    assert (fast - ref).abs().max().item() < 1e-5
     assert fast.abs().max().item() > 0
+    # float error relative to each delta's size: the two paths sum gradients in different orders, and Adam
+    # divides by sqrt(v), so an entry whose gradient is ~0 can move by a visible fraction of lr (measured:
+    # conv2 under AVX2, one entry 1.1e-3 of the delta's max, the whole delta 2.5e-5 of its norm). SGD is
+    # linear in the gradient: there every entry agrees to ~1e-6 of the delta's max.
+    assert relative_error(fast, ref).max().item() < 2e-4
+    if cfg.optimizer == "sgd":
+        err = (fast - ref).flatten(1).abs().max(1).values / ref.flatten(1).abs().max(1).values
+        assert err.max().item() < 2e-5
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per sample ||a - b|| / ||b|| over (N, ...) tensors -> (N,)."""
+    return (a - b).flatten(1).norm(dim=1) / b.flatten(1).norm(dim=1)
 
 
 def test_targets_mse_loss_on_regression_model():
@@ -27,7 +39,7 @@ def test_targets_mse_loss_on_regression_model():
     cfg = TargetConfig(loss="mse", lr=1e-2, steps=5)
     fast = overfit_deltas(net, "0", x, y, cfg)
     assert fast.shape == (12, 16, 5)
-    assert (fast - overfit_deltas_reference(net, "0", x, y, cfg)).abs().max().item() < 1e-5
+    assert relative_error(fast, overfit_deltas_reference(net, "0", x, y, cfg)).max().item() < 2e-4
 
 
 def test_targets_leave_model_untouched(lenet, mnist_batch):
