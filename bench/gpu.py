@@ -69,15 +69,15 @@ def main() -> None:
         print(f"torch.compile unavailable: {e}")
     ort = None
     try:
-        from service.onnx_engine import OnnxOCD
+        from ocd_core.onnx_runtime import OnnxRuntime
         from training.export_onnx import export_onnx
 
         tmp = Path(tempfile.mkdtemp()) / "b"
         shutil.copytree(a.bundle, tmp)
         if not (tmp / "onnx.json").exists():
             export_onnx(tmp)
-        ort = OnnxOCD(tmp, load_bundle(tmp, "cpu")[0], str(device))
-        print(f"onnxruntime providers: {ort.sessions['denoiser_step'].get_providers()}")
+        ort = load_bundle(tmp, "cpu")[0].predictor(OnnxRuntime(tmp, str(device)))
+        print(f"onnxruntime providers: {ort.runtime.sessions['denoiser_step'].get_providers()}")
     except Exception as e:  # noqa: BLE001 - e.g. no CUDA provider in this onnxruntime
         print(f"onnxruntime unavailable: {e}")
     for b in [int(s) for s in a.batches.split(",")]:
@@ -96,7 +96,7 @@ def main() -> None:
                 den = model.denoiser  # the factor-space path calls factors / read_lowrank, not forward
                 saved = ("factors", "read_lowrank")
                 try:
-                    if model.lowrank_ok(0.0, 10):
+                    if den.factor_space(0.0, 10) is not None:
                         den.factors = torch.compile(den.factors, dynamic=True)
                         den.read_lowrank = torch.compile(den.read_lowrank, dynamic=True)
                     else:
@@ -111,13 +111,13 @@ def main() -> None:
                         den.__dict__.pop(k, None)
         if ort is not None:
             xc = x.cpu()
-            rows.append((f"onnxruntime ({ort.sessions['base'].get_providers()[0]})", b,
-                         f"{rate(lambda: ort.predict_ragged(xc, 10, [1] * b, seeds), b, torch.device('cpu'), a.seconds):,.0f}"))
+            rows.append((f"onnxruntime ({ort.runtime.sessions['base'].get_providers()[0]})", b,
+                         f"{rate(lambda: ort.predict(xc, 10, seeds=seeds), b, torch.device('cpu'), a.seconds):,.0f}"))
     print("\n| engine | batch | adapted predictions / s (10 DDIM steps) |\n|---|---|---|")
     for r in rows:
         print(f"| {r[0]} | {r[1]} | {r[2]} |")
     from bench.serve import bodies, load
-    from service.launch import Server
+    from bench.launch import Server
 
     server = Server(Path(a.bundle).parents[1], models=m.name, max_batch_size=256, max_wait_ms=2, threads=0,
                     device=str(device))

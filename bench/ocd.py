@@ -22,9 +22,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import sys
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 from ocd_core.bundle import load_bundle
 from ocd_core.conditioning import CondConfig, CondEncoder
 from ocd_core.denoisers import CompactConfig, PaperConfig, build_denoiser
@@ -89,7 +91,7 @@ def steps_curve(model, manifest, reports: Path, reps: int) -> None:
 
 def torch_vs_onnx(model, manifest, bundle: Path, threads: int, reps: int) -> None:
     try:
-        from service.onnx_engine import OnnxOCD
+        from ocd_core.onnx_runtime import OnnxRuntime
         from training.export_onnx import export_onnx
     except ImportError as e:
         print(f"\nONNX Runtime: not installed ({e})")
@@ -99,13 +101,13 @@ def torch_vs_onnx(model, manifest, bundle: Path, threads: int, reps: int) -> Non
         shutil.copytree(bundle, d)
         if not (d / "onnx.json").exists():
             export_onnx(d)
-        ort = OnnxOCD(d, model, "cpu", threads)
+        ort = model.predictor(OnnxRuntime(d, "cpu", threads))
         print("\n| batch | backend | base ms | ddim ms | adapt ms | total ms |")
         print("|---|---|---|---|---|---|")
         for b in (1, 64):
             x = inputs(manifest, b)
-            for name, fn in (("torch", lambda: model.predict_ragged(x, 10, [1] * b, list(range(b)))[1]),
-                             ("onnxruntime", lambda: ort.predict_ragged(x, 10, [1] * b, list(range(b)))[1])):
+            for name, fn in (("torch", lambda: model.predict(x, 10, seeds=range(b)).timings),
+                             ("onnxruntime", lambda: ort.predict(x, 10, seeds=range(b)).timings)):
                 for _ in range(2):
                     fn()
                 runs = [fn() for _ in range(reps)]
@@ -129,7 +131,8 @@ def denoisers(skip_paper: bool) -> None:
             den = build_denoiser(cfg, shape, dim).eval()
             x, t = torch.randn(1, *shape), torch.tensor([500])
             with FlopCounterMode(display=False) as fc:
-                if getattr(den, "static_probes", False) and cfg.prediction == "sample":
+                den.prediction = cfg.prediction
+                if den.factor_space(0.0, 10) is not None:
                     ctx = den.prepare(cond)  # served in factor space: one step = factors + reads of the new term
                     s_, u, v = den.factors(den.read(x, ctx), t, ctx)
                     den.read_lowrank(u, v, ctx)

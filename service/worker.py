@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ocd_core.bundle import BundleError, load_bundle
-from ocd_core.predictor import RaggedPrediction, SamplePrediction
+from ocd_core.predictor import BatchPrediction, Predictor, SamplePrediction
 
 from .batcher import BatchCost, Job
 from .gcfreeze import freeze_heap
@@ -40,10 +40,10 @@ log = logging.getLogger("ocd.service")
 
 
 class Engine:
-    """Runs a batch of jobs through a predictor (an OCDModel, or OnnxOCD for ``OCD_BACKEND=onnx``)."""
+    """Runs a batch of jobs through a predictor (torch, or ONNX Runtime for ``OCD_BACKEND=onnx``)."""
 
-    def __init__(self, model, device: str):
-        self.model, self.device = model, torch.device(device)
+    def __init__(self, predictor: Predictor):
+        self.predictor, self.device = predictor, predictor.runtime.device
         self.cost: BatchCost | None = None  # set by calibrate()
 
     def __call__(self, jobs: list[Job]) -> tuple[list[SamplePrediction], dict[str, float]]:
@@ -52,10 +52,10 @@ class Engine:
         return pred.split(), timings
 
     def run(self, x: torch.Tensor, steps: int, ensembles: list[int], seeds: list[int]
-            ) -> tuple[RaggedPrediction, dict[str, float]]:
+            ) -> tuple[BatchPrediction, dict[str, float]]:
         """x (B, *input) on the CPU -> the batch's predictions on the CPU, and its seconds per stage."""
-        pred, timings = self.model.predict_batched(x.to(self.device), steps, ensembles, seeds)
-        return pred.to("cpu"), timings
+        pred = self.predictor.predict(x.to(self.device), steps, ensembles, seeds=seeds)
+        return pred.to("cpu"), pred.timings
 
     def calibrate(self, input_shape: list[int], steps: int, size: int = 8, repeats: int = 3,
                   budget_s: float = 2.0) -> BatchCost:
@@ -85,14 +85,15 @@ def build_engine(path: Path, settings: Settings) -> Engine:
     """The engine for one bundle directory, on the settings' device and backend, warmed up and
     calibrated (``Engine.calibrate``) at the model's default DDIM steps."""
     device = settings.resolved_device()
-    if settings.backend == "onnx":  # the torch bundle on the CPU keeps the schedule; ORT runs the networks
-        from .onnx_engine import OnnxOCD
+    if settings.backend == "onnx":  # the same predictor; ONNX Runtime runs the networks
+        from ocd_core.onnx_runtime import OnnxRuntime
 
         model, manifest = load_bundle(path, "cpu")
-        engine = Engine(OnnxOCD(path, model, device, settings.threads, device_required=settings.device != "auto"), "cpu")
+        runtime = OnnxRuntime(path, device, settings.threads, device_required=settings.device != "auto")
+        engine = Engine(model.predictor(runtime))
     else:
         model, manifest = load_bundle(path, device)
-        engine = Engine(model, device)
+        engine = Engine(model.predictor())
     engine.calibrate(manifest.input.shape, manifest.serving.ddim_steps)
     return engine
 
@@ -132,7 +133,7 @@ def _serve_model(engine: Engine, conn: Connection) -> None:
         conn.send(reply)
 
 
-def pack(pred: RaggedPrediction) -> tuple[np.ndarray, ...]:
+def pack(pred: BatchPrediction) -> tuple[np.ndarray, ...]:
     """A batch's predictions as four arrays (members, mean, uncertainty, base): four arrays pickle in a
     few µs, 4 x B tensors took ~1 ms at B = 32."""
     return tuple(t.numpy() for t in (pred.members, pred.mean, pred.uncertainty, pred.base))
@@ -140,7 +141,7 @@ def pack(pred: RaggedPrediction) -> tuple[np.ndarray, ...]:
 
 def unpack(arrays: tuple[np.ndarray, ...], ensembles: list[int]) -> list[SamplePrediction]:
     """``pack``'s inverse: one SamplePrediction per row, its tensors views of the four arrays."""
-    return RaggedPrediction(*(torch.from_numpy(a) for a in arrays), list(ensembles)).split()
+    return BatchPrediction(*(torch.from_numpy(a) for a in arrays), list(ensembles)).split()
 
 
 def _main(models: list[tuple[str, str, Connection]], settings: Settings) -> None:

@@ -14,7 +14,7 @@ from ocd_core.scale import ScaleConfig, ScaleNet
 from ocd_core.schedule import ScheduleConfig
 from ocd_core.targets import TargetConfig
 
-from service.launch import ROOT, Server  # noqa: F401  (re-exported for the tests)
+from bench.launch import ROOT, Server  # noqa: F401  (re-exported for the tests)
 
 
 def make_bundle(root: Path, name: str = "mnist", version: str = "1", seed: int = 0) -> Path:

@@ -44,4 +44,4 @@ def test_pipeline_on_own_module(tmp_path):
     assert manifest.layer == "fc2" and manifest.latent_dims == (32, 32, 10)
     p1 = loaded.predict(x[te][:4], steps=5, ensemble=3, seeds=[1, 2, 3, 4])
     p2 = res.model.predict(x[te][:4], steps=5, ensemble=3, seeds=[1, 2, 3, 4])
-    assert p1.members.shape == (4, 3, 10) and torch.equal(p1.members, p2.members)
+    assert p1.stacked().shape == (4, 3, 10) and torch.equal(p1.members, p2.members)

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from ocd_core.predictor import OCDModel, RaggedPrediction, SamplePrediction
+from ocd_core.predictor import BatchPrediction, Predictor, SamplePrediction
 from service.batcher import BatchCost, Batcher, ClientGone, InFlight, Job, disconnected
 from service.worker import Channel, Engine, pack, unpack
 
@@ -43,14 +43,16 @@ def test_calibration_measures_the_fixed_and_per_sample_cost():
         def __init__(self, slow=0.0, warm=0.5):
             self.slow, self.warm = slow, warm
 
-        def predict_batched(self, x, steps, ensembles, seeds):
+        runtime = SimpleNamespace(device=torch.device("cpu"))
+
+        def predict(self, x, steps, ensembles, seeds):
             calls.append((tuple(x.shape), steps))
             first = self.warm if len(calls) == 1 else 0.0
             k = len(ensembles)
-            pred = RaggedPrediction(torch.zeros(k, 10), torch.zeros(k, 10), torch.zeros(k), torch.zeros(k, 10), [1] * k)
-            return pred, {"base": self.slow + 0.001 + first, "ddim": 0.002 + 0.0004 * k, "adapt": 0.0001 * k}
+            return BatchPrediction(torch.zeros(k, 10), torch.zeros(k, 10), torch.zeros(k), torch.zeros(k, 10), [1] * k,
+                                   {"base": self.slow + 0.001 + first, "ddim": 0.002 + 0.0004 * k, "adapt": 0.0001 * k})
 
-    engine = Engine(Timed(), "cpu")
+    engine = Engine(Timed())
     cost = engine.calibrate([1, 28, 28], steps=5, size=8, repeats=2, budget_s=1.0)
     assert cost == engine.cost
     assert cost.fixed == pytest.approx(0.003)
@@ -58,12 +60,12 @@ def test_calibration_measures_the_fixed_and_per_sample_cost():
     assert calls == [((1, 1, 28, 28), 5)] * 4 + [((8, 1, 28, 28), 5)] * 2  # warm-up, the budget check, 2 + 2
 
     calls.clear()  # too slow to calibrate within the budget: a batch of one bounds the fixed cost
-    cost = Engine(Timed(slow=0.1), "cpu").calibrate([3], steps=5, size=8, repeats=2, budget_s=1.0)
+    cost = Engine(Timed(slow=0.1)).calibrate([3], steps=5, size=8, repeats=2, budget_s=1.0)
     assert cost == BatchCost(fixed=pytest.approx(0.1035), per_sample=0.0, steps=5)
     assert calls == [((1, 3), 5)] * 2
 
     calls.clear()  # a warm-up over the whole budget: no second call
-    cost = Engine(Timed(warm=1.5), "cpu").calibrate([3], steps=5, size=8, repeats=2, budget_s=1.0)
+    cost = Engine(Timed(warm=1.5)).calibrate([3], steps=5, size=8, repeats=2, budget_s=1.0)
     assert cost == BatchCost(fixed=pytest.approx(1.5035), per_sample=0.0, steps=5)
     assert calls == [((1, 3), 5)]
 
@@ -176,7 +178,7 @@ def test_pack_and_unpack_keep_ragged_ensembles():
     counts = [1, 3, 2]
     preds = [SamplePrediction(torch.full((k, 10), float(i)), torch.full((10,), i + 0.5), torch.tensor(i + 0.25),
                               torch.full((10,), i - 1.0)) for i, k in enumerate(counts)]
-    batched = RaggedPrediction(torch.cat([p.members for p in preds]), *(torch.stack([getattr(p, f) for p in preds])
+    batched = BatchPrediction(torch.cat([p.members for p in preds]), *(torch.stack([getattr(p, f) for p in preds])
                                                                           for f in ("mean", "uncertainty", "base")), counts)
     arrays = pack(batched)
     assert [a.shape for a in arrays] == [(6, 10), (3, 10), (3,), (3, 10)]
@@ -189,15 +191,15 @@ def test_pack_and_unpack_keep_ragged_ensembles():
 
 @pytest.mark.parametrize("task", ["classification", "regression"])
 def test_batched_summary_equals_each_sample_alone(task):
-    """summarise_ragged summarises all samples with K members at once; every sample's mean and
+    """summarise summarises all samples with K members at once; every sample's mean and
     uncertainty must be bit-identical to summarising it alone (no dependence on the batch)."""
-    model = OCDModel.__new__(OCDModel)  # only the task matters to the summary
-    model.__dict__["task"] = task
+    model = Predictor.__new__(Predictor)  # only the task matters to the summary
+    model.task = task
     g = torch.Generator().manual_seed(0)
     for counts in ([1] * 7, [3] * 5, [1, 3, 2, 3, 1, 5, 2]):
         out = torch.rand(sum(counts), 10, generator=g).softmax(-1)
         base = torch.rand(len(counts), 10, generator=g)
-        pred = model.summarise_ragged(out, base, counts)
+        pred = model.summarise(out, base, counts)
         assert pred.mean.shape == (len(counts), 10)
         assert pred.uncertainty.shape == ((len(counts),) if task == "classification" else (len(counts), 10))
         for i, (members, p) in enumerate(zip(out.split(counts), pred.split())):

@@ -115,7 +115,7 @@ def test_nerf_recipe_trains_reports_and_exports(nerf_run):
     assert "![renders](renders.png)" in (report / "report.md").read_text()
     assert (bundle / "onnx.json").exists()  # exported and verified against torch at publish
     p = model.predict(torch.tensor([[30.0, 40.0, 4.0]]), steps=2, ensemble=2, seeds=[0])
-    assert p.members.shape == (1, 2, 3, 16, 16) and p.base.shape == (1, 3, 16, 16)
+    assert p.stacked().shape == (1, 2, 3, 16, 16) and p.base.shape == (1, 3, 16, 16)
 
 
 def test_nerf_serving_render_predict_and_v2(nerf_run):

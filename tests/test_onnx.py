@@ -3,7 +3,6 @@ import json
 import shutil
 
 import httpx
-import numpy as np
 import pytest
 import torch
 
@@ -11,9 +10,9 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
 from ocd_core.bundle import BundleError, load_bundle  # noqa: E402
+from ocd_core.onnx_runtime import OnnxRuntime  # noqa: E402
 from ocd_core.predictor import draw_noise  # noqa: E402
 from serving import ROOT, Server, make_bundle  # noqa: E402
-from service.onnx_engine import OnnxOCD  # noqa: E402
 from training.export_onnx import ExportError, export_onnx  # noqa: E402
 
 
@@ -44,30 +43,29 @@ def test_onnx_runtime_matches_torch_per_stage_and_end_to_end(tmp_path, name, ver
     """mnist/2 samples in factor space under torch, densely under ONNX Runtime: the same result."""
     d = exported(tmp_path, name, version)
     model, _ = load_bundle(d)
-    ort = OnnxOCD(d, model)
+    torch_rt, ort = model.predictor().runtime, OnnxRuntime(d)
     x = inputs(name, 6)
-    with torch.no_grad():
-        live, tail = model._upstream(x)
-        lat = model.latents(live, tail)
-        inp, act, out, base_out, *live_o = ort.run("base", x.numpy())
-        for got, want in zip([inp, act, out, base_out, *live_o], [lat.inp, lat.act, lat.out, lat.out, *live]):
-            assert got.shape == want.shape and np.abs(got - want.numpy()).max() < 1e-4
-        ctx = model.denoiser.prepare(model.cond(*lat.flat()))
-        ctx_o = ort.run("cond", inp, act, out)
-        assert len(ctx_o) == len(ctx) and all(np.abs(a - b.numpy()).max() < 1e-4 for a, b in zip(ctx_o, ctx))
-        assert np.abs(ort.run("scale", inp, act, out)[0] - model.scale_net(*lat.flat()).numpy()).max() < 1e-4 * \
-            float(model.mean_scale) * 10
+    with torch.no_grad():  # stage by stage: the graphs are the torch runtime's stages
+        want_up, got_up = torch_rt.upstream(x), ort.upstream(x)
+        for got, want in zip([*vars(got_up.lat).values(), got_up.base_out, *got_up.live],
+                             [*vars(want_up.lat).values(), want_up.base_out, *want_up.live]):
+            assert (got is None) == (want is None)
+            if want is not None:
+                assert got.shape == want.shape and (got - want).abs().max().item() < 1e-4
+        ctx, ctx_o = torch_rt.context(want_up.lat), ort.context(got_up.lat)
+        assert len(ctx_o) == len(ctx) and all((a - b).abs().max().item() < 1e-4 for a, b in zip(ctx_o, ctx))
+        rho = torch_rt.scale(want_up.lat)
+        assert (ort.scale(got_up.lat) - rho).abs().max().item() < 1e-4 * rho.abs().max().item()
         x_t, _ = draw_noise(range(6), 1, model.delta_shape, 1, 0.0, "cpu")
         t = torch.tensor([900, 500, 100, 0, 300, 999])
-        step = ort.run("denoiser_step", x_t.numpy(), t.numpy(), *ctx_o)[0]
-        assert np.abs(step - model.denoiser(x_t, t, ctx).numpy()).max() < 1e-4
-        want, base = model._run(x, 10, [2] * 6, 0.0, list(range(6)), "net")[:2]
-    assert model.lowrank_ok(0.0, 10) == ((name, version) == ("mnist", "2"))  # the fast denoiser
-    got = ort.predict_ragged(x, 10, [2] * 6, list(range(6)))[0]
-    members = torch.cat([p.members for p in got])
-    assert members.shape == want.shape and (members - want).abs().max().item() < 1e-4
-    assert torch.stack([p.base for p in got]).sub(base).abs().max().item() < 1e-4
-    assert (want - base.repeat_interleave(2, 0)).abs().max() > 1e-5  # the deltas do move the outputs
+        assert (ort.denoise(x_t, t, ctx_o) - torch_rt.denoise(x_t, t, ctx)).abs().max().item() < 1e-4
+    assert (model.denoiser.factor_space(0.0, 10) is not None) == ((name, version) == ("mnist", "2"))  # fast denoiser
+    want = model.predict(x, 10, 2, seeds=list(range(6)))
+    got = model.predictor(ort).predict(x, 10, 2, seeds=list(range(6)))
+    assert got.members.shape == want.members.shape == (12, *want.base.shape[1:])
+    assert (got.members - want.members).abs().max().item() < 1e-4
+    assert (got.base - want.base).abs().max().item() < 1e-4
+    assert (want.members - want.base.repeat_interleave(2, 0)).abs().max() > 1e-5  # the deltas do move the outputs
 
 
 def test_stale_or_missing_graphs_are_refused(tmp_path):
@@ -76,19 +74,19 @@ def test_stale_or_missing_graphs_are_refused(tmp_path):
     model, _ = load_bundle(d)
     with pytest.raises(BundleError, match=r"no ONNX graphs \(base, cond, denoiser_step, scale, adapt missing\); "
                                           r"run `ocd export-onnx"):
-        OnnxOCD(d, model)
+        OnnxRuntime(d)
     export_onnx(d)
     info = json.loads((d / "onnx.json").read_text())
     (d / "onnx.json").write_text(json.dumps({**info, "weights_sha256": "0" * 64}))
     with pytest.raises(BundleError, match="exported from other weights"):
-        OnnxOCD(d, model)
+        OnnxRuntime(d)
     export_onnx(d)
-    OnnxOCD(d, model)  # fresh graphs load
+    OnnxRuntime(d)  # fresh graphs load
     from safetensors.torch import load_file, save_file
     scale = load_file(str(d / "scale.safetensors"))
     save_file({k: v * 1.01 for k, v in scale.items()}, str(d / "scale.safetensors"))  # new weights, old graphs
     with pytest.raises(BundleError, match="exported from other weights"):
-        OnnxOCD(d, load_bundle(d)[0])
+        OnnxRuntime(d)
 
 
 def test_a_conv_layer_exports_and_runs_like_torch(tmp_path):
@@ -112,14 +110,12 @@ def test_a_conv_layer_exports_and_runs_like_torch(tmp_path):
     d = save_bundle(model, m, tmp_path)
     export_onnx(d)
     model, _ = load_bundle(d)
-    ort = OnnxOCD(d, model)
     x = torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(1))
-    want, _ = model.predict_ragged(x, 3, [1, 2, 3], [5, 6, 7])
-    got, _ = ort.predict_ragged(x, 3, [1, 2, 3], [5, 6, 7])
-    for a, b in zip(want, got):
-        assert a.members.shape == b.members.shape
-        assert (a.members - b.members).abs().max().item() < 1e-4
-    assert (want[0].members - model.predict(x[:1], steps=3, seeds=[5]).members[0]).abs().max().item() < 1e-5
+    want = model.predict(x, 3, [1, 2, 3], seeds=[5, 6, 7])
+    got = model.predictor(OnnxRuntime(d)).predict(x, 3, [1, 2, 3], seeds=[5, 6, 7])
+    assert got.members.shape == want.members.shape == (6, 10)
+    assert (got.members - want.members).abs().max().item() < 1e-4
+    assert (want.members[0] - model.predict(x[:1], steps=3, seeds=[5]).members[0]).abs().max().item() < 1e-5
 
 
 def test_server_with_the_onnx_backend_answers_like_torch(tmp_path):
@@ -147,6 +143,5 @@ def test_committed_bundles_carry_current_graphs():
     dirs = sorted(p.parent for p in (ROOT / "models").glob("*/*/manifest.json"))
     assert len(dirs) >= 5
     for d in dirs:
-        model, _ = load_bundle(d)
-        ort = OnnxOCD(d, model)  # raises on missing, stale or mismatched graphs
+        ort = OnnxRuntime(d)  # raises on missing, stale or mismatched graphs
         assert set(ort.sessions) == {"base", "cond", "denoiser_step", "scale", "adapt"}

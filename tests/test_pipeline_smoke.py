@@ -15,7 +15,7 @@ from ocd_core.tap import tap
 
 
 def test_train_smoke_produces_bundle_and_report(tmp_path):
-    args = [sys.executable, "-m", "training.cli", "train", "mnist", "--variant", "smoke", "--quiet",
+    args = [sys.executable, "-m", "ocd_cli", "train", "mnist", "--variant", "smoke", "--quiet",
             "--runs", str(tmp_path / "runs"), "--models", str(tmp_path / "models"), "--reports", str(tmp_path / "reports")]
     out = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
@@ -41,7 +41,7 @@ def test_train_smoke_produces_bundle_and_report(tmp_path):
     assert "| OCD ensemble |" in text and "## Per-seed paired gain" in text
     assert "| ablation: alternative layer `fc2` instead of `fc1` (1 sample) |" in text
     p = model.predict(torch.zeros(2, 1, 28, 28), steps=2, ensemble=2, seeds=[0, 1])
-    assert p.members.shape == (2, 2, 10)
+    assert p.stacked().shape == (2, 2, 10)
 
     # a second run resumes: every stage is found on disk, the same version is reused
     evals = sorted((tmp_path / "runs").glob("*/seed*/eval.json"))

@@ -7,7 +7,7 @@ from ocd_core.bundle import ArchSpec, BundleError, InputSpec, Manifest, list_ver
 from ocd_core.conditioning import CondConfig, CondEncoder
 from ocd_core.denoisers import CompactConfig, build_denoiser
 from ocd_core.adapt import LowRankDelta, adapted_forward
-from ocd_core.predictor import OCDModel, draw_noise
+from ocd_core.predictor import OCDModel, draw_noise, repeat_rows
 from ocd_core.scale import ScaleConfig, ScaleNet, scale_loss
 from ocd_core.schedule import ScheduleConfig
 from ocd_core.targets import TargetConfig
@@ -35,12 +35,12 @@ def manifest(name="mnist", version="1"):
 def test_prediction_shapes_and_uncertainty(model, mnist_batch):
     x, _ = mnist_batch
     p = model.predict(x, steps=5, ensemble=3, seeds=list(range(20)))
-    assert p.members.shape == (20, 3, 10) and p.mean.shape == (20, 10) and p.uncertainty.shape == (20,)
-    assert torch.allclose(p.members.sum(-1), torch.ones(20, 3), atol=1e-5)
-    assert torch.allclose(p.mean, p.members.mean(1))
+    assert p.members.shape == (60, 10) and p.stacked().shape == (20, 3, 10) and p.mean.shape == (20, 10) and p.uncertainty.shape == (20,)
+    assert torch.allclose(p.members.sum(-1), torch.ones(60), atol=1e-5)
+    assert torch.allclose(p.mean, p.stacked().mean(1))
     assert torch.allclose(p.uncertainty, -(p.mean * p.mean.log()).sum(-1), atol=1e-5)
     assert set(p.timings) == {"base", "ddim", "adapt"}
-    assert (p.members[:, 0] - p.members[:, 1]).abs().max() > 1e-3  # members differ (different noise)
+    assert (p.stacked()[:, 0] - p.stacked()[:, 1]).abs().max() > 1e-3  # members differ (different noise)
     assert (p.mean - p.base).abs().max() > 1e-3  # the deltas change the prediction
 
 
@@ -48,13 +48,13 @@ def test_prediction_shapes_and_uncertainty(model, mnist_batch):
 def test_result_depends_on_own_seed_not_on_batch(model, mnist_batch, eta):
     x, _ = mnist_batch
     seeds = [100 + i for i in range(20)]
-    batch = model.predict(x, steps=4, ensemble=2, eta=eta, seeds=seeds).members
+    batch = model.predict(x, steps=4, ensemble=2, eta=eta, seeds=seeds).stacked()
     for i in (0, 7, 19):
-        alone = model.predict(x[i:i + 1], steps=4, ensemble=2, eta=eta, seeds=[seeds[i]]).members
+        alone = model.predict(x[i:i + 1], steps=4, ensemble=2, eta=eta, seeds=[seeds[i]]).stacked()
         assert (alone[0] - batch[i]).abs().max().item() < 1e-5
-    again = model.predict(x.flip(0), steps=4, ensemble=2, eta=eta, seeds=seeds[::-1]).members.flip(0)
+    again = model.predict(x.flip(0), steps=4, ensemble=2, eta=eta, seeds=seeds[::-1]).stacked().flip(0)
     assert (again - batch).abs().max().item() < 1e-5
-    other = model.predict(x, steps=4, ensemble=2, eta=eta, seeds=seeds[1:] + seeds[:1]).members
+    other = model.predict(x, steps=4, ensemble=2, eta=eta, seeds=seeds[1:] + seeds[:1]).stacked()
     assert (other - batch).abs().max().item() > 1e-3  # the seed does decide the result
 
 
@@ -64,7 +64,7 @@ def test_regression_head_reports_std(lenet, mnist_batch):
                  ScheduleConfig(), "regression", 1e-3)
     p = m.predict(mnist_batch[0][:4], steps=2, ensemble=3, seeds=[0, 1, 2, 3])
     assert p.uncertainty.shape == (4, 10)
-    assert torch.allclose(p.uncertainty, p.members.std(1, unbiased=False))
+    assert torch.allclose(p.uncertainty, p.stacked().std(1, unbiased=False))
 
 
 def test_scale_loss_is_the_papers():
@@ -167,11 +167,15 @@ def test_versions_sort_numerically(model, tmp_path):
 
 def test_ragged_ensembles_equal_separate_predictions(model, mnist_batch):
     x, _ = mnist_batch
-    preds, timings = model.predict_ragged(x[:3], 4, [1, 3, 2], seeds=[5, 6, 7])
+    batch = model.predict(x[:3], 4, [1, 3, 2], seeds=[5, 6, 7])
+    preds, timings = batch.split(), batch.timings
+    assert batch.members.shape == (6, 10)
+    with pytest.raises(ValueError, match=r"members of a ragged batch \(K = \[1, 2, 3\]\) do not stack"):
+        batch.stacked()
     assert [p.members.shape for p in preds] == [(1, 10), (3, 10), (2, 10)]
     for i, k in enumerate([1, 3, 2]):
         alone = model.predict(x[i:i + 1], steps=4, ensemble=k, seeds=[5 + i])
-        assert (alone.members[0] - preds[i].members).abs().max().item() < 1e-5
+        assert (alone.stacked()[0] - preds[i].members).abs().max().item() < 1e-5
         assert (alone.uncertainty[0] - preds[i].uncertainty).abs().item() < 1e-5
     assert set(timings) == {"base", "ddim", "adapt"}
 
@@ -190,14 +194,18 @@ def fast_model(lenet):
 def test_lowrank_sampling_equals_dense(fast_model, mnist_batch):
     """DDIM in factor space (never forming Δ) == the dense sampler, and the predictions match."""
     m, (x, _) = fast_model, mnist_batch
-    assert m.lowrank_ok(0.0, 10) and not m.lowrank_ok(0.5, 10)
-    assert m.lowrank_ok(0.0, 24) and not m.lowrank_ok(0.0, 25)  # 4·25·(84+120) factor entries > 2·84·120: dense
+    den = m.denoiser
+    assert den.factor_space(0.0, 10) is den and den.factor_space(0.5, 10) is None
+    assert den.factor_space(0.0, 24) is den and den.factor_space(0.0, 25) is None  # 4·25·(84+120) > 2·84·120: dense
+    pred, rt = m.predictor(), m.predictor().runtime
     with torch.no_grad():
-        lat = m.latents(x)
+        up = rt.upstream(x)
         reps = torch.full((20,), 2)
+        ctx = repeat_rows(rt.context(up.lat), reps)
+        rho = rt.scale(up.lat).repeat_interleave(reps)
         x_T, _ = draw_noise(list(range(20)), 2, (84, 120), 10, 0.0, "cpu")
-        low = m.sample_deltas(lat, 10, reps, 0.0, x_T, lowrank=True)
-        dense = m.sample_deltas(lat, 10, reps, 0.0, x_T, lowrank=False)
+        low = pred.sample_deltas(ctx, rho, x_T, 10, lowrank=True)
+        dense = pred.sample_deltas(ctx, rho, x_T, 10, lowrank=False)
         assert isinstance(low, LowRankDelta) and low.u.shape == (40, 84, 40) and low.v.shape == (40, 120, 40)
         assert low.dense().shape == dense.shape == (40, 84, 120)
         assert (low.dense() - dense).abs().max().item() < 1e-5 * dense.abs().max().item()
@@ -210,10 +218,11 @@ def test_lowrank_sampling_equals_dense(fast_model, mnist_batch):
 
 def test_upstream_split_gives_the_full_model_result(model, mnist_batch):
     x, _ = mnist_batch
-    live, tail = model._upstream(x)
+    rt = model.predictor().runtime
+    live, tail = rt.tail(x)
     assert [v.shape for v in live] == [(20, 120)] and tail is not model.base  # conv stack runs once
     split = model.predict(x, steps=3, ensemble=2, seeds=list(range(20))).members
-    model.__dict__["_split"] = None  # no split: every member runs the whole base model
+    rt._split = None  # no split: every member runs the whole base model
     whole = model.predict(x, steps=3, ensemble=2, seeds=list(range(20))).members
     assert (split - whole).abs().max().item() < 1e-5
 

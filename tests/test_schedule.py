@@ -69,20 +69,27 @@ def test_bad_step_counts_are_refused():
     with pytest.raises(ValueError, match=r"ddim steps must be in \[1, 1000\], got 0"):
         NoiseSchedule().ddim_timesteps(0)
     with pytest.raises(ValueError, match="eta > 0 needs a noise tensor"):
-        NoiseSchedule().ddim_step(torch.zeros(1), torch.zeros(1), 500, 400, eta=0.5)
+        NoiseSchedule().step(torch.zeros(1), 500, torch.zeros(1), 400, eta=0.5)
+    with pytest.raises(ValueError, match="prediction must be 'epsilon' or 'sample', got 'v'"):
+        NoiseSchedule().step(torch.zeros(1), 500, torch.zeros(1), 400, prediction="v")
+
+
+def eps_of(s: NoiseSchedule, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The ε that x̂_0 implies at x_t (written out here, independently of the schedule's step)."""
+    a = s.alphas_cumprod[t].view(-1, *[1] * (x_t.ndim - 1))
+    return (x_t - a.sqrt() * x0) / (1 - a).sqrt()
 
 
 @pytest.mark.parametrize("steps", [1, 5, 10])
-def test_ddim_with_exact_x0_oracle_through_to_eps(steps):
-    """A denoiser that predicts x0 ("sample") exactly: converted to ε by the schedule, DDIM lands on x0."""
+@pytest.mark.parametrize("prediction", ["epsilon", "sample"])
+def test_ddim_with_exact_x0_oracle_lands_on_x0(steps, prediction):
+    """A denoiser that knows x0 exactly, as ε or as x̂_0: DDIM lands on x0."""
     s = NoiseSchedule()
     x0 = torch.randn(3, 5, 4, generator=torch.Generator().manual_seed(2))
-    eps_fn = lambda x_t, t: s.to_eps("sample", x0, x_t, t)
-    out = s.ddim_sample(eps_fn, torch.randn(3, 5, 4), steps)
+    fn = (lambda x_t, t: eps_of(s, x0, x_t, t)) if prediction == "epsilon" else (lambda x_t, t: x0.clone())
+    out = s.ddim_sample(fn, torch.randn(3, 5, 4), steps, prediction=prediction)
     assert (out - x0).abs().max().item() < 1e-4
-    t = torch.tensor([10, 500, 990])
     noise = torch.randn(3, 5, 4)
-    assert torch.allclose(s.to_eps("sample", x0, s.q_sample(x0, t, noise), t), noise, atol=1e-3)
     assert s.training_target("sample", x0, noise) is x0 and s.training_target("epsilon", x0, noise) is noise
 
 
@@ -95,5 +102,5 @@ def test_x0_sampler_equals_the_eps_sampler(steps, eta):
     x_T, noise = torch.randn(2, 7, 5, generator=g), torch.randn(steps, 2, 7, 5, generator=g)
     x0_fn = lambda x, t: torch.tanh(x) * 0.5 + t.view(-1, 1, 1) / 2000  # any x̂0-predicting "denoiser"
     fused = s.ddim_sample(x0_fn, x_T, steps, eta, noise if eta else None, prediction="sample")
-    via_eps = s.ddim_sample(lambda x, t: s.to_eps("sample", x0_fn(x, t), x, t), x_T, steps, eta, noise if eta else None)
+    via_eps = s.ddim_sample(lambda x, t: eps_of(s, x0_fn(x, t), x, t), x_T, steps, eta, noise if eta else None)
     assert (fused - via_eps).abs().max().item() < 1e-4

@@ -61,7 +61,7 @@ def test_bundle_manifest_holds_the_preprocessing(repo):
     cut = next(f for f in spec.fields if f.name == "cut")
     assert cut.categories == ["Fair", "Good", "Ideal", "Premium", "Very Good"]
     assert m.input.shape == [spec.width] == [26]
-    assert model.predict(encode_row(spec, DIAMOND)[None], steps=2, ensemble=3, seeds=[0]).members.shape == (1, 3, 1)
+    assert model.predict(encode_row(spec, DIAMOND)[None], steps=2, ensemble=3, seeds=[0]).stacked().shape == (1, 3, 1)
     _, credit = load_bundle(repo / "models" / "credit" / "1")
     income = next(f for f in TabularSpec.model_validate(credit.input.options["tabular"]).fields if f.name == "Income")
     assert income.fill is not None  # Income has missing values in credit_data: requests may send null

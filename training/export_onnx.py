@@ -1,6 +1,6 @@
-"""Export a bundle's networks to ONNX, next to its safetensors, for the ONNX Runtime engine.
+"""Export a bundle's networks to ONNX, next to its safetensors, for ``OnnxRuntime`` (ocd_core/onnx_runtime.py).
 
-Five graphs, every batch dimension dynamic:
+Five graphs, each traced from the ``TorchRuntime`` stage of the same name, every batch dimension dynamic:
 
   base.onnx           x (N, *input)            -> inp, act, out (the layer's latents, pooled as the
                                                   conditioning sees them), base_out (the base model's
@@ -13,9 +13,10 @@ Five graphs, every batch dimension dynamic:
   adapt.onnx          deltas (N, *W), live_0.. -> the adapted network output (N, *out)
 
 ``onnx.json`` records the opset, the torch version and the SHA-256 of the safetensors the graphs
-came from, so the engine refuses graphs that no longer match their weights. The adapted forward
-is exported for Linear layers (the multi-LoRA add-on ``einsum(inp, Δ)``); other layer types need
-per-sample weights in a convolution, which ONNX cannot batch.
+came from, so the runtime refuses graphs that no longer match their weights. The adapted forward
+is exported for Linear layers (the multi-LoRA add-on ``einsum(inp, Δ)``) and Conv2d without groups
+(one bmm with the input's patches); other layer types would need per-sample weights in a
+convolution, which ONNX cannot batch.
 """
 from __future__ import annotations
 
@@ -29,70 +30,42 @@ from torch import nn
 
 from ocd_core.adapt import fast_path
 from ocd_core.bundle import load_bundle, weights_digest
-from ocd_core.conditioning import Cond
-from ocd_core.denoisers.compact import CompactDenoiser, Context
 from ocd_core.io import atomic_write_bytes, atomic_write_text
+from ocd_core.onnx_runtime import GRAPHS, OnnxRuntime
 from ocd_core.predictor import OCDModel
-from ocd_core.tap import get_layer, tap
+from ocd_core.runtime import TorchRuntime
+from ocd_core.tap import Latents, get_layer
 
 OPSET = 17
-GRAPHS = ("base", "cond", "denoiser_step", "scale", "adapt")
 
 
 class ExportError(ValueError):
     """The bundle cannot be served by ONNX Runtime (the reason says why)."""
 
 
-class _Base(nn.Module):
-    def __init__(self, model: OCDModel, x: torch.Tensor):
+class _Stage(nn.Module):
+    """One ``TorchRuntime`` stage as a module of flat tensors, for the exporter."""
+
+    def __init__(self, model: OCDModel, fn):
         super().__init__()
-        self.model = model
-        self.live_count = len(model._upstream(x)[0])
+        self.model, self.fn = model, fn  # the model's parameters are the graph's
 
-    def forward(self, x):
-        live, tail = self.model._upstream(x)
-        raw = tap(tail, self.model.layer, live)
-        lat = self.model._pool(raw)  # what the conditioning sees (CondConfig.latent_pool)
-        return (lat.inp, lat.act, lat.out, raw.out, *live)
+    def forward(self, *args):
+        return self.fn(*args)
 
 
-class _Cond(nn.Module):
-    def __init__(self, model: OCDModel):
-        super().__init__()
-        self.cond, self.den = model.cond, model.denoiser
+def _stages(model: OCDModel, rt: TorchRuntime, ctx_type) -> dict[str, nn.Module]:
+    """The five graphs, each the runtime's own stage (the latents as the base graph gives them)."""
+    def base(x):
+        up = rt.upstream(x)
+        return (up.lat.inp, up.lat.act, up.lat.out, up.base_out, *up.live)
 
-    def forward(self, inp, act, out):  # the latents as the base graph gives them, flattened here
-        c = self.cond(inp.flatten(1), act.flatten(1), out.flatten(1))
-        return tuple(self.den.prepare(c)) if isinstance(self.den, CompactDenoiser) else tuple(c)
-
-
-class _Step(nn.Module):
-    def __init__(self, model: OCDModel):
-        super().__init__()
-        self.den = model.denoiser
-
-    def forward(self, x_t, t, *ctx):
-        c = Context(*ctx) if isinstance(self.den, CompactDenoiser) else Cond(*ctx)
-        return self.den(x_t, t, c)
-
-
-class _Scale(nn.Module):
-    def __init__(self, model: OCDModel):
-        super().__init__()
-        self.scale = model.scale_net
-
-    def forward(self, inp, act, out):
-        return self.scale(inp.flatten(1), act.flatten(1), out.flatten(1))
-
-
-class _Adapt(nn.Module):
-    def __init__(self, model: OCDModel, tail: nn.Module):
-        super().__init__()
-        self.tail, self.layer = tail, model.layer
-
-    def forward(self, deltas, *live):  # the Linear / Conv2d add-on (export_onnx checked the layer and shapes)
-        module = get_layer(self.tail, self.layer)
-        return fast_path(module)(self.tail, module, live, deltas)
+    fns = {"base": base,
+           "cond": lambda inp, act, out: tuple(rt.context(Latents(inp, act, out))),
+           "denoiser_step": lambda x_t, t, *ctx: rt.denoise(x_t, t, ctx_type(*ctx)),
+           "scale": lambda inp, act, out: rt.scale(Latents(inp, act, out)),
+           "adapt": lambda deltas, *live: rt.adapt(live, deltas)}
+    return {g: _Stage(model, fn) for g, fn in fns.items()}
 
 
 def _export(module: nn.Module, args: tuple, inputs: list[str], outputs: list[str], path: Path) -> None:
@@ -116,25 +89,24 @@ def export_onnx(directory: str | Path) -> list[Path]:
         raise ExportError(f"{directory}: layer {m.layer!r} is not Linear or Conv2d (without groups); the ONNX "
                           "adapted forward supports per-sample deltas of those")
     x = torch.zeros(2, *m.input.shape)
-    base = _Base(model, x)
-    live, tail = model._upstream(x)
-    lat = model._pool(tap(tail, m.layer, live))
-    lat_args = (lat.inp, lat.act, lat.out)
-    live_names = [f"live_{i}" for i in range(base.live_count)]
-    cond = _Cond(model)
-    ctx = cond(*lat_args)
-    ctx_names = list(Context._fields if isinstance(model.denoiser, CompactDenoiser) else Cond._fields)
-    W = model.delta_shape
-    x_t, t = torch.randn(2, *W), torch.tensor([900, 0])
+    rt = TorchRuntime(model)
+    up = rt.upstream(x)
+    lat_args = (up.lat.inp, up.lat.act, up.lat.out)
+    live_names = [f"live_{i}" for i in range(len(up.live))]
+    ctx = rt.context(up.lat)
+    ctx_names = list(type(ctx)._fields)
+    stages = _stages(model, rt, type(ctx))
+    x_t, t = torch.randn(2, *model.delta_shape), torch.tensor([900, 0])
     inputs = {"base": ["x"], "cond": ["inp", "act", "out"], "denoiser_step": ["x_t", "t", *ctx_names],
               "scale": ["inp", "act", "out"], "adapt": ["deltas", *live_names]}
+    outputs = {"base": ["inp", "act", "out", "base_out", *live_names], "cond": ctx_names, "denoiser_step": ["out"],
+               "scale": ["rho"], "adapt": ["out"]}
+    args = {"base": (x,), "cond": lat_args, "denoiser_step": (x_t, t, *ctx), "scale": lat_args,
+            "adapt": (x_t * 1e-3, *up.live)}
     paths = [directory / f"{g}.onnx" for g in GRAPHS]
     (directory / "onnx.json").unlink(missing_ok=True)  # the engine refuses a bundle without it meanwhile
-    _export(base, (x,), inputs["base"], ["inp", "act", "out", "base_out", *live_names], paths[0])
-    _export(cond, lat_args, inputs["cond"], ctx_names, paths[1])
-    _export(_Step(model), (x_t, t, *ctx), inputs["denoiser_step"], ["out"], paths[2])
-    _export(_Scale(model), lat_args, inputs["scale"], ["rho"], paths[3])
-    _export(_Adapt(model, tail), (x_t * 1e-3, *live), inputs["adapt"], ["out"], paths[4])
+    for g, path in zip(GRAPHS, paths):
+        _export(stages[g], args[g], inputs[g], outputs[g], path)
     info = {"opset": OPSET, "torch": torch.__version__, "weights_sha256": weights_digest(directory),
             "inputs": inputs, "prediction": model.prediction}
     atomic_write_text(json.dumps(info, indent=2), directory / "onnx.json")
@@ -150,13 +122,13 @@ def export_onnx(directory: str | Path) -> list[Path]:
 def _verify(directory: Path, model: OCDModel, shape: list[int], tol: float = 1e-4) -> None:
     """ONNX Runtime against torch on 3 random inputs with ragged ensembles; ExportError beyond ``tol``."""
     try:
-        from service.onnx_engine import OnnxOCD
+        import onnxruntime  # noqa: F401
     except ImportError:  # exporting needs onnx only; without onnxruntime there is nothing to compare
         return
     x = torch.randn(3, *shape, generator=torch.Generator().manual_seed(0))
-    want, _ = model.predict_ragged(x, 3, [1, 2, 1], [0, 1, 2])
-    got, _ = OnnxOCD(directory, model).predict_ragged(x, 3, [1, 2, 1], [0, 1, 2])
-    err = max((a.members - b.members).abs().max().item() for a, b in zip(got, want))
+    want = model.predict(x, 3, [1, 2, 1], seeds=[0, 1, 2])
+    got = model.predictor(OnnxRuntime(directory)).predict(x, 3, [1, 2, 1], seeds=[0, 1, 2])
+    err = (got.members - want.members).abs().max().item()
     if not err < tol:
         raise ExportError(f"{directory}: ONNX Runtime differs from torch by {err:.2e} (> {tol:g}); "
                           "the graphs were not kept")

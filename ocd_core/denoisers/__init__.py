@@ -1,12 +1,14 @@
-"""Denoisers behind one interface: ``eps(x_t (B, *delta_shape), t (B,), cond: Cond)``."""
+"""Denoisers behind one interface (``Denoiser``): ``out(x_t (B, *delta_shape), t (B,), ctx)``, ε or x̂_0."""
 from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, Field
 from torch import nn
-
+from .base import Denoiser, FactorSampler
 from .compact import CompactDenoiser
+
+__all__ = ["CompactConfig", "Denoiser", "DenoiserConfig", "FactorSampler", "PaperConfig", "build_denoiser"]
 
 
 class CompactConfig(BaseModel):
@@ -36,12 +38,12 @@ class PaperConfig(BaseModel):
 DenoiserConfig = Annotated[Union[CompactConfig, PaperConfig], Field(discriminator="kind")]
 
 
-def build_denoiser(cfg: CompactConfig | PaperConfig, delta_shape: tuple[int, ...], cond_dim: int) -> nn.Module:
+def build_denoiser(cfg: CompactConfig | PaperConfig, delta_shape: tuple[int, ...], cond_dim: int) -> Denoiser:
     """The denoiser named by ``cfg.kind`` for deltas of ``delta_shape``; ``.prediction`` says
     whether it outputs ε or x_0 (the schedule converts)."""
     kwargs = cfg.model_dump(exclude={"kind", "prediction"})
     if cfg.kind == "compact":
-        net: nn.Module = CompactDenoiser(tuple(delta_shape), cond_dim, **kwargs)
+        net: Denoiser = CompactDenoiser(tuple(delta_shape), cond_dim, **kwargs)
     else:
         from .paper_unet import PaperUNet
 
@@ -50,7 +52,7 @@ def build_denoiser(cfg: CompactConfig | PaperConfig, delta_shape: tuple[int, ...
     return net
 
 
-class EmbOnly(nn.Module):
+class EmbOnly(Denoiser):
     """Adapts a denoiser that takes the paper's embedding tensor to the ``Cond`` interface."""
 
     def __init__(self, net: nn.Module):

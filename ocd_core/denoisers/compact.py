@@ -29,6 +29,8 @@ from torch import nn
 
 from ..conditioning import AXIS_FEATURES, ROW_FEATURES, Cond
 from ..layers import mlp, timestep_embedding
+from ..schedule import NoiseSchedule
+from .base import Denoiser
 
 
 class _AxisNet(nn.Module):
@@ -96,7 +98,7 @@ class StepEmb(NamedTuple):
     film_cols: torch.Tensor
 
 
-class CompactDenoiser(nn.Module):
+class CompactDenoiser(Denoiser):
     """out(x_t (B, out, in...), t (B,), cond: Cond | Context) -> (B, out, in...)."""
 
     def __init__(self, delta_shape: tuple[int, ...], cond_dim: int, rank: int = 4, probes: int = 8,
@@ -125,6 +127,22 @@ class CompactDenoiser(nn.Module):
             p_col = self.col_probe.step(p_col, None, e) / math.sqrt(self.n_in)
             p_row = self.row_probe.step(p_row, None, e) / math.sqrt(self.n_out)
         return Context(e_c, self.rows.static(cond.rows), self.cols.static(cond.cols), p_col, p_row)
+
+    def factor_space(self, eta: float, steps: int) -> CompactDenoiser | None:
+        """Itself (see ``sample_factors``) for a deterministic sampler, x̂_0-prediction and static probes,
+        when the factors (rank x steps columns) are at most twice the dense delta's size (MNIST v2 at
+        batch 64: 20 steps take 30 ms in factor space, 41 ms dense); else None (the dense sampler)."""
+        if eta != 0 or self.prediction != "sample" or not self.static_probes:
+            return None
+        return self if self.rank * steps * (self.n_out + self.n_in) <= 2 * self.n_out * self.n_in else None
+
+    def sample_factors(self, schedule: NoiseSchedule, ctx: Context, x_T: torch.Tensor,
+                       steps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """DDIM on factors (``NoiseSchedule.ddim_sample_lowrank``): x_T (N, *delta_shape) -> a (N,),
+        U (N, out, m), V (N, in, m) with x_0 = a·x_T + U Vᵀ."""
+        embs = self.step_embs(schedule.ddim_timesteps(steps), ctx)  # what t fixes, all steps at once
+        return schedule.ddim_sample_lowrank(lambda r, t: self.factors(r, t, ctx, emb=embs[t]),
+                                            lambda u, v: self.read_lowrank(u, v, ctx), self.read(x_T, ctx), steps)
 
     def read(self, x: torch.Tensor, ctx: Context) -> tuple[torch.Tensor, torch.Tensor]:
         """The only way the denoiser sees x_t: x (B, out, in) -> R = x·P_col (B, out, k), C = xᵀ·P_row (B, in, k).

@@ -25,7 +25,7 @@ class Server:
     """``ocd serve`` in a subprocess on a free loopback port."""
 
     def __init__(self, models_dir: Path, **settings):
-        from .settings import Settings
+        from service.settings import Settings
 
         unknown = sorted(set(settings) - set(Settings.model_fields))
         if unknown:
@@ -35,7 +35,7 @@ class Server:
         env = {**os.environ, "OCD_THREADS": "1", **{f"OCD_{k.upper()}": str(v) for k, v in settings.items()}}
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)
         self.log = tempfile.TemporaryFile("w+")
-        self.proc = subprocess.Popen([sys.executable, "-m", "training.cli", "serve", "--host", "127.0.0.1",
+        self.proc = subprocess.Popen([sys.executable, "-m", "ocd_cli", "serve", "--host", "127.0.0.1",
                                       "--port", str(self.port), "--models", str(models_dir)],
                                      cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
