@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 TORCH ?= torch==2.13.0
 
-.PHONY: run test train clean-venv espeak
+.PHONY: run test lint train clean-venv espeak
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,7 +34,12 @@ espeak:
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng >/dev/null; } || \
 		{ echo "espeak-ng is missing: sudo apt-get install espeak-ng"; exit 1; }
 
-test: $(STAMP) espeak
+# ruff: the linter and the formatter's check (pyproject.toml [tool.ruff]); `ruff format .` fixes the latter
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint espeak
 	$(BIN)/python -m pytest
 
 clean-venv:

@@ -6,6 +6,7 @@
 Each layer registers its own subcommands; a serving-only install (no ``train`` extra) still has
 ``ocd serve`` and ``ocd show``.
 """
+
 from __future__ import annotations
 
 import argparse

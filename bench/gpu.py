@@ -5,6 +5,7 @@ torch eager bf16 (autocast; its top-1 agreement with fp32 on real MNIST digits i
 row is kept only where it holds), torch.compile of the denoiser, ONNX Runtime (CUDA provider
 when onnxruntime-gpu is there). Then p50/p99 through a real ``ocd serve`` at concurrency 256.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -84,11 +85,15 @@ def main() -> None:
         x = real[:b] if b <= real.shape[0] else real.repeat(b // real.shape[0] + 1, 1, 1, 1)[:b]
         seeds = list(range(b))
         with torch.no_grad():
-            rows.append(("torch eager fp32", b, f"{rate(lambda: model.predict(x, 10, seeds=seeds), b, device, a.seconds):,.0f}"))
+            rows.append(
+                ("torch eager fp32", b, f"{rate(lambda: model.predict(x, 10, seeds=seeds), b, device, a.seconds):,.0f}")
+            )
             if agree >= 0.995:
+
                 def bf16():
                     with torch.autocast(device.type, dtype=torch.bfloat16):
                         model.predict(x, 10, seeds=seeds)
+
                 rows.append(("torch eager bf16", b, f"{rate(bf16, b, device, a.seconds):,.0f}"))
             else:
                 rows.append(("torch eager bf16", b, f"dropped: agreement {agree * 100:.1f} %"))
@@ -101,8 +106,13 @@ def main() -> None:
                         den.read_lowrank = torch.compile(den.read_lowrank, dynamic=True)
                     else:
                         model.denoiser = compiled
-                    rows.append(("torch.compile (denoiser)", b,
-                                 f"{rate(lambda: model.predict(x, 10, seeds=seeds), b, device, a.seconds):,.0f}"))
+                    rows.append(
+                        (
+                            "torch.compile (denoiser)",
+                            b,
+                            f"{rate(lambda: model.predict(x, 10, seeds=seeds), b, device, a.seconds):,.0f}",
+                        )
+                    )
                 except Exception as e:  # noqa: BLE001
                     rows.append(("torch.compile (denoiser)", b, f"failed: {type(e).__name__}"))
                 finally:
@@ -111,16 +121,22 @@ def main() -> None:
                         den.__dict__.pop(k, None)
         if ort is not None:
             xc = x.cpu()
-            rows.append((f"onnxruntime ({ort.runtime.sessions['base'].get_providers()[0]})", b,
-                         f"{rate(lambda: ort.predict(xc, 10, seeds=seeds), b, torch.device('cpu'), a.seconds):,.0f}"))
+            rows.append(
+                (
+                    f"onnxruntime ({ort.runtime.sessions['base'].get_providers()[0]})",
+                    b,
+                    f"{rate(lambda: ort.predict(xc, 10, seeds=seeds), b, torch.device('cpu'), a.seconds):,.0f}",
+                )
+            )
     print("\n| engine | batch | adapted predictions / s (10 DDIM steps) |\n|---|---|---|")
     for r in rows:
         print(f"| {r[0]} | {r[1]} | {r[2]} |")
-    from bench.serve import bodies, load
     from bench.launch import Server
+    from bench.serve import bodies, load
 
-    server = Server(Path(a.bundle).parents[1], models=m.name, max_batch_size=256, max_wait_ms=2, threads=0,
-                    device=str(device))
+    server = Server(
+        Path(a.bundle).parents[1], models=m.name, max_batch_size=256, max_wait_ms=2, threads=0, device=str(device)
+    )
     try:
         reqs = bodies(m.name)
         load(server.port, reqs, 8, 1.0)
@@ -128,8 +144,10 @@ def main() -> None:
         mean_batch = server.metric("ocd_batch_size_sum") / max(server.metric("ocd_batch_size_count"), 1)
     finally:
         server.stop()
-    print(f"\nserver at concurrency {a.concurrency}: {r['rps']:.0f} req/s, p50 {r['p50_ms']:.1f} ms, "
-          f"p99 {r['p99_ms']:.1f} ms, {r['errors']} errors, mean batch {mean_batch:.1f}")
+    print(
+        f"\nserver at concurrency {a.concurrency}: {r['rps']:.0f} req/s, p50 {r['p50_ms']:.1f} ms, "
+        f"p99 {r['p99_ms']:.1f} ms, {r['errors']} errors, mean batch {mean_batch:.1f}"
+    )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """Run ``ocd serve`` in a subprocess on a free loopback port (tests and benchmarks)."""
+
 from __future__ import annotations
 
 import os
@@ -35,9 +36,24 @@ class Server:
         env = {**os.environ, "OCD_THREADS": "1", **{f"OCD_{k.upper()}": str(v) for k, v in settings.items()}}
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)
         self.log = tempfile.TemporaryFile("w+")
-        self.proc = subprocess.Popen([sys.executable, "-m", "ocd_cli", "serve", "--host", "127.0.0.1",
-                                      "--port", str(self.port), "--models", str(models_dir)],
-                                     cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "ocd_cli",
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--models",
+                str(models_dir),
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -12,17 +12,18 @@ Usage: python bench/ocd.py [--models models] [--bundle mnist/1 ...] [--threads 1
 glibc malloc is tuned as the service tunes it (service/malloc.py) unless --default-malloc.
 The last line is ``adapted/base at batch 64: <ratio>x`` for the first bundle.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import sys
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -106,22 +107,28 @@ def torch_vs_onnx(model, manifest, bundle: Path, threads: int, reps: int) -> Non
         print("|---|---|---|---|---|---|")
         for b in (1, 64):
             x = inputs(manifest, b)
-            for name, fn in (("torch", lambda: model.predict(x, 10, seeds=range(b)).timings),
-                             ("onnxruntime", lambda: ort.predict(x, 10, seeds=range(b)).timings)):
+            for name, fn in (
+                ("torch", lambda: model.predict(x, 10, seeds=range(b)).timings),
+                ("onnxruntime", lambda: ort.predict(x, 10, seeds=range(b)).timings),
+            ):
                 for _ in range(2):
                     fn()
                 runs = [fn() for _ in range(reps)]
                 med = {k: statistics.median(r[k] for r in runs) * 1e3 for k in runs[0]}
-                print(f"| {b} | {name} | {med['base']:.2f} | {med['ddim']:.2f} | {med['adapt']:.2f} | "
-                      f"{sum(med.values()):.2f} |")
+                print(
+                    f"| {b} | {name} | {med['base']:.2f} | {med['ddim']:.2f} | {med['adapt']:.2f} | "
+                    f"{sum(med.values()):.2f} |"
+                )
 
 
 def denoisers(skip_paper: bool) -> None:
     shape, dim = (84, 120), 128
     enc = CondEncoder(120, 84, 10, CondConfig(), weight_shape=shape)
     cond = enc(torch.randn(1, 120), torch.randn(1, 84), torch.randn(1, 10))
-    configs = {"compact (served MNIST v1)": CompactConfig(),
-               "compact fast (static probes, 1x16)": CompactConfig(static_probes=True, depth=1, hidden=16, probes=4)}
+    configs = {
+        "compact (served MNIST v1)": CompactConfig(),
+        "compact fast (static probes, 1x16)": CompactConfig(static_probes=True, depth=1, hidden=16, probes=4),
+    }
     if not skip_paper:
         configs["paper UNet (128 ch, 128x128)"] = PaperConfig()
     print("\n| denoiser | params | MFLOP / step / sample (as served) | ms / dense step (batch 1) |")
@@ -155,8 +162,10 @@ def main() -> None:
     a = p.parse_args()
     tuned = False if a.default_malloc else tune_malloc()
     torch.set_num_threads(a.threads)
-    print(f"torch {torch.__version__}, {a.threads} thread(s), {time.strftime('%Y-%m-%d')}, "
-          f"glibc malloc {'tuned as in the service (service/malloc.py)' if tuned else 'default'}")
+    print(
+        f"torch {torch.__version__}, {a.threads} thread(s), {time.strftime('%Y-%m-%d')}, "
+        f"glibc malloc {'tuned as in the service (service/malloc.py)' if tuned else 'default'}"
+    )
     denoisers(a.skip_paper)
     first = None
     for rel in a.bundle or ["mnist/1"]:

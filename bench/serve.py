@@ -14,6 +14,7 @@ Last line: ``speedup: <ratio>x`` = throughput at concurrency 64, batching on / o
 Usage: python bench/serve.py [--seconds 8] [--rounds 2] [--models models] [--model mnist] [--steps N]
                              [--backend torch|onnx] [--workers N] [--client auto|wrk|python]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,12 +27,11 @@ import os
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
-
-import sys
 
 from PIL import Image
 
@@ -47,8 +47,14 @@ def bodies(model: str, n: int = 256, steps: int | None = None) -> list[dict]:
         img = Image.fromarray((x[i * 17 % len(x), 0].numpy() * 255).round().astype("uint8"), "L")
         buf = io.BytesIO()
         img.save(buf, format="PNG")
-        out.append({"model": model, "input": base64.b64encode(buf.getvalue()).decode(), "seed": i,
-                    **({"ddim_steps": steps} if steps else {})})
+        out.append(
+            {
+                "model": model,
+                "input": base64.b64encode(buf.getvalue()).decode(),
+                "seed": i,
+                **({"ddim_steps": steps} if steps else {}),
+            }
+        )
     return out
 
 
@@ -91,8 +97,10 @@ def load(port: int, reqs: list[dict], concurrency: int, seconds: float) -> dict[
     out = ctx.Queue()
     start = time.time() + 0.5
     stop_at = start + seconds
-    ps = [ctx.Process(target=_client, args=(port, payloads, n, sum(share[:i]), start, stop_at, out))
-          for i, n in enumerate(share)]
+    ps = [
+        ctx.Process(target=_client, args=(port, payloads, n, sum(share[:i]), start, stop_at, out))
+        for i, n in enumerate(share)
+    ]
     for p in ps:
         p.start()
     results = [out.get() for _ in ps]
@@ -100,8 +108,13 @@ def load(port: int, reqs: list[dict], concurrency: int, seconds: float) -> dict[
         p.join()
     lat = sorted(x for r in results for x in r[0])
     errors = sum(r[1] for r in results)
-    return {"rps": len(lat) / seconds, "p50_ms": 1000 * statistics.median(lat),
-            "p99_ms": 1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))], "n": len(lat), "errors": errors}
+    return {
+        "rps": len(lat) / seconds,
+        "p50_ms": 1000 * statistics.median(lat),
+        "p99_ms": 1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))],
+        "n": len(lat),
+        "errors": errors,
+    }
 
 
 def load_wrk(port: int, reqs: list[dict], concurrency: int, seconds: float) -> dict[str, float]:
@@ -109,14 +122,32 @@ def load_wrk(port: int, reqs: list[dict], concurrency: int, seconds: float) -> d
     with tempfile.NamedTemporaryFile("w", suffix=".jsonl") as f:
         f.write("\n".join(json.dumps(r) for r in reqs) + "\n")
         f.flush()
-        cmd = ["wrk", "-t", str(min(2, concurrency)), "-c", str(concurrency), "-d", f"{max(1, round(seconds))}s", "--timeout", "120s",
-               "-s", str(Path(__file__).with_name("wrk_bodies.lua")), f"http://127.0.0.1:{port}"]
-        out = subprocess.run(cmd, env={**os.environ, "BODIES_FILE": f.name}, capture_output=True, text=True,
-                             check=True).stdout
+        cmd = [
+            "wrk",
+            "-t",
+            str(min(2, concurrency)),
+            "-c",
+            str(concurrency),
+            "-d",
+            f"{max(1, round(seconds))}s",
+            "--timeout",
+            "120s",
+            "-s",
+            str(Path(__file__).with_name("wrk_bodies.lua")),
+            f"http://127.0.0.1:{port}",
+        ]
+        out = subprocess.run(
+            cmd, env={**os.environ, "BODIES_FILE": f.name}, capture_output=True, text=True, check=True
+        ).stdout
     r = json.loads(out.strip().splitlines()[-1])
     ok = r["requests"] - r["non2xx"]
-    return {"rps": ok / (r["duration_us"] / 1e6), "p50_ms": r["p50_us"] / 1000, "p99_ms": r["p99_us"] / 1000,
-            "n": ok, "errors": r["non2xx"] + r["socket_errors"]}
+    return {
+        "rps": ok / (r["duration_us"] / 1e6),
+        "p50_ms": r["p50_us"] / 1000,
+        "p99_ms": r["p99_us"] / 1000,
+        "n": ok,
+        "errors": r["non2xx"] + r["socket_errors"],
+    }
 
 
 def main() -> None:
@@ -129,20 +160,36 @@ def main() -> None:
     p.add_argument("--backend", default="torch", choices=["torch", "onnx"], help="OCD_BACKEND")
     p.add_argument("--steps", type=int, help="DDIM steps per request (default: the model's)")
     p.add_argument("--max-wait-ms", type=float, default=2.0, help="OCD_MAX_WAIT_MS with batching on")
-    p.add_argument("--workers", type=int, default=1, help="server worker processes (OCD_WORKERS), each batching its own requests")
-    p.add_argument("--client", choices=["auto", "wrk", "python"], default="auto",
-                   help="load generator (auto: wrk when installed)")
-    p.add_argument("--rounds", type=int, default=2,
-                   help="each level's seconds split into this many runs per mode, on and off alternating")
+    p.add_argument(
+        "--workers", type=int, default=1, help="server worker processes (OCD_WORKERS), each batching its own requests"
+    )
+    p.add_argument(
+        "--client", choices=["auto", "wrk", "python"], default="auto", help="load generator (auto: wrk when installed)"
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="each level's seconds split into this many runs per mode, on and off alternating",
+    )
     a = p.parse_args()
     reqs = bodies(a.model, steps=a.steps)
     client = ("wrk" if shutil.which("wrk") else "python") if a.client == "auto" else a.client
     run = load_wrk if client == "wrk" else load
     print(f"client: {client}")
     levels = [int(c) for c in a.concurrency.split(",")]
-    servers = {mode: Server(Path(a.models), models=a.model, max_batch_size=batch, max_wait_ms=a.max_wait_ms,
-                            threads=a.threads, backend=a.backend, workers=a.workers)
-               for mode, batch in (("on", 64), ("off", 1))}
+    servers = {
+        mode: Server(
+            Path(a.models),
+            models=a.model,
+            max_batch_size=batch,
+            max_wait_ms=a.max_wait_ms,
+            threads=a.threads,
+            backend=a.backend,
+            workers=a.workers,
+        )
+        for mode, batch in (("on", 64), ("off", 1))
+    }
     results: dict[tuple[str, int], dict[str, float]] = {}
     try:
         for server in servers.values():
@@ -150,16 +197,24 @@ def main() -> None:
         for c in levels:
             rounds: dict[str, list[dict[str, float]]] = {"on": [], "off": []}
             for i in range(a.rounds):  # on, off, off, on, ...: a drift in the machine's speed hits both alike
-                for mode in (("on", "off") if i % 2 == 0 else ("off", "on")):
+                for mode in ("on", "off") if i % 2 == 0 else ("off", "on"):
                     rounds[mode].append(run(servers[mode].port, reqs, c, a.seconds / a.rounds))
             for mode, rs in rounds.items():
-                seconds = sum(x["n"] / x["rps"] if x["rps"] else a.seconds / a.rounds for x in rs)  # as each run timed itself
-                results[(mode, c)] = r = {"rps": sum(x["n"] for x in rs) / seconds, "n": sum(x["n"] for x in rs),
-                                          "errors": sum(x["errors"] for x in rs),
-                                          "p50_ms": statistics.median(x["p50_ms"] for x in rs),
-                                          "p99_ms": max(x["p99_ms"] for x in rs)}
-                print(f"batching {mode:3s} concurrency {c:3d}: {r['rps']:8.1f} req/s  p50 {r['p50_ms']:8.1f} ms  "
-                      f"p99 {r['p99_ms']:8.1f} ms  ({r['n']} ok, {r['errors']} errors)", flush=True)
+                seconds = sum(
+                    x["n"] / x["rps"] if x["rps"] else a.seconds / a.rounds for x in rs
+                )  # as each run timed itself
+                results[(mode, c)] = r = {
+                    "rps": sum(x["n"] for x in rs) / seconds,
+                    "n": sum(x["n"] for x in rs),
+                    "errors": sum(x["errors"] for x in rs),
+                    "p50_ms": statistics.median(x["p50_ms"] for x in rs),
+                    "p99_ms": max(x["p99_ms"] for x in rs),
+                }
+                print(
+                    f"batching {mode:3s} concurrency {c:3d}: {r['rps']:8.1f} req/s  p50 {r['p50_ms']:8.1f} ms  "
+                    f"p99 {r['p99_ms']:8.1f} ms  ({r['n']} ok, {r['errors']} errors)",
+                    flush=True,
+                )
         for mode, server in servers.items():
             mean_batch = server.metric("ocd_batch_size_sum") / max(server.metric("ocd_batch_size_count"), 1)
             print(f"batching {mode}: mean batch size {mean_batch:.1f}")
@@ -168,6 +223,7 @@ def main() -> None:
             server.stop()
     top = max(levels)
     print(f"speedup: {results[('on', top)]['rps'] / results[('off', top)]['rps']:.1f}x")
+
 
 if __name__ == "__main__":
     main()

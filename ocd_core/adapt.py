@@ -9,6 +9,7 @@ Row n of the batch runs with weight W + Δ_n. Three paths, equal within float er
   with x_n's patches, which a convolution with a fixed one-hot kernel extracts (no vmap: it
   exports to ONNX).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -53,9 +54,11 @@ class LowRankDelta:
         return out.reshape(inp.shape[0], *lead, -1)
 
 
-def linear_fast_forward(model: nn.Module, module: nn.Linear, x: tuple[torch.Tensor, ...],
-                        deltas: torch.Tensor | LowRankDelta) -> torch.Tensor:
+def linear_fast_forward(
+    model: nn.Module, module: nn.Linear, x: tuple[torch.Tensor, ...], deltas: torch.Tensor | LowRankDelta
+) -> torch.Tensor:
     """``model(*x)`` with ``module``'s output plus Δ_n applied to its input, per row n (no checks)."""
+
     def hook(_m: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         inp = args[0]  # (N, ..., in)
         if isinstance(deltas, LowRankDelta):
@@ -69,8 +72,9 @@ def linear_fast_forward(model: nn.Module, module: nn.Linear, x: tuple[torch.Tens
         handle.remove()
 
 
-def conv2d_fast_forward(model: nn.Module, module: nn.Conv2d, x: tuple[torch.Tensor, ...],
-                        deltas: torch.Tensor | LowRankDelta) -> torch.Tensor:
+def conv2d_fast_forward(
+    model: nn.Module, module: nn.Conv2d, x: tuple[torch.Tensor, ...], deltas: torch.Tensor | LowRankDelta
+) -> torch.Tensor:
     """``model(*x)`` with ``module``'s output plus Δ_n ⋆ (its input n), per row n (no checks;
     ``groups == 1``, zero padding)."""
     deltas = deltas.dense() if isinstance(deltas, LowRankDelta) else deltas
@@ -106,15 +110,21 @@ def _generic(model: nn.Module, layer: str, x: tuple[torch.Tensor, ...], deltas: 
     base_w = params[key]
 
     def one(delta: torch.Tensor, *xi: torch.Tensor) -> torch.Tensor:
-        out = functional_call(model, {**params, key: base_w + delta.reshape(base_w.shape)},
-                              tuple(v.unsqueeze(0) for v in xi))
+        out = functional_call(
+            model, {**params, key: base_w + delta.reshape(base_w.shape)}, tuple(v.unsqueeze(0) for v in xi)
+        )
         return out.squeeze(0)
 
     return vmap(one)(deltas, *x)
 
 
-def adapted_forward(model: nn.Module, layer: str, x: torch.Tensor | tuple[torch.Tensor, ...],
-                    deltas: torch.Tensor | LowRankDelta, fast: bool = True) -> torch.Tensor:
+def adapted_forward(
+    model: nn.Module,
+    layer: str,
+    x: torch.Tensor | tuple[torch.Tensor, ...],
+    deltas: torch.Tensor | LowRankDelta,
+    fast: bool = True,
+) -> torch.Tensor:
     """x: (N, *input) (or a tuple of model inputs), deltas: (N, *W.shape) or a LowRankDelta
     -> outputs (N, *output) with row n using W + Δ_n.
 

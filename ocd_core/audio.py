@@ -2,6 +2,7 @@
 
 The service and the training pipeline share it, so a clip is featurised identically in both.
 """
+
 from __future__ import annotations
 
 import io
@@ -87,6 +88,7 @@ def resample(x: torch.Tensor, rate_in: int, rate_out: int) -> torch.Tensor:
 
 def mel_filterbank(spec: AudioSpec) -> torch.Tensor:
     """(n_mels, n_fft // 2 + 1) triangular filters on the HTK mel scale."""
+
     def mel(f: torch.Tensor) -> torch.Tensor:
         return 2595 * torch.log10(1 + f / 700)
 
@@ -107,14 +109,13 @@ def window(x: torch.Tensor, spec: AudioSpec) -> torch.Tensor:
         return torch.nn.functional.pad(x, (left, n - x.shape[-1] - left))
     energy = torch.nn.functional.avg_pool1d((x**2)[None, None], n, stride=spec.hop).flatten()
     start = int(energy.argmax()) * spec.hop
-    return x[start:start + n]
+    return x[start : start + n]
 
 
 def log_mel(x: torch.Tensor, spec: AudioSpec, fb: torch.Tensor | None = None) -> torch.Tensor:
     """Waveform (..., samples) at spec.sample_rate -> log-mel (..., n_mels, frames)."""
     fb = mel_filterbank(spec) if fb is None else fb
-    stft = torch.stft(x, spec.n_fft, spec.hop, window=torch.hann_window(spec.n_fft), center=True,
-                      return_complex=True)
+    stft = torch.stft(x, spec.n_fft, spec.hop, window=torch.hann_window(spec.n_fft), center=True, return_complex=True)
     return torch.log(fb @ stft.abs().pow(2) + 1e-6)
 
 

@@ -4,6 +4,7 @@ Layout: ``<root>/<name>/<version>/{manifest.json, base.safetensors, diffusion.sa
 scale.safetensors}``. Loading never executes code: weights are safetensors only, and a pickle
 or ``torch.save`` file in their place is refused with an error naming the file.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -129,8 +130,10 @@ def _check_safetensors(path: Path) -> None:
     if len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] <= path.stat().st_size:
         return
     if head[:1] == b"\x80" or head[:2] == b"PK":
-        raise BundleError(f"{path}: is a pickle / torch.save file, refusing to load it "
-                          "(bundles hold safetensors only, which load without executing code)")
+        raise BundleError(
+            f"{path}: is a pickle / torch.save file, refusing to load it "
+            "(bundles hold safetensors only, which load without executing code)"
+        )
     raise BundleError(f"{path}: not a safetensors file")
 
 
@@ -175,7 +178,7 @@ def load_bundle(directory: str | Path, device: torch.device | str = "cpu") -> tu
     for key in FILES:
         try:
             weights[key] = load_file(str(directory / m.files[key]))
-        except Exception as e:  # safetensors' own error types: truncated or corrupt file
+        except Exception as e:  # noqa: BLE001  safetensors' own error types: truncated or corrupt file
             raise BundleError(f"{directory / m.files[key]}: unreadable safetensors file: {e}") from None
     diff = weights["diffusion"]
     try:
@@ -194,8 +197,11 @@ def weights_digest(directory: str | Path) -> str:
     length, bytes) and the manifest's architecture sections."""
     directory = Path(directory)
     m = read_manifest(directory)
-    h = hashlib.sha256(m.model_dump_json(include={"base", "layer", "latent_dims", "task", "schedule",
-                                                  "denoiser", "cond", "scale", "input"}).encode())
+    h = hashlib.sha256(
+        m.model_dump_json(
+            include={"base", "layer", "latent_dims", "task", "schedule", "denoiser", "cond", "scale", "input"}
+        ).encode()
+    )
     for key in sorted(m.files):
         data = (directory / m.files[key]).read_bytes()
         h.update(f"{key}:{len(data)}:".encode())
@@ -206,6 +212,9 @@ def weights_digest(directory: str | Path) -> str:
 def list_versions(root: str | Path, name: str) -> list[str]:
     """Versions of ``name`` under ``root`` that hold a manifest, oldest first (numeric when possible)."""
     d = Path(root) / name
-    vs = [p.name for p in d.iterdir() if p.is_dir() and not p.name.startswith(".")
-          and (p / "manifest.json").exists()] if d.is_dir() else []
+    vs = (
+        [p.name for p in d.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / "manifest.json").exists()]
+        if d.is_dir()
+        else []
+    )
     return sorted(vs, key=lambda v: (0, int(v), "") if v.isdigit() else (1, 0, v))

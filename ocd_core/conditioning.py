@@ -6,6 +6,7 @@ the encoder exposes the latents along the delta's axes: row i of a weight delta 
 output unit i (its activation), column j to input feature j (its value). The compact
 denoiser reads these; the paper UNet uses ``emb`` only.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,18 +29,25 @@ class Cond(NamedTuple):
     rows: torch.Tensor
     cols: torch.Tensor
 
-    def repeat_interleave(self, k: int) -> "Cond":
+    def repeat_interleave(self, k: int) -> Cond:
         return Cond(*(t.repeat_interleave(k, 0) for t in self))
 
 
 class CondConfig(BaseModel):
     dim: int = Field(128, ge=1, description="width of the conditioning embedding e")
     hidden: int = Field(256, ge=1)
-    output_grad: bool = Field(False, description="also give the rows the output error signal (Latents.grad); "
-                              "off = the paper's conditioning (input, activation, output)")
-    latent_pool: int | None = Field(None, ge=1, description="condition on tap.pool_latents(latents, n): a Linear "
-                                    "layer's latents averaged over the points it saw (tinyNeRF), a Conv2d layer's "
-                                    "pooled per channel to n x n, image outputs pooled to n x n")
+    output_grad: bool = Field(
+        False,
+        description="also give the rows the output error signal (Latents.grad); "
+        "off = the paper's conditioning (input, activation, output)",
+    )
+    latent_pool: int | None = Field(
+        None,
+        ge=1,
+        description="condition on tap.pool_latents(latents, n): a Linear "
+        "layer's latents averaged over the points it saw (tinyNeRF), a Conv2d layer's "
+        "pooled per channel to n x n, image outputs pooled to n x n",
+    )
 
 
 def axis_features(x: torch.Tensor) -> torch.Tensor:
@@ -51,8 +59,14 @@ def axis_features(x: torch.Tensor) -> torch.Tensor:
 class CondEncoder(nn.Module):
     """Flattened latents inp (B, d_i), act (B, d_a), out (B, d_o) -> Cond for a weight of ``weight_shape``."""
 
-    def __init__(self, d_inp: int, d_act: int, d_out: int, cfg: CondConfig | None = None,
-                 weight_shape: tuple[int, ...] | None = None):
+    def __init__(
+        self,
+        d_inp: int,
+        d_act: int,
+        d_out: int,
+        cfg: CondConfig | None = None,
+        weight_shape: tuple[int, ...] | None = None,
+    ):
         super().__init__()
         cfg = cfg or CondConfig()
         self.dim, self.output_grad, self.latent_pool = cfg.dim, cfg.output_grad, cfg.latent_pool
@@ -65,8 +79,9 @@ class CondEncoder(nn.Module):
         """The paper's e (B, dim)."""
         return self.e_i(inp.flatten(1)) + self.e_a(act.flatten(1)) + self.e_o(out.flatten(1))
 
-    def forward(self, inp: torch.Tensor, act: torch.Tensor, out: torch.Tensor,
-                grad: torch.Tensor | None = None) -> Cond:
+    def forward(
+        self, inp: torch.Tensor, act: torch.Tensor, out: torch.Tensor, grad: torch.Tensor | None = None
+    ) -> Cond:
         B = inp.shape[0]
         n_out, c_in = self.weight_shape[0], self.weight_shape[1]
         taps = math.prod(self.weight_shape[2:])  # kernel positions per input channel (1 for Linear)

@@ -1,4 +1,5 @@
 """Exponential moving average of a module's parameters (original code: mu 0.9999)."""
+
 from __future__ import annotations
 
 import copy

@@ -2,6 +2,7 @@
 
 The Python API for a user's own model is ``build_target_set`` then ``fit_ocd``; see README.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -66,30 +67,44 @@ class TargetSet:
         atomic_save_file(vars(self), path)
 
     @classmethod
-    def load(cls, path: Path, device: torch.device | str = "cpu") -> "TargetSet":
+    def load(cls, path: Path, device: torch.device | str = "cpu") -> TargetSet:
         return cls(**load_file(str(path), device=str(device)))
 
 
 @torch.no_grad()
-def build_target_set(base: nn.Module, layer: str, x: torch.Tensor, y: torch.Tensor,
-                     cfg: TargetConfig | None = None, task: Task = "classification", chunk: int = 512,
-                     progress: bool = True, pool: int | None = None) -> TargetSet:
+def build_target_set(
+    base: nn.Module,
+    layer: str,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: TargetConfig | None = None,
+    task: Task = "classification",
+    chunk: int = 512,
+    progress: bool = True,
+    pool: int | None = None,
+) -> TargetSet:
     """Overfit ``layer`` on every (x_n, y_n) alone and record the latents (pooled with
     ``tap.pool_latents`` when ``pool``, as ``CondConfig.latent_pool`` says): a TargetSet of N samples."""
     base.eval()
     conv = isinstance(get_layer(base, layer), nn.Conv2d)
     parts = []
     for i in tqdm(range(0, x.shape[0], chunk), desc="targets", disable=not progress, leave=False):
-        xb, yb = x[i:i + chunk], y[i:i + chunk]
+        xb, yb = x[i : i + chunk], y[i : i + chunk]
         lat = tap(base, layer, xb, grad_task=task)
         lat = pool_latents(lat, pool, conv) if pool else lat
         parts.append((overfit_deltas(base, layer, xb, yb, cfg, chunk=chunk), *lat.flat(), lat.grad.flatten(1)))
     return TargetSet(*(torch.cat(p) for p in zip(*parts)))
 
 
-def fit_ocd(base: nn.Module, layer: str, targets: TargetSet, cfg: FitConfig | None = None,
-            task: Task = "classification", checkpoint: Path | None = None,
-            progress: bool = True) -> tuple[OCDModel, dict[str, list[float]]]:
+def fit_ocd(
+    base: nn.Module,
+    layer: str,
+    targets: TargetSet,
+    cfg: FitConfig | None = None,
+    task: Task = "classification",
+    checkpoint: Path | None = None,
+    progress: bool = True,
+) -> tuple[OCDModel, dict[str, list[float]]]:
     """Train conditioning + denoiser (MSE on ε or x_0 as the denoiser config says, EMA) and the scale net.
 
     Resumes from ``checkpoint`` (a weights-only torch file) when it exists; returns the
@@ -119,9 +134,12 @@ def fit_ocd(base: nn.Module, layer: str, targets: TargetSet, cfg: FitConfig | No
     start = 0
     if checkpoint is not None and Path(checkpoint).exists():
         state = torch.load(checkpoint, map_location=device, weights_only=True)
-        net.load_state_dict(state["net"]); ema.shadow.load_state_dict(state["ema"])
-        scale_net.load_state_dict(state["scale"]); opt.load_state_dict(state["opt"])
-        opt_s.load_state_dict(state["opt_s"]); sched_lr.load_state_dict(state["sched"])
+        net.load_state_dict(state["net"])
+        ema.shadow.load_state_dict(state["ema"])
+        scale_net.load_state_dict(state["scale"])
+        opt.load_state_dict(state["opt"])
+        opt_s.load_state_dict(state["opt_s"])
+        sched_lr.load_state_dict(state["sched"])
         torch.set_rng_state(state["rng"].cpu())
         if "cuda_rng" in state and device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)
@@ -130,9 +148,16 @@ def fit_ocd(base: nn.Module, layer: str, targets: TargetSet, cfg: FitConfig | No
         ema.num_updates = start
 
     N = x0.shape[0]
-    bar = tqdm(range(start, cfg.train_steps), desc="diffusion", disable=not progress, initial=start,
-               total=cfg.train_steps, leave=False)
-    net.train(); scale_net.train()
+    bar = tqdm(
+        range(start, cfg.train_steps),
+        desc="diffusion",
+        disable=not progress,
+        initial=start,
+        total=cfg.train_steps,
+        leave=False,
+    )
+    net.train()
+    scale_net.train()
     for step in bar:
         idx = torch.randint(0, N, (min(cfg.batch_size, N),))
         xb = x0[idx].to(device)
@@ -142,21 +167,44 @@ def fit_ocd(base: nn.Module, layer: str, targets: TargetSet, cfg: FitConfig | No
         noise = torch.randn_like(xb)
         target = schedule.training_target(cfg.denoiser.prediction, xb, noise)
         loss = F.mse_loss(den(schedule.q_sample(xb, t, noise), t, cond(*lat, g)), target)
-        opt.zero_grad(set_to_none=True); loss.backward(); opt.step(); sched_lr.step()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched_lr.step()
         ema.update(net)
         s_loss = scale_loss(scale_net(*lat), scales[idx].to(device))
-        opt_s.zero_grad(set_to_none=True); s_loss.backward(); opt_s.step()
-        hist["denoise_mse"].append(loss.item()); hist["scale_db"].append(s_loss.item())
+        opt_s.zero_grad(set_to_none=True)
+        s_loss.backward()
+        opt_s.step()
+        hist["denoise_mse"].append(loss.item())
+        hist["scale_db"].append(s_loss.item())
         if step % 50 == 0:
             bar.set_postfix(mse=f"{sum(hist['denoise_mse'][-50:]) / len(hist['denoise_mse'][-50:]):.4f}")
         if checkpoint is not None and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.train_steps:
             Path(checkpoint).parent.mkdir(parents=True, exist_ok=True)
-            atomic_torch_save({"net": net.state_dict(), "ema": ema.shadow.state_dict(),
-                                "scale": scale_net.state_dict(), "opt": opt.state_dict(),
-                                "opt_s": opt_s.state_dict(), "sched": sched_lr.state_dict(),
-                                "rng": torch.get_rng_state(), "step": step + 1,
-                                **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
-                                "hist": {k: torch.tensor(v) for k, v in hist.items()}}, Path(checkpoint))
-    model = OCDModel(base.eval(), layer, ema.shadow["cond"], ema.shadow["denoiser"], scale_net.eval(),
-                     cfg.schedule, task, float(scales.mean()))
+            atomic_torch_save(
+                {
+                    "net": net.state_dict(),
+                    "ema": ema.shadow.state_dict(),
+                    "scale": scale_net.state_dict(),
+                    "opt": opt.state_dict(),
+                    "opt_s": opt_s.state_dict(),
+                    "sched": sched_lr.state_dict(),
+                    "rng": torch.get_rng_state(),
+                    "step": step + 1,
+                    **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
+                    "hist": {k: torch.tensor(v) for k, v in hist.items()},
+                },
+                Path(checkpoint),
+            )
+    model = OCDModel(
+        base.eval(),
+        layer,
+        ema.shadow["cond"],
+        ema.shadow["denoiser"],
+        scale_net.eval(),
+        cfg.schedule,
+        task,
+        float(scales.mean()),
+    )
     return model.to(device), hist

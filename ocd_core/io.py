@@ -1,4 +1,5 @@
 """Atomic writes: a temp file in the target's directory, then ``os.replace`` (never a torn file)."""
+
 from __future__ import annotations
 
 import os
@@ -28,7 +29,9 @@ def _replace(tmp: Path, path: Path) -> None:
         os.close(fd)
 
 
-def atomic_save_file(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+def atomic_save_file(
+    tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
+) -> None:
     """safetensors file written atomically (tensors are moved to the CPU and made contiguous)."""
     path = Path(path)
     tmp = _tmp(path)

@@ -4,6 +4,7 @@ sample set, estimate their density with a Gaussian KDE (bandwidth 0.2, on a grid
 and its entropy; a layer scores the maximal entropy over the draws, normalised by the best layer.
 The top layer is where OCD adapts; the second is the "alternative layer" ablation.
 """
+
 from __future__ import annotations
 
 import math
@@ -12,7 +13,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.func import functional_call, vmap
-
 
 
 @dataclass
@@ -36,8 +36,16 @@ def kde_entropy(losses: torch.Tensor, bandwidth: float = 0.2, grid: torch.Tensor
 
 
 @torch.no_grad()
-def rank_layers(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str = "cross_entropy",
-                draws: int = 100, seed: int = 0, chunk: int = 10, layers: list[str] | None = None) -> list[LayerScore]:
+def rank_layers(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss: str = "cross_entropy",
+    draws: int = 100,
+    seed: int = 0,
+    chunk: int = 10,
+    layers: list[str] | None = None,
+) -> list[LayerScore]:
     """Score every candidate layer on samples (x, y); best first."""
     model.eval()
     params = {k: p.detach() for k, p in model.named_parameters()}
@@ -50,7 +58,7 @@ def rank_layers(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str = 
         fan_in = w[0].numel()
         best = -math.inf
 
-        def losses_for(weight: torch.Tensor) -> torch.Tensor:
+        def losses_for(weight: torch.Tensor, key: str = key) -> torch.Tensor:
             out = functional_call(model, {**params, key: weight}, (x,))
             if loss == "cross_entropy":
                 return torch.nn.functional.cross_entropy(out, y, reduction="none")

@@ -1,4 +1,5 @@
 """Small building blocks shared by the conditioning, scale and denoiser networks."""
+
 from __future__ import annotations
 
 import math
@@ -44,5 +45,6 @@ class MaxPool2x2(nn.MaxPool2d):
         if self.training or x.device.type != "cpu":
             return super().forward(x)
         x = x[..., : x.shape[-2] // 2 * 2, : x.shape[-1] // 2 * 2]  # floor mode: an odd last row/column drops
-        return torch.maximum(torch.maximum(x[..., 0::2, 0::2], x[..., 0::2, 1::2]),
-                             torch.maximum(x[..., 1::2, 0::2], x[..., 1::2, 1::2]))
+        return torch.maximum(
+            torch.maximum(x[..., 0::2, 0::2], x[..., 0::2, 1::2]), torch.maximum(x[..., 1::2, 0::2], x[..., 1::2, 1::2])
+        )

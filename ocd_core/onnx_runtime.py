@@ -5,6 +5,7 @@
 (noise per request, the DDIM loop, the ensemble summary) drives both; for the same seeds they agree
 within float error (tests/test_onnx.py). CPU execution provider, or CUDA with onnxruntime-gpu.
 """
+
 from __future__ import annotations
 
 import json
@@ -53,25 +54,32 @@ class OnnxRuntime:
         info_path = directory / "onnx.json"
         missing = [g for g in GRAPHS if not (directory / f"{g}.onnx").is_file()]
         if missing or not info_path.is_file():
-            raise BundleError(f"{directory}: no ONNX graphs ({', '.join(missing) or 'onnx.json'} missing); "
-                              f"run `ocd export-onnx {directory}`")
+            raise BundleError(
+                f"{directory}: no ONNX graphs ({', '.join(missing) or 'onnx.json'} missing); "
+                f"run `ocd export-onnx {directory}`"
+            )
         self.info = json.loads(info_path.read_text())
         if self.info.get("weights_sha256") != weights_digest(directory):
-            raise BundleError(f"{directory}: the ONNX graphs were exported from other weights; "
-                              f"run `ocd export-onnx {directory}` again")
+            raise BundleError(
+                f"{directory}: the ONNX graphs were exported from other weights; "
+                f"run `ocd export-onnx {directory}` again"
+            )
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
         providers = providers_for(device, device_required)
-        self.sessions = {g: ort.InferenceSession(str(directory / f"{g}.onnx"), opts, providers=providers)
-                         for g in GRAPHS}
+        self.sessions = {
+            g: ort.InferenceSession(str(directory / f"{g}.onnx"), opts, providers=providers) for g in GRAPHS
+        }
         self.inputs: dict[str, list[str]] = self.info.get("inputs", {})
         for g, sess in self.sessions.items():  # the exporter drops unused inputs; anything else is a mismatch
             extra = {i.name for i in sess.get_inputs()} - set(self.inputs.get(g, []))
             if extra:
-                raise BundleError(f"{directory / (g + '.onnx')}: inputs {sorted(extra)} not in onnx.json; "
-                                  f"run `ocd export-onnx {directory}` again")
+                raise BundleError(
+                    f"{directory / (g + '.onnx')}: inputs {sorted(extra)} not in onnx.json; "
+                    f"run `ocd export-onnx {directory}` again"
+                )
         self._have = {g: {i.name for i in sess.get_inputs()} for g, sess in self.sessions.items()}
 
     def run(self, graph: str, *inputs: torch.Tensor) -> list[torch.Tensor]:

@@ -4,13 +4,15 @@
 its ONNX graphs. A request's result depends only on its input, its parameters and its seed: the
 initial noise (and per-step noise when eta > 0) is drawn per sample from that sample's own generator.
 """
+
 from __future__ import annotations
 
 import itertools
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 from torch import nn
@@ -26,8 +28,14 @@ Task = Literal["classification", "regression"]
 ScaleMode = Literal["net", "mean"]
 
 
-def draw_noise(seeds: Sequence[int], ensemble: int | Sequence[int], shape: Sequence[int], steps: int, eta: float,
-               device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor | None]:
+def draw_noise(
+    seeds: Sequence[int],
+    ensemble: int | Sequence[int],
+    shape: Sequence[int],
+    steps: int,
+    eta: float,
+    device: torch.device | str,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-sample noise: x_T (ΣK, *shape) and, for eta > 0, step noise (steps, ΣK, *shape).
 
     Sample i gets ``ensemble`` (or ``ensemble[i]``) members, drawn on the CPU from
@@ -41,9 +49,9 @@ def draw_noise(seeds: Sequence[int], ensemble: int | Sequence[int], shape: Seque
     i = 0
     for s, k in zip(seeds, counts):
         g = torch.Generator().manual_seed(int(s))
-        torch.randn(k, *shape, generator=g, out=x[i:i + k])
+        torch.randn(k, *shape, generator=g, out=x[i : i + k])
         if step is not None:
-            step[:, i:i + k] = torch.randn(steps, k, *shape, generator=g)
+            step[:, i : i + k] = torch.randn(steps, k, *shape, generator=g)
         i += k
     return x.to(device), (step.to(device) if step is not None else None)
 
@@ -80,12 +88,17 @@ class BatchPrediction:
 
     def split(self) -> list[SamplePrediction]:
         """One SamplePrediction per sample, its tensors views of these (``unbind``: one op for B rows)."""
-        return [SamplePrediction(*row) for row in zip(self.members.split(self.counts), self.mean.unbind(),
-                                                       self.uncertainty.unbind(), self.base.unbind())]
+        return [
+            SamplePrediction(*row)
+            for row in zip(
+                self.members.split(self.counts), self.mean.unbind(), self.uncertainty.unbind(), self.base.unbind()
+            )
+        ]
 
     def to(self, device: torch.device | str) -> BatchPrediction:
-        return BatchPrediction(*(t.to(device) for t in (self.members, self.mean, self.uncertainty, self.base)),
-                               self.counts, self.timings)
+        return BatchPrediction(
+            *(t.to(device) for t in (self.members, self.mean, self.uncertainty, self.base)), self.counts, self.timings
+        )
 
 
 def repeat_rows(values: tuple[torch.Tensor, ...], reps: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -100,8 +113,15 @@ class Predictor:
     ``schedule`` gives DDIM; ``prediction`` says what the denoiser outputs (ε or x̂_0); ``delta_shape``
     the adapted weight's shape; ``mean_scale`` the global ρ of ``scale="mean"`` (the no-scale ablation)."""
 
-    def __init__(self, runtime: Runtime, schedule: NoiseSchedule, task: Task, prediction: PredictionType,
-                 delta_shape: tuple[int, ...], mean_scale: float):
+    def __init__(
+        self,
+        runtime: Runtime,
+        schedule: NoiseSchedule,
+        task: Task,
+        prediction: PredictionType,
+        delta_shape: tuple[int, ...],
+        mean_scale: float,
+    ):
         self.runtime, self.schedule, self.task, self.prediction = runtime, schedule, task, prediction
         self.delta_shape, self.mean_scale = tuple(delta_shape), float(mean_scale)
         self._lock = threading.Lock()  # the torch runtime's taps and adapt hooks hook the shared base model
@@ -110,9 +130,16 @@ class Predictor:
         """Network output -> probabilities (classification) or values (regression)."""
         return out.softmax(-1) if self.task == "classification" else out
 
-    def sample_deltas(self, ctx: tuple[torch.Tensor, ...], rho: torch.Tensor, x_T: torch.Tensor, steps: int,
-                      eta: float = 0.0, step_noise: torch.Tensor | None = None,
-                      lowrank: bool = True) -> torch.Tensor | LowRankDelta:
+    def sample_deltas(
+        self,
+        ctx: tuple[torch.Tensor, ...],
+        rho: torch.Tensor,
+        x_T: torch.Tensor,
+        steps: int,
+        eta: float = 0.0,
+        step_noise: torch.Tensor | None = None,
+        lowrank: bool = True,
+    ) -> torch.Tensor | LowRankDelta:
         """Prepared conditioning and ρ (N rows), start noise x_T (N, *W) -> deltas (N, *W): DDIM to a
         unit-variance delta, times ρ. With ``lowrank`` and a denoiser that offers it, DDIM runs on
         factors and the result is a LowRankDelta that is never formed (the same deltas)."""
@@ -120,13 +147,21 @@ class Predictor:
         if sampler is not None:
             a, u, v = sampler.sample_factors(self.schedule, ctx, x_T, steps)
             return LowRankDelta(rho, a, x_T, u, v)
-        unit = self.schedule.ddim_sample(lambda x, t: self.runtime.denoise(x, t, ctx), x_T, steps, eta, step_noise,
-                                         self.prediction)
+        unit = self.schedule.ddim_sample(
+            lambda x, t: self.runtime.denoise(x, t, ctx), x_T, steps, eta, step_noise, self.prediction
+        )
         return unit * rho.view(-1, *([1] * (unit.ndim - 1)))
 
     @torch.no_grad()  # not inference_mode: the tap may take one backward for Latents.grad
-    def predict(self, x: torch.Tensor, steps: int = 10, ensemble: int | Sequence[int] = 1, eta: float = 0.0,
-                seeds: Sequence[int] | None = None, scale: ScaleMode = "net") -> BatchPrediction:
+    def predict(
+        self,
+        x: torch.Tensor,
+        steps: int = 10,
+        ensemble: int | Sequence[int] = 1,
+        eta: float = 0.0,
+        seeds: Sequence[int] | None = None,
+        scale: ScaleMode = "net",
+    ) -> BatchPrediction:
         """x (B, *input) -> BatchPrediction with ``ensemble`` members per sample (an int, or one per sample);
         sample i's noise from ``seeds[i]`` (random seeds when None)."""
         B = x.shape[0]
@@ -151,8 +186,7 @@ class Predictor:
             out = self.head(rt.adapt(repeat_rows(up.live, reps), deltas))
             sync()
             t3 = time.perf_counter()
-        return self.summarise(out, self.head(up.base_out), counts,
-                              {"base": t1 - t0, "ddim": t2 - t1, "adapt": t3 - t2})
+        return self.summarise(out, self.head(up.base_out), counts, {"base": t1 - t0, "ddim": t2 - t1, "adapt": t3 - t2})
 
     def _summary(self, members: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Ensemble mean over ``dim`` and the uncertainty: predictive entropy or ensemble std."""
@@ -161,8 +195,9 @@ class Predictor:
             return mean, -(mean * mean.clamp_min(1e-12).log()).sum(-1)
         return mean, members.std(dim, unbiased=False)
 
-    def summarise(self, out: torch.Tensor, base: torch.Tensor, counts: Sequence[int],
-                  timings: dict[str, float] | None = None) -> BatchPrediction:
+    def summarise(
+        self, out: torch.Tensor, base: torch.Tensor, counts: Sequence[int], timings: dict[str, float] | None = None
+    ) -> BatchPrediction:
         """Member outputs (ΣK, *out) and base outputs (B, *out), after the head -> a BatchPrediction:
         one ``_summary`` per distinct K over all the samples with K members, not one per sample."""
         counts, tail = list(counts), out.shape[1:]
@@ -187,8 +222,17 @@ class OCDModel(nn.Module):
     """A base model, the layer OCD adapts, and the networks that generate its per-sample deltas.
     ``predict`` runs them eagerly (``TorchRuntime``); ``predictor(runtime)`` over another runtime."""
 
-    def __init__(self, base: nn.Module, layer: str, cond: nn.Module, denoiser: Denoiser,
-                 scale_net: nn.Module, schedule: ScheduleConfig, task: Task, mean_scale: float):
+    def __init__(
+        self,
+        base: nn.Module,
+        layer: str,
+        cond: nn.Module,
+        denoiser: Denoiser,
+        scale_net: nn.Module,
+        schedule: ScheduleConfig,
+        task: Task,
+        mean_scale: float,
+    ):
         super().__init__()
         self.base, self.layer, self.cond, self.denoiser, self.scale_net = base, layer, cond, denoiser, scale_net
         self.task: Task = task
@@ -213,15 +257,29 @@ class OCDModel(nn.Module):
         """The predictor of this bundle over ``runtime`` (default: this model's torch modules, one cached
         predictor and so one lock per model)."""
         if runtime is not None:
-            return Predictor(runtime, NoiseSchedule(self.schedule_cfg), self.task, self.prediction,
-                             self.delta_shape, self.mean_scale.item())
+            return Predictor(
+                runtime,
+                NoiseSchedule(self.schedule_cfg),
+                self.task,
+                self.prediction,
+                self.delta_shape,
+                self.mean_scale.item(),
+            )
         if "_predictor" not in self.__dict__:
-            self.__dict__["_predictor"] = Predictor(TorchRuntime(self), self.schedule, self.task, self.prediction,
-                                                    self.delta_shape, self.mean_scale.item())
+            self.__dict__["_predictor"] = Predictor(
+                TorchRuntime(self), self.schedule, self.task, self.prediction, self.delta_shape, self.mean_scale.item()
+            )
         return self.__dict__["_predictor"]
 
-    def predict(self, x: torch.Tensor, steps: int = 10, ensemble: int | Sequence[int] = 1, eta: float = 0.0,
-                seeds: Sequence[int] | None = None, scale: ScaleMode = "net") -> BatchPrediction:
+    def predict(
+        self,
+        x: torch.Tensor,
+        steps: int = 10,
+        ensemble: int | Sequence[int] = 1,
+        eta: float = 0.0,
+        seeds: Sequence[int] | None = None,
+        scale: ScaleMode = "net",
+    ) -> BatchPrediction:
         """x (B, *input) -> BatchPrediction (``Predictor.predict``), in torch on this model's device."""
         return self.predictor().predict(x, steps, ensemble, eta, seeds, scale)
 

@@ -5,6 +5,7 @@ Numbers are standardised (missing -> the training median, when the training data
 categories are one-hot over the categories seen in training (missing -> its own category, when
 seen in training).
 """
+
 from __future__ import annotations
 
 import math

@@ -6,6 +6,7 @@
 traces from the ``TorchRuntime`` stages themselves. Tensors cross the interface as torch tensors on
 the runtime's ``device``; every batch dimension is B (samples) or N = ΣK (ensemble members).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -83,7 +84,9 @@ class TorchRuntime:
         if m.training:  # per-sample results must not depend on the batch (BatchNorm, dropout)
             m.eval()
         live, tail = self.tail(x)
-        raw = tap(tail, m.layer, live, grad_task=m.task if m.cond.output_grad else None)  # unpooled: raw.out is the output
+        raw = tap(
+            tail, m.layer, live, grad_task=m.task if m.cond.output_grad else None
+        )  # unpooled: raw.out is the output
         return Upstream(m.pool(raw), raw.out, live)
 
     def context(self, lat: Latents) -> tuple[torch.Tensor, ...]:
@@ -103,4 +106,3 @@ class TorchRuntime:
             raise RuntimeError("adapt before upstream: the split is made on the first input")
         tail = self.model.base if self._split is None else self._split.tail
         return adapted_forward(tail, self.model.layer, live, deltas)
-

@@ -1,4 +1,5 @@
 """Scale network ρ(I(x)): predicts the std of a sample's delta (diffusion runs at unit variance)."""
+
 from __future__ import annotations
 
 import torch

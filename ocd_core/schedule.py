@@ -5,9 +5,11 @@ Conventions follow DDPM/DDIM (and diffusers' ``DDIMScheduler`` with ``clip_sampl
 x_t = sqrt(ᾱ_t)·x_0 + sqrt(1 − ᾱ_t)·ε; the denoiser predicts ε or x_0 (``Prediction``), and
 ``step(model_output, t, sample, ...)`` is the one place that tells them apart.
 """
+
 from __future__ import annotations
 
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, Field
@@ -76,8 +78,16 @@ class NoiseSchedule:
         c_x = max(1 - a_prev - std**2, 0.0) ** 0.5 / (1 - a_t) ** 0.5  # ε = (x_t − sqrt(ᾱ_t)·x̂_0) / sqrt(1 − ᾱ_t)
         return c_x, a_prev**0.5 - c_x * a_t**0.5, std
 
-    def step(self, model_output: torch.Tensor, t: int, sample: torch.Tensor, t_prev: int,
-             prediction: Prediction = "epsilon", eta: float = 0.0, noise: torch.Tensor | None = None) -> torch.Tensor:
+    def step(
+        self,
+        model_output: torch.Tensor,
+        t: int,
+        sample: torch.Tensor,
+        t_prev: int,
+        prediction: Prediction = "epsilon",
+        eta: float = 0.0,
+        noise: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """One DDIM update of ``sample`` x_t (N, *) to x_{t_prev} (t_prev < 0: the clean end, ᾱ = 1), given
         the denoiser's ``model_output`` (N, *): ε or x̂_0 by ``prediction``, resolved here and nowhere else.
         ``noise`` (N, *) is the step's z when eta > 0.
@@ -99,8 +109,15 @@ class NoiseSchedule:
         x_prev = a_prev.sqrt() * x0 + (1 - a_prev - std**2).clamp_min(0).sqrt() * model_output
         return x_prev + std * noise if eta > 0 else x_prev
 
-    def ddim_sample(self, model_fn: ModelFn, x_T: torch.Tensor, steps: int, eta: float = 0.0,
-                    step_noise: torch.Tensor | None = None, prediction: Prediction = "epsilon") -> torch.Tensor:
+    def ddim_sample(
+        self,
+        model_fn: ModelFn,
+        x_T: torch.Tensor,
+        steps: int,
+        eta: float = 0.0,
+        step_noise: torch.Tensor | None = None,
+        prediction: Prediction = "epsilon",
+    ) -> torch.Tensor:
         """Run DDIM from x_T (N, *) to x_0 with ``steps`` calls of ``model_fn(x_t, t (N,))`` -> ε or x̂_0.
 
         ``step_noise`` (steps, N, *) supplies the per-step noise when eta > 0, so a caller
@@ -114,8 +131,9 @@ class NoiseSchedule:
             x = self.step(out.to(x.dtype), t, x, t - ratio, prediction, eta, noise)  # the state keeps its dtype
         return x
 
-    def ddim_sample_lowrank(self, factor_fn: FactorFn, read_fn: ReadFn, reads_T: Reads,
-                            steps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def ddim_sample_lowrank(
+        self, factor_fn: FactorFn, read_fn: ReadFn, reads_T: Reads, steps: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """DDIM (eta = 0) for an x̂_0-denoiser of the form x̂_0 = s·x_t + U Vᵀ that sees x_t only
         through a linear map ``reads``, without ever forming x_t.
 
@@ -139,8 +157,7 @@ class NoiseSchedule:
             c_x, c_0, _ = self.x0_coefs(t, t - ratio)
             alpha = c_0 * s + c_x  # (N,): the factor on x_t
             new = tuple(n.float() for n in read_fn(u, v))
-            reads = tuple(r.mul(alpha.view(-1, *[1] * (r.ndim - 1))).add_(n, alpha=c_0)
-                          for r, n in zip(reads, new))
+            reads = tuple(r.mul(alpha.view(-1, *[1] * (r.ndim - 1))).add_(n, alpha=c_0) for r, n in zip(reads, new))
             us.append(u), vs.append(v), alphas.append(alpha), c0s.append(c_0)
         # U_j's weight in x_0: c_0,j times the factors on x_t of every later step
         al = torch.stack(alphas, 1)  # (N, steps)

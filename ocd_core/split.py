@@ -6,6 +6,7 @@ same at every optimisation step: computing the head once and only the tail per s
 bulk of the work for a late layer (LeNet5 fc1: the convolutions). Models that fx cannot trace,
 or that call the layer more than once, get ``None`` and the callers fall back to full forwards.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ def split_model(model: nn.Module, layer: str) -> Split | None:
         tracer = _Tracer()
         graph = tracer.trace(model)
         gm = fx.GraphModule(tracer.root, graph)
-    except Exception:  # data-dependent control flow etc.: not traceable
+    except Exception:  # noqa: BLE001  data-dependent control flow etc.: not traceable
         return None
     nodes = list(gm.graph.nodes)
     calls = [i for i, n in enumerate(nodes) if n.op == "call_module" and n.target == layer]
@@ -69,6 +70,6 @@ def check_split(model: nn.Module, split: Split, x: torch.Tensor) -> bool:
         if not all(isinstance(v, torch.Tensor) and v.ndim > 0 and v.shape[0] == x.shape[0] for v in live):
             return False
         x2 = x.repeat_interleave(2, 0)
-        return (torch.allclose(split.tail(*live), model(x), atol=1e-5, rtol=1e-5)
-                and torch.allclose(split.tail(*(v.repeat_interleave(2, 0) for v in live)), model(x2),
-                                   atol=1e-5, rtol=1e-5))
+        return torch.allclose(split.tail(*live), model(x), atol=1e-5, rtol=1e-5) and torch.allclose(
+            split.tail(*(v.repeat_interleave(2, 0) for v in live)), model(x2), atol=1e-5, rtol=1e-5
+        )

@@ -4,11 +4,11 @@ Works on an unmodified ``nn.Module``: the layer is addressed by its dotted name
 (``"fc1"``, ``"features.3"``) and its latents are recorded by a hook, so the model's
 ``forward`` need not return them (the original code required it to).
 """
+
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import contextlib
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +43,7 @@ def pool_latents(lat: Latents, size: int, conv: bool = False) -> Latents:
     over them, (B, ..., n) -> (B, n); a Conv2d layer's (``conv``) are average-pooled per channel,
     (B, C, H, W) -> (B, C, size, size) (a log-mel clip: 4,040 values -> 64); an image output
     (B, C, H, W) is average-pooled to size x size."""
+
     def points(v: torch.Tensor | None) -> torch.Tensor | None:
         if v is None or v.ndim <= 2:
             return v
@@ -85,8 +86,9 @@ def output_grad(out: torch.Tensor, act: torch.Tensor, task: str) -> torch.Tensor
     return torch.autograd.grad(loss, act)[0]
 
 
-def tap(model: nn.Module, layer: str, x: torch.Tensor | tuple[torch.Tensor, ...],
-        grad_task: str | None = None) -> Latents:
+def tap(
+    model: nn.Module, layer: str, x: torch.Tensor | tuple[torch.Tensor, ...], grad_task: str | None = None
+) -> Latents:
     """Run ``model(x)`` (``model(*x)`` for a tuple) once and return the latents of ``layer``; with
     ``grad_task`` ("classification" / "regression") also the output error signal at the layer (one backward)."""
     module = get_layer(model, layer)

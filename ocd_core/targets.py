@@ -6,6 +6,7 @@ whole batch of samples at once with torch.func (functional_call + vmap + grad) a
 hand-vectorised optimizer; ``overfit_deltas_reference`` is the original per-sample loop
 (deepcopy + torch.optim), kept as the ground truth for tests and benchmarks.
 """
+
 from __future__ import annotations
 
 import copy
@@ -54,8 +55,9 @@ def _params(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def _chunk_deltas(model: nn.Module, key: str, inputs: tuple[torch.Tensor, ...], y: torch.Tensor,
-                  cfg: TargetConfig) -> torch.Tensor:
+def _chunk_deltas(
+    model: nn.Module, key: str, inputs: tuple[torch.Tensor, ...], y: torch.Tensor, cfg: TargetConfig
+) -> torch.Tensor:
     """``model(*inputs)`` -> output; inputs batched on dim 0 (the input, or the split's live values)."""
     params = _params(model)
     base_w = params[key]
@@ -84,8 +86,15 @@ def _optimizer(cfg: TargetConfig, w: torch.Tensor) -> torch.optim.Optimizer:
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}; use 'adam' or 'sgd'")
 
 
-def overfit_deltas(model: nn.Module, layer: str, x: torch.Tensor, y: torch.Tensor,
-                   cfg: TargetConfig | None = None, chunk: int = 512, split: bool = True) -> torch.Tensor:
+def overfit_deltas(
+    model: nn.Module,
+    layer: str,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: TargetConfig | None = None,
+    chunk: int = 512,
+    split: bool = True,
+) -> torch.Tensor:
     """Vectorised per-sample deltas of ``layer``'s weight.
 
     x: (N, *input) samples, y: (N,) labels or (N, *target). Returns (N, *W.shape).
@@ -102,7 +111,7 @@ def overfit_deltas(model: nn.Module, layer: str, x: torch.Tensor, y: torch.Tenso
     try:
         parts = []
         for i in range(0, x.shape[0], chunk):
-            xb, yb = x[i:i + chunk], y[i:i + chunk]
+            xb, yb = x[i : i + chunk], y[i : i + chunk]
             if parts_of is None:
                 parts.append(_chunk_deltas(model, key, (xb,), yb, cfg))
             else:
@@ -114,8 +123,9 @@ def overfit_deltas(model: nn.Module, layer: str, x: torch.Tensor, y: torch.Tenso
     return torch.cat(parts)
 
 
-def overfit_deltas_reference(model: nn.Module, layer: str, x: torch.Tensor, y: torch.Tensor,
-                             cfg: TargetConfig | None = None) -> torch.Tensor:
+def overfit_deltas_reference(
+    model: nn.Module, layer: str, x: torch.Tensor, y: torch.Tensor, cfg: TargetConfig | None = None
+) -> torch.Tensor:
     """The original recipe, one sample at a time (``utils_OCD.overfitting_batch``): deepcopy the
     model, an optimizer on the layer's weight only, ``steps`` steps; every parameter keeps
     requires_grad, as there. Differs from the original only in using eval mode."""

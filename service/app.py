@@ -4,6 +4,7 @@ Inference Protocol v2, health, /metrics and the docs.
 A request's way: body -> schema validation -> modality decode -> batcher queue -> engine batch
 -> modality encode -> response. Client mistakes are 4xx with ``{"error": "<field>: <reason>"}``.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,16 +32,35 @@ from .middleware import BodyLimit, Count
 from .modalities import InputError
 from .predict import PREDICT_OPENAPI, Front, PredictEndpoint
 from .registry import Registry, Served, UnknownModel
-from .schemas import (ErrorResponse, PredictRequest, PredictResponse, RenderRequest, V2InferRequest,
-                      V2InferResponse, V2ModelMetadata)
+from .schemas import (
+    ErrorResponse,
+    PredictRequest,
+    PredictResponse,
+    RenderRequest,
+    V2InferRequest,
+    V2InferResponse,
+    V2ModelMetadata,
+)
 from .settings import Settings
 
 log = logging.getLogger("ocd.service")
 ERRORS = {c: {"model": ErrorResponse} for c in (400, 404, 413, 422, 503, 504)}
 
 
-V2_DTYPES = {"FP32": "<f4", "FP64": "<f8", "FP16": "<f2", "INT8": "<i1", "INT16": "<i2", "INT32": "<i4",
-             "INT64": "<i8", "UINT8": "<u1", "UINT16": "<u2", "UINT32": "<u4", "UINT64": "<u8", "BOOL": "?"}
+V2_DTYPES = {
+    "FP32": "<f4",
+    "FP64": "<f8",
+    "FP16": "<f2",
+    "INT8": "<i1",
+    "INT16": "<i2",
+    "INT32": "<i4",
+    "INT64": "<i8",
+    "UINT8": "<u1",
+    "UINT16": "<u2",
+    "UINT32": "<u4",
+    "UINT64": "<u8",
+    "BOOL": "?",
+}
 
 
 def _binary_inputs(inputs: Any, blob: bytes) -> Any:
@@ -58,8 +78,10 @@ def _binary_inputs(inputs: Any, blob: bytes) -> Any:
             continue
         name = t.get("name")
         if isinstance(size, bool) or not isinstance(size, int) or size < 0 or offset + size > len(blob):
-            raise InputError(f"inputs[{name}].parameters.binary_data_size", f"{size!r} does not fit the {len(blob)} bytes sent")
-        chunk, offset = blob[offset:offset + size], offset + size
+            raise InputError(
+                f"inputs[{name}].parameters.binary_data_size", f"{size!r} does not fit the {len(blob)} bytes sent"
+            )
+        chunk, offset = blob[offset : offset + size], offset + size
         dtype = t.get("datatype")
         if not isinstance(dtype, str):
             raise InputError(f"inputs[{name}].datatype", "must be a string")
@@ -69,11 +91,13 @@ def _binary_inputs(inputs: Any, blob: bytes) -> Any:
                 if i + 4 > len(chunk) or i + 4 + struct.unpack_from("<I", chunk, i)[0] > len(chunk):
                     raise InputError(f"inputs[{name}].data", "BYTES element runs past binary_data_size")
                 (k,) = struct.unpack_from("<I", chunk, i)
-                data.append(chunk[i + 4:i + 4 + k].decode("utf-8", errors="replace"))
+                data.append(chunk[i + 4 : i + 4 + k].decode("utf-8", errors="replace"))
                 i += 4 + k
         elif dtype in V2_DTYPES:
             if size % np.dtype(V2_DTYPES[dtype]).itemsize:
-                raise InputError(f"inputs[{name}].parameters.binary_data_size", f"{size} is not a whole number of {dtype}")
+                raise InputError(
+                    f"inputs[{name}].parameters.binary_data_size", f"{size} is not a whole number of {dtype}"
+                )
             data = np.frombuffer(chunk, dtype=V2_DTYPES[dtype]).tolist()
         else:
             raise InputError(f"inputs[{name}].datatype", f"unknown datatype {dtype!r}")
@@ -100,21 +124,41 @@ def create_app(settings: Settings | None = None) -> Count:
         await registry.drain()  # SIGTERM: uvicorn stops accepting, in-flight requests finish, then this
 
     telemetry = None if settings.otel else {"tracing": False, "metrics": False, "logs": False}
-    app = FastAPI(title="OCD Serve", version=ocd_core.__version__, lifespan=lifespan, telemetry=telemetry,
-                  description="Per-sample adapted predictions: OCD (Lutati & Wolf) with dynamic batching.")
+    app = FastAPI(
+        title="OCD Serve",
+        version=ocd_core.__version__,
+        lifespan=lifespan,
+        telemetry=telemetry,
+        description="Per-sample adapted predictions: OCD (Lutati & Wolf) with dynamic batching.",
+    )
     app.state.registry, app.state.settings = registry, settings
 
     async def _handled(_r, e: Exception):
         status, message, headers = reply_for(e, settings.timeout_s)
         return _error(status, message, headers)
 
-    for exc in (InputError, RequestValidationError, UnknownModel, QueueFull, DeadlineExceeded, BodyTooLarge,
-                ClientGone, StarletteHTTPException):
+    for exc in (
+        InputError,
+        RequestValidationError,
+        UnknownModel,
+        QueueFull,
+        DeadlineExceeded,
+        BodyTooLarge,
+        ClientGone,
+        StarletteHTTPException,
+    ):
         app.add_exception_handler(exc, _handled)
 
     async def run(request: Request, served: Served, xs: list, steps: int, ensemble: int, seeds: list[int]):
-        return await infer(served.batcher, xs, steps, ensemble, seeds, request.state.start + settings.timeout_s,
-                           lambda: disconnected(request.receive))
+        return await infer(
+            served.batcher,
+            xs,
+            steps,
+            ensemble,
+            seeds,
+            request.state.start + settings.timeout_s,
+            lambda: disconnected(request.receive),
+        )
 
     def validated(schema: type[RenderRequest], data: Any):
         try:
@@ -128,12 +172,20 @@ def create_app(settings: Settings | None = None) -> Count:
         except (ValueError, RecursionError):
             raise InputError("body", "not valid JSON", 400) from None
 
-    render_body = {"requestBody": {"required": True, "content": {
-        "application/json": {"schema": {"$ref": "#/components/schemas/RenderRequest"}}}}}
+    render_body = {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/RenderRequest"}}},
+        }
+    }
 
-    @app.post("/render", responses={200: {"content": {"image/png": {}}, "description": "the rendered PNG"}, **ERRORS},
-              response_class=Response, openapi_extra=render_body,
-              summary="Render a camera pose with a rendering model (tinyNeRF): an adapted prediction as a PNG")
+    @app.post(
+        "/render",
+        responses={200: {"content": {"image/png": {}}, "description": "the rendered PNG"}, **ERRORS},
+        response_class=Response,
+        openapi_extra=render_body,
+        summary="Render a camera pose with a rendering model (tinyNeRF): an adapted prediction as a PNG",
+    )
     async def render(request: Request) -> Response:
         ctype = request.headers.get("content-type", "")
         if not ctype.startswith("application/json"):
@@ -143,16 +195,28 @@ def create_app(settings: Settings | None = None) -> Count:
         request.state.model = served.name
         png = getattr(served.modality, "png", None)
         if png is None:
-            raise InputError("model", f"{served.name!r} is a {served.manifest.modality} model; /render serves "
-                             "rendering models (pose in, image out): use /predict", 400)
+            raise InputError(
+                "model",
+                f"{served.name!r} is a {served.manifest.modality} model; /render serves "
+                "rendering models (pose in, image out): use /predict",
+                400,
+            )
         steps = served.check_params(req.ddim_steps, req.ensemble, settings)
         x = served.modality.decode_json(req.pose, "pose")
         seed = req.seed if req.seed is not None else secrets.randbelow(2**63)
         ((pred, _timings, _job),) = await run(request, served, [x], steps, req.ensemble, [seed])
         data = await run_in_threadpool(png, pred)
-        return Response(data, media_type="image/png", headers={
-            "X-OCD-Model": served.name, "X-OCD-Version": served.version, "X-OCD-Seed": str(seed),
-            "X-OCD-DDIM-Steps": str(steps), "X-OCD-Uncertainty": f"{float(pred.uncertainty.mean()):.6g}"})
+        return Response(
+            data,
+            media_type="image/png",
+            headers={
+                "X-OCD-Model": served.name,
+                "X-OCD-Version": served.version,
+                "X-OCD-Seed": str(seed),
+                "X-OCD-DDIM-Steps": str(steps),
+                "X-OCD-Uncertainty": f"{float(pred.uncertainty.mean()):.6g}",
+            },
+        )
 
     # ---- Open Inference Protocol v2 -------------------------------------------------------
     @app.get("/v2", summary="Server metadata")
@@ -171,11 +235,19 @@ def create_app(settings: Settings | None = None) -> Count:
 
     def metadata(served: Served) -> V2ModelMetadata:
         return V2ModelMetadata(
-            name=served.name, versions=sorted(registry.models[served.name]), platform=f"ocd-{served.manifest.denoiser.kind}",
-            inputs=served.modality.v2_inputs(), outputs=served.modality.v2_outputs(),
-            parameters={"modality": served.manifest.modality, "task": served.manifest.task,
-                        "layer": served.manifest.layer, "labels": served.manifest.labels,
-                        "default_ddim_steps": served.manifest.serving.ddim_steps})
+            name=served.name,
+            versions=sorted(registry.models[served.name]),
+            platform=f"ocd-{served.manifest.denoiser.kind}",
+            inputs=served.modality.v2_inputs(),
+            outputs=served.modality.v2_outputs(),
+            parameters={
+                "modality": served.manifest.modality,
+                "task": served.manifest.task,
+                "layer": served.manifest.layer,
+                "labels": served.manifest.labels,
+                "default_ddim_steps": served.manifest.serving.ddim_steps,
+            },
+        )
 
     @app.get("/v2/models/{name}", response_model=V2ModelMetadata, responses=ERRORS, summary="Model metadata")
     async def model_meta(name: str):
@@ -211,8 +283,9 @@ def create_app(settings: Settings | None = None) -> Count:
         except (ValueError, RecursionError):
             raise InputError("body", "not valid JSON", 400) from None
         try:
-            req = V2InferRequest.model_validate(body if not isinstance(body, dict) else
-                                                {**body, "inputs": _binary_inputs(body.get("inputs"), raw[n:])})
+            req = V2InferRequest.model_validate(
+                body if not isinstance(body, dict) else {**body, "inputs": _binary_inputs(body.get("inputs"), raw[n:])}
+            )
         except ValidationError as e:
             raise RequestValidationError(e.errors()) from None
         return req
@@ -237,25 +310,44 @@ def create_app(settings: Settings | None = None) -> Count:
         if len(xs) > settings.max_queue:
             raise InputError("inputs", f"{len(xs)} samples in one request; the limit is {settings.max_queue}", 413)
         base_seed = seed if seed is not None else secrets.randbelow(2**62)
-        results = await run(request, served, xs, steps, params.get("ensemble", 1),
-                            [base_seed + i for i in range(len(xs))])
+        results = await run(
+            request, served, xs, steps, params.get("ensemble", 1), [base_seed + i for i in range(len(xs))]
+        )
         outputs = served.modality.encode_v2([r[0] for r in results])
         if body.outputs:
             wanted = {o.name for o in body.outputs}
             outputs = [o for o in outputs if o["name"] in wanted]
-        return V2InferResponse(model_name=served.name, model_version=served.version, id=body.id, outputs=outputs,
-                               parameters={"ddim_steps": steps, "seed": base_seed})
+        return V2InferResponse(
+            model_name=served.name,
+            model_version=served.version,
+            id=body.id,
+            outputs=outputs,
+            parameters={"ddim_steps": steps, "seed": base_seed},
+        )
 
-    v2_body = {"requestBody": {"required": True, "content": {
-        "application/json": {"schema": {"$ref": "#/components/schemas/V2InferRequest"}}}}}
+    v2_body = {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/V2InferRequest"}}},
+        }
+    }
 
-    @app.post("/v2/models/{name}/infer", response_model=V2InferResponse, responses=ERRORS, summary="Inference (v2)",
-              openapi_extra=v2_body)
+    @app.post(
+        "/v2/models/{name}/infer",
+        response_model=V2InferResponse,
+        responses=ERRORS,
+        summary="Inference (v2)",
+        openapi_extra=v2_body,
+    )
     async def v2_infer(name: str, request: Request):
         return await infer_v2(request, name, None, await parse_v2(request))
 
-    @app.post("/v2/models/{name}/versions/{version}/infer", response_model=V2InferResponse, responses=ERRORS,
-              openapi_extra=v2_body)
+    @app.post(
+        "/v2/models/{name}/versions/{version}/infer",
+        response_model=V2InferResponse,
+        responses=ERRORS,
+        openapi_extra=v2_body,
+    )
     async def v2_infer_version(name: str, version: str, request: Request):
         return await infer_v2(request, name, version, await parse_v2(request))
 
@@ -281,6 +373,8 @@ def create_app(settings: Settings | None = None) -> Count:
         data, ctype = metrics.render()
         return Response(data, media_type=ctype)
 
-    served = Count(BodyLimit(Front(app, PredictEndpoint(registry, settings)), settings.max_body_bytes), registry.inflight)
+    served = Count(
+        BodyLimit(Front(app, PredictEndpoint(registry, settings)), settings.max_body_bytes), registry.inflight
+    )
     served.api = app
     return served

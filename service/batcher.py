@@ -11,14 +11,16 @@ batch (the DDIM loop length differs); different ensemble sizes share one group (
 ragged, not padded: no wasted work). A request whose client hung up or whose deadline passed is
 dropped before it costs inference.
 """
+
 from __future__ import annotations
 
 import asyncio
 import math
 import time
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import torch
 
@@ -41,6 +43,7 @@ class ClientGone(Exception):
 class BatchCost:
     """An engine's seconds for a batch of k samples at ``steps`` DDIM steps: ``fixed + per_sample * k``,
     measured when the engine loads (``worker.Engine.calibrate``)."""
+
     fixed: float
     per_sample: float
     steps: int = 1
@@ -129,8 +132,17 @@ class InFlight:
 class Batcher:
     """One per served model version."""
 
-    def __init__(self, label: str, name: str, run_batch: RunBatch, max_batch_size: int, max_wait_ms: float,
-                 max_queue: int, inflight: InFlight | None = None, cost: BatchCost | None = None):
+    def __init__(
+        self,
+        label: str,
+        name: str,
+        run_batch: RunBatch,
+        max_batch_size: int,
+        max_wait_ms: float,
+        max_queue: int,
+        inflight: InFlight | None = None,
+        cost: BatchCost | None = None,
+    ):
         """``label``: the model name for metrics (no per-version series); ``name``: name:version for logs;
         ``inflight``: without it a batch always waits up to ``max_wait_ms``; ``cost``: the engine's
         measured batch cost (without it batches never split to pipeline)."""
@@ -238,7 +250,7 @@ class Batcher:
                 for group in groups.values():
                     await self._free_slot()
                     self._dispatch(group)
-            except Exception as e:  # never let one batch kill the model's batcher
+            except Exception as e:  # noqa: BLE001  never let one batch kill the model's batcher
                 for job in batch:
                     if not job.future.done():
                         job.future.set_exception(e)
@@ -274,7 +286,7 @@ class Batcher:
         try:
             metrics.BATCH_SIZE.labels(self.label).observe(len(group))
             results, timings = await self.run_batch(group)
-        except Exception as e:  # a server-side failure: every request of the batch learns it
+        except Exception as e:  # noqa: BLE001  a server-side failure: every request of the batch learns it
             for job in group:
                 if not job.future.done():
                     job.future.set_exception(e)
@@ -292,8 +304,15 @@ class Batcher:
                 job.future.set_result((result, timings))
 
 
-async def infer(batcher: Batcher, xs: list[torch.Tensor], steps: int, ensemble: int, seeds: list[int], deadline: float,
-                gone: Callable[[], bool] | None = None) -> list[tuple[Any, dict[str, float], Job]]:
+async def infer(
+    batcher: Batcher,
+    xs: list[torch.Tensor],
+    steps: int,
+    ensemble: int,
+    seeds: list[int],
+    deadline: float,
+    gone: Callable[[], bool] | None = None,
+) -> list[tuple[Any, dict[str, float], Job]]:
     """One request of ``len(xs)`` samples: queue a job per sample, wait for all of them (or the
     deadline: DeadlineExceeded, or the client hanging up: ClientGone); -> (prediction, the batch's
     stage timings, job) per sample."""

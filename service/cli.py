@@ -1,4 +1,5 @@
 """``ocd serve``: every bundle of the model repository over HTTP (uvicorn, ``OCD_*`` settings)."""
+
 from __future__ import annotations
 
 import argparse
@@ -14,8 +15,13 @@ def serve(args: argparse.Namespace) -> int:
 
     from .settings import Settings
 
-    overrides = {"models_dir": args.models, "host": args.host, "port": args.port, "workers": args.workers,
-                 "models": args.model}
+    overrides = {
+        "models_dir": args.models,
+        "host": args.host,
+        "port": args.port,
+        "workers": args.workers,
+        "models": args.model,
+    }
     for key, value in overrides.items():  # workers read their settings from the environment
         if value is not None:
             os.environ[f"OCD_{key.upper()}"] = str(value)
@@ -24,9 +30,17 @@ def serve(args: argparse.Namespace) -> int:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="ocd-prom-")
     log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)  # and the service's own INFO lines (models, costs)
     log_config["loggers"]["ocd"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
-    uvicorn.run("service.app:create_app", factory=True, host=s.host, port=s.port, workers=s.workers,
-                timeout_graceful_shutdown=int(s.timeout_s) + 5, log_level="info", access_log=s.access_log,
-                log_config=log_config)
+    uvicorn.run(
+        "service.app:create_app",
+        factory=True,
+        host=s.host,
+        port=s.port,
+        workers=s.workers,
+        timeout_graceful_shutdown=int(s.timeout_s) + 5,
+        log_level="info",
+        access_log=s.access_log,
+        log_config=log_config,
+    )
     return 0
 
 

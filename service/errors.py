@@ -1,5 +1,6 @@
 """Client mistakes and server conditions -> ``(status, {"error": "<field>: <reason>"}, headers)``,
 one mapping for the FastAPI routes and the plain-ASGI /predict."""
+
 from __future__ import annotations
 
 from typing import Any

@@ -8,6 +8,7 @@ against a p50 of 16 ms, and the requests' own timings showed up to 115 ms of que
 ``gc.freeze()`` puts those objects in a permanent generation that later collections skip; they live
 as long as the process anyway.
 """
+
 from __future__ import annotations
 
 import gc

@@ -9,6 +9,7 @@ the same; either setting alone: 17.9 and 28.8 ms). The same effect as the jemall
 preloads recommended for CPU inference, without a new dependency; the cost is up to 64 MiB of
 freed memory a heap keeps after a burst. ``OCD_TUNE_MALLOC=false`` leaves glibc as it is.
 """
+
 from __future__ import annotations
 
 import ctypes

@@ -1,4 +1,5 @@
 """Plain-ASGI middleware around the whole app (the FastAPI routes and the /predict hot path)."""
+
 from __future__ import annotations
 
 import time
@@ -73,7 +74,9 @@ class Count:
                 self.inflight.leave()
             key = (state["model"], state.get("endpoint") or getattr(scope.get("route"), "path", "other"), status)
             if (series := self.series.get(key)) is None:
-                series = self.series[key] = (metrics.REQUESTS.labels(key[0], key[1], str(status)),
-                                             metrics.REQUEST_DURATION.labels(key[0], key[1]))
+                series = self.series[key] = (
+                    metrics.REQUESTS.labels(key[0], key[1], str(status)),
+                    metrics.REQUEST_DURATION.labels(key[0], key[1]),
+                )
             series[0].inc()
             series[1].observe(time.monotonic() - start)

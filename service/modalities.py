@@ -5,6 +5,7 @@ A modality decodes (JSON value | uploaded file | Open Inference Protocol tensors
 sample tensor of the manifest's input shape, normalised as in training. Output encoding
 depends on the task (classification / regression), shared by all modalities.
 """
+
 from __future__ import annotations
 
 import base64
@@ -66,8 +67,9 @@ class Modality:
         """A JSON value -> one sample (*shape) in model space."""
         return self.normalise(self.check_array(value, field))
 
-    def decode_upload(self, data: bytes, filename: str | None, content_type: str | None,
-                      field: str = "file") -> torch.Tensor:
+    def decode_upload(
+        self, data: bytes, filename: str | None, content_type: str | None, field: str = "file"
+    ) -> torch.Tensor:
         raise InputError(field, f"file uploads are not supported for {self.name} models")
 
     def check_array(self, value: Any, field: str) -> torch.Tensor:
@@ -77,7 +79,9 @@ class Modality:
         try:
             x = torch.tensor(value, dtype=torch.float64)
         except (TypeError, ValueError, OverflowError, RuntimeError):
-            raise InputError(field, f"expected a rectangular nested array of numbers of shape {list(self.shape)}") from None
+            raise InputError(
+                field, f"expected a rectangular nested array of numbers of shape {list(self.shape)}"
+            ) from None
         if tuple(x.shape) != self.shape and not (self.shape[0] == 1 and tuple(x.shape) == self.shape[1:]):
             raise InputError(field, f"expected shape {list(self.shape)}, got {list(x.shape)}")
         return self.check_values(x.reshape(self.shape).float(), field)
@@ -119,8 +123,7 @@ class Modality:
         if self.manifest.task == "classification":
             labels = self.manifest.labels or [str(i) for i in range(p.mean.shape[-1])]
             probs = p.mean.tolist()  # (in Python: a torch argmax costs more than the list's max here)
-            out: dict[str, Any] = {"label": labels[probs.index(max(probs))],
-                                   "probabilities": dict(zip(labels, probs))}
+            out: dict[str, Any] = {"label": labels[probs.index(max(probs))], "probabilities": dict(zip(labels, probs))}
         else:
             out = {"value": p.mean.tolist()}
         out["uncertainty"] = p.uncertainty.tolist() if return_uncertainty else None
@@ -129,26 +132,46 @@ class Modality:
     def v2_outputs(self) -> list[dict[str, Any]]:
         if self.manifest.task == "classification":
             n = len(self.manifest.labels or [])
-            return [{"name": "probabilities", "datatype": "FP32", "shape": [-1, n]},
-                    {"name": "label", "datatype": "BYTES", "shape": [-1]},
-                    {"name": "uncertainty", "datatype": "FP32", "shape": [-1]}]
-        return [{"name": "value", "datatype": "FP32", "shape": [-1, *self.manifest.input.options.get("out_shape", [1])]},
-                {"name": "uncertainty", "datatype": "FP32", "shape": [-1, *self.manifest.input.options.get("out_shape", [1])]}]
+            return [
+                {"name": "probabilities", "datatype": "FP32", "shape": [-1, n]},
+                {"name": "label", "datatype": "BYTES", "shape": [-1]},
+                {"name": "uncertainty", "datatype": "FP32", "shape": [-1]},
+            ]
+        return [
+            {"name": "value", "datatype": "FP32", "shape": [-1, *self.manifest.input.options.get("out_shape", [1])]},
+            {
+                "name": "uncertainty",
+                "datatype": "FP32",
+                "shape": [-1, *self.manifest.input.options.get("out_shape", [1])],
+            },
+        ]
 
     def encode_v2(self, preds: list[SamplePrediction]) -> list[dict[str, Any]]:
         n = len(preds)
         if self.manifest.task == "classification":
             labels = self.manifest.labels or [str(i) for i in range(preds[0].mean.shape[-1])]
             probs = torch.stack([p.mean for p in preds])
-            return [{"name": "probabilities", "datatype": "FP32", "shape": list(probs.shape),
-                     "data": probs.flatten().tolist()},
-                    {"name": "label", "datatype": "BYTES", "shape": [n], "data": [labels[int(i)] for i in probs.argmax(1)]},
-                    {"name": "uncertainty", "datatype": "FP32", "shape": [n],
-                     "data": [float(p.uncertainty) for p in preds]}]
+            return [
+                {
+                    "name": "probabilities",
+                    "datatype": "FP32",
+                    "shape": list(probs.shape),
+                    "data": probs.flatten().tolist(),
+                },
+                {"name": "label", "datatype": "BYTES", "shape": [n], "data": [labels[int(i)] for i in probs.argmax(1)]},
+                {
+                    "name": "uncertainty",
+                    "datatype": "FP32",
+                    "shape": [n],
+                    "data": [float(p.uncertainty) for p in preds],
+                },
+            ]
         vals = torch.stack([p.mean for p in preds])
         unc = torch.stack([p.uncertainty for p in preds])
-        return [{"name": "value", "datatype": "FP32", "shape": list(vals.shape), "data": vals.flatten().tolist()},
-                {"name": "uncertainty", "datatype": "FP32", "shape": list(unc.shape), "data": unc.flatten().tolist()}]
+        return [
+            {"name": "value", "datatype": "FP32", "shape": list(vals.shape), "data": vals.flatten().tolist()},
+            {"name": "uncertainty", "datatype": "FP32", "shape": list(unc.shape), "data": unc.flatten().tolist()},
+        ]
 
 
 def _flatten(data: Any) -> list:
@@ -174,9 +197,9 @@ def png_pixels(data: bytes) -> int | None:
     pos, chunks = 8, 0
     while pos + 8 <= len(data):  # chunk: length (4), type (4), data, CRC (4)
         chunks += 1
-        if chunks > INLINE_CHUNKS or data[pos + 4:pos + 8] in INFLATING_CHUNKS:
+        if chunks > INLINE_CHUNKS or data[pos + 4 : pos + 8] in INFLATING_CHUNKS:
             return None
-        pos += 12 + int.from_bytes(data[pos:pos + 4], "big")
+        pos += 12 + int.from_bytes(data[pos : pos + 4], "big")
     return int.from_bytes(data[16:20], "big") * int.from_bytes(data[20:24], "big")
 
 
@@ -193,14 +216,14 @@ def png_image(data: bytes) -> Image.Image | None:
         return None
     pos, idat, last = 8, [], b""
     while pos + 12 <= len(data):  # chunk: length (4), type (4), data, CRC of type and data (4)
-        end = pos + 8 + int.from_bytes(data[pos:pos + 4], "big")
-        if end + 4 > len(data) or zlib.crc32(data[pos + 4:end]) != int.from_bytes(data[end:end + 4], "big"):
+        end = pos + 8 + int.from_bytes(data[pos : pos + 4], "big")
+        if end + 4 > len(data) or zlib.crc32(data[pos + 4 : end]) != int.from_bytes(data[end : end + 4], "big"):
             return None
-        kind = data[pos + 4:pos + 8]
+        kind = data[pos + 4 : pos + 8]
         if kind not in PNG_PLAIN_CHUNKS or (kind == b"IDAT" and idat and last != b"IDAT"):  # (IDATs are consecutive)
             return None
         if kind == b"IDAT":
-            idat.append(data[pos + 8:end])
+            idat.append(data[pos + 8 : end])
         elif kind == b"IEND":
             break
         pos, last = end + 4, kind
@@ -220,8 +243,11 @@ class ImageModality(Modality):
         super().__init__(manifest)
         Image.init()  # every format plugin now, not on the event loop at the first unreadable image
         # the normalisation's mean and std as (C, 1, 1) float32 arrays
-        self._norm = None if self._mean is None else tuple(t.numpy().astype(np.float32).reshape(-1, 1, 1)
-                                                            for t in (self._mean, self._std))
+        self._norm = (
+            None
+            if self._mean is None
+            else tuple(t.numpy().astype(np.float32).reshape(-1, 1, 1) for t in (self._mean, self._std))
+        )
 
     def check_values(self, x: torch.Tensor, field: str) -> torch.Tensor:
         x = super().check_values(x, field)
@@ -252,8 +278,9 @@ class ImageModality(Modality):
         except (binascii.Error, ValueError):
             raise InputError(field, "a string input must be a base64-encoded PNG or JPEG image") from None
 
-    def decode_upload(self, data: bytes, filename: str | None, content_type: str | None,
-                      field: str = "file") -> torch.Tensor:
+    def decode_upload(
+        self, data: bytes, filename: str | None, content_type: str | None, field: str = "file"
+    ) -> torch.Tensor:
         return self._image(data, field)
 
     def _image(self, data: bytes, field: str) -> torch.Tensor:
@@ -305,8 +332,10 @@ class TabularModality(Modality):
             raise InputError(e.field, e.reason) from None
 
     def v2_inputs(self) -> list[dict[str, Any]]:
-        return [{"name": f.name, "datatype": "FP32" if f.kind == "number" else "BYTES", "shape": [-1]}
-                for f in self.spec.fields]
+        return [
+            {"name": f.name, "datatype": "FP32" if f.kind == "number" else "BYTES", "shape": [-1]}
+            for f in self.spec.fields
+        ]
 
     def decode_v2(self, inputs: list[dict[str, Any]]) -> list[torch.Tensor]:
         names = [f.name for f in self.spec.fields]
@@ -323,6 +352,7 @@ class TabularModality(Modality):
                 raise InputError(f"inputs[{name}].data", f"holds {len(data)} rows, other inputs hold {n}")
             n, columns[name] = len(data), data
         return [self.decode_json({k: columns[k][i] for k in names}, f"inputs[row {i}]") for i in range(n or 0)]
+
     # (Training encodes val/test categories unseen in train as missing; a request with one gets 422.)
 
     def encode(self, p: SamplePrediction, return_uncertainty: bool = True) -> dict[str, Any]:
@@ -333,8 +363,10 @@ class TabularModality(Modality):
         value = decode_target(self.spec, p.mean)
         std = p.uncertainty * self.spec.target_std
         scalar = value.numel() == 1
-        return {"value": value.item() if scalar else value.tolist(),
-                "uncertainty": (std.item() if scalar else std.tolist()) if return_uncertainty else None}
+        return {
+            "value": value.item() if scalar else value.tolist(),
+            "uncertainty": (std.item() if scalar else std.tolist()) if return_uncertainty else None,
+        }
 
     def encode_v2(self, preds: list[SamplePrediction]) -> list[dict[str, Any]]:
         if self.manifest.task == "classification":
@@ -343,8 +375,10 @@ class TabularModality(Modality):
 
         vals = torch.stack([decode_target(self.spec, p.mean) for p in preds])
         unc = torch.stack([p.uncertainty * self.spec.target_std for p in preds])
-        return [{"name": "value", "datatype": "FP32", "shape": list(vals.shape), "data": vals.flatten().tolist()},
-                {"name": "uncertainty", "datatype": "FP32", "shape": list(unc.shape), "data": unc.flatten().tolist()}]
+        return [
+            {"name": "value", "datatype": "FP32", "shape": list(vals.shape), "data": vals.flatten().tolist()},
+            {"name": "uncertainty", "datatype": "FP32", "shape": list(unc.shape), "data": unc.flatten().tolist()},
+        ]
 
 
 class AudioModality(Modality):
@@ -382,8 +416,9 @@ class AudioModality(Modality):
             raise InputError(field, "expected a base64-encoded WAV file") from None
         return self._features(data, field)
 
-    def decode_upload(self, data: bytes, filename: str | None, content_type: str | None,
-                      field: str = "file") -> torch.Tensor:
+    def decode_upload(
+        self, data: bytes, filename: str | None, content_type: str | None, field: str = "file"
+    ) -> torch.Tensor:
         return self._features(data, field)
 
     def v2_inputs(self) -> list[dict[str, Any]]:
@@ -444,26 +479,47 @@ class PoseModality(Modality):
         return buf.getvalue()
 
     def encode(self, p: SamplePrediction, return_uncertainty: bool = True) -> dict[str, Any]:
-        return {"image": base64.b64encode(self.png(p)).decode(),
-                "uncertainty": float(p.uncertainty.mean()) if return_uncertainty else None}
+        return {
+            "image": base64.b64encode(self.png(p)).decode(),
+            "uncertainty": float(p.uncertainty.mean()) if return_uncertainty else None,
+        }
 
     def v2_outputs(self) -> list[dict[str, Any]]:
-        return [{"name": "image", "datatype": "FP32", "shape": [-1, *self.manifest.input.options.get("image", [3, -1, -1])]},
-                {"name": "uncertainty", "datatype": "FP32", "shape": [-1]}]
+        return [
+            {
+                "name": "image",
+                "datatype": "FP32",
+                "shape": [-1, *self.manifest.input.options.get("image", [3, -1, -1])],
+            },
+            {"name": "uncertainty", "datatype": "FP32", "shape": [-1]},
+        ]
 
     def encode_v2(self, preds: list[SamplePrediction]) -> list[dict[str, Any]]:
         imgs = torch.stack([p.mean for p in preds])
-        return [{"name": "image", "datatype": "FP32", "shape": list(imgs.shape), "data": imgs.flatten().tolist()},
-                {"name": "uncertainty", "datatype": "FP32", "shape": [len(preds)],
-                 "data": [float(p.uncertainty.mean()) for p in preds]}]
+        return [
+            {"name": "image", "datatype": "FP32", "shape": list(imgs.shape), "data": imgs.flatten().tolist()},
+            {
+                "name": "uncertainty",
+                "datatype": "FP32",
+                "shape": [len(preds)],
+                "data": [float(p.uncertainty.mean()) for p in preds],
+            },
+        ]
 
 
-MODALITIES: dict[str, type[Modality]] = {"tensor": Modality, "image": ImageModality, "tabular": TabularModality,
-                                         "audio": AudioModality, "pose": PoseModality}
+MODALITIES: dict[str, type[Modality]] = {
+    "tensor": Modality,
+    "image": ImageModality,
+    "tabular": TabularModality,
+    "audio": AudioModality,
+    "pose": PoseModality,
+}
 
 
 def modality_for(manifest: Manifest) -> Modality:
     try:
         return MODALITIES[manifest.modality](manifest)
     except KeyError:
-        raise ValueError(f"model {manifest.name}: unknown modality {manifest.modality!r}; known: {sorted(MODALITIES)}") from None
+        raise ValueError(
+            f"model {manifest.name}: unknown modality {manifest.modality!r}; known: {sorted(MODALITIES)}"
+        ) from None

@@ -7,6 +7,7 @@ other request to the FastAPI app. The endpoint keeps FastAPI's contract: the req
 by the ``PredictRequest`` model, the answer has the ``PredictResponse`` fields, errors use the
 shared mapping (``errors.reply_for``), and /docs describes it (``app.openapi``).
 """
+
 from __future__ import annotations
 
 import logging
@@ -34,19 +35,48 @@ def _ref(name: str) -> dict[str, Any]:
     return {"application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}}
 
 
-PREDICT_OPENAPI = {"post": {  # /predict in /openapi.json and /docs
-    "summary": "Adapted prediction for one input (JSON or multipart image upload)", "operationId": "predict",
-    "requestBody": {"required": True, "content": {
-        **_ref("PredictRequest"),
-        "multipart/form-data": {"schema": {"type": "object", "required": ["file", "model"], "properties": {
-            "file": {"type": "string", "format": "binary"}, "model": {"type": "string"},
-            "version": {"type": "string"}, "ddim_steps": {"type": "integer"}, "ensemble": {"type": "integer"},
-            "seed": {"type": "integer"}, "return_uncertainty": {"type": "boolean"}}}}}},
-    "responses": {"200": {"description": "the adapted prediction", "content": _ref("PredictResponse")},
-                  **{str(code): {"description": why, "content": _ref("ErrorResponse")} for code, why in (
-                      (400, "unreadable body or input"), (404, "unknown model or version"), (413, "body too large"),
-                      (415, "unsupported content type"), (422, "invalid field"), (503, "queue full (Retry-After)"),
-                      (504, "deadline exceeded"))}}}}
+PREDICT_OPENAPI = {
+    "post": {  # /predict in /openapi.json and /docs
+        "summary": "Adapted prediction for one input (JSON or multipart image upload)",
+        "operationId": "predict",
+        "requestBody": {
+            "required": True,
+            "content": {
+                **_ref("PredictRequest"),
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["file", "model"],
+                        "properties": {
+                            "file": {"type": "string", "format": "binary"},
+                            "model": {"type": "string"},
+                            "version": {"type": "string"},
+                            "ddim_steps": {"type": "integer"},
+                            "ensemble": {"type": "integer"},
+                            "seed": {"type": "integer"},
+                            "return_uncertainty": {"type": "boolean"},
+                        },
+                    }
+                },
+            },
+        },
+        "responses": {
+            "200": {"description": "the adapted prediction", "content": _ref("PredictResponse")},
+            **{
+                str(code): {"description": why, "content": _ref("ErrorResponse")}
+                for code, why in (
+                    (400, "unreadable body or input"),
+                    (404, "unknown model or version"),
+                    (413, "body too large"),
+                    (415, "unsupported content type"),
+                    (422, "invalid field"),
+                    (503, "queue full (Retry-After)"),
+                    (504, "deadline exceeded"),
+                )
+            },
+        },
+    }
+}
 
 
 def json_reply(status: int, content: Any, headers: dict[str, str] | None = None) -> tuple[int, bytes, list]:
@@ -74,7 +104,7 @@ class PredictEndpoint:
         start = state.get("start") or time.monotonic()
         try:
             status, body, head = json_reply(200, await self.predict(scope, receive, state, start))
-        except Exception as e:  # noqa: BLE001  (mapped to 4xx/5xx below, as FastAPI's handlers do)
+        except Exception as e:
             reply = reply_for(e, self.settings.timeout_s)
             if reply is None:
                 log.exception("POST /predict failed")
@@ -94,14 +124,29 @@ class PredictEndpoint:
         elif (x := modality.decode_json_inline(payload[1], payload[2])) is None:
             x = await run_in_threadpool(modality.decode_json, payload[1], "input")
         seed = req.seed if req.seed is not None else secrets.randbelow(2**63)
-        ((pred, timings, job),) = await infer(served.batcher, [x], steps, req.ensemble, [seed],
-                                              start + self.settings.timeout_s, lambda: disconnected(receive))
+        ((pred, timings, job),) = await infer(
+            served.batcher,
+            [x],
+            steps,
+            req.ensemble,
+            [seed],
+            start + self.settings.timeout_s,
+            lambda: disconnected(receive),
+        )
         out: dict[str, Any] = {"model": served.name, "version": served.version, **dict.fromkeys(PREDICTION_FIELDS)}
         out.update(modality.encode(pred, req.return_uncertainty))
-        out.update(ddim_steps=steps, ensemble=req.ensemble, seed=seed, timings={
-            "queue_ms": job.queue_s * 1000, "inference_ms": sum(timings.values()) * 1000,
-            "total_ms": (time.monotonic() - start) * 1000, "batch_size": job.batch_size,
-            "stages_ms": {k: v * 1000 for k, v in timings.items()}})
+        out.update(
+            ddim_steps=steps,
+            ensemble=req.ensemble,
+            seed=seed,
+            timings={
+                "queue_ms": job.queue_s * 1000,
+                "inference_ms": sum(timings.values()) * 1000,
+                "total_ms": (time.monotonic() - start) * 1000,
+                "batch_size": job.batch_size,
+                "stages_ms": {k: v * 1000 for k, v in timings.items()},
+            },
+        )
         return out
 
     async def parse(self, scope, receive) -> tuple[PredictRequest, tuple]:
@@ -122,7 +167,9 @@ class PredictEndpoint:
             req = PredictRequest.model_validate(fields)
             return req, ("upload", await upload.read(), upload.filename, upload.content_type)
         if not ctype.startswith("application/json"):
-            raise InputError("content-type", f"expected application/json or multipart/form-data, got {ctype or 'none'}", 415)
+            raise InputError(
+                "content-type", f"expected application/json or multipart/form-data, got {ctype or 'none'}", 415
+            )
         chunks = []
         while True:
             message = await receive()
@@ -146,6 +193,8 @@ class Front:
         if scope["type"] == "http" and scope["path"] == "/predict":
             if scope["method"] == "POST":
                 return await self.predict(scope, receive, send)
-            return await send_reply(send, *json_reply(405, {"error": f"method: {scope['method']} is not allowed; use POST"},
-                                                      {"Allow": "POST"}))
+            return await send_reply(
+                send,
+                *json_reply(405, {"error": f"method: {scope['method']} is not allowed; use POST"}, {"Allow": "POST"}),
+            )
         return await self.app(scope, receive, send)

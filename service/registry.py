@@ -1,4 +1,5 @@
 """The model repository at run time: every served (name, version), its engine and batcher."""
+
 from __future__ import annotations
 
 import logging
@@ -37,7 +38,9 @@ class Served:
         if not 1 <= steps <= limit:
             raise InputError(f"{field_prefix}ddim_steps", f"must be between 1 and {limit}, got {steps}")
         if not 1 <= ensemble <= settings.max_ensemble:
-            raise InputError(f"{field_prefix}ensemble", f"must be between 1 and {settings.max_ensemble}, got {ensemble}")
+            raise InputError(
+                f"{field_prefix}ensemble", f"must be between 1 and {settings.max_ensemble}, got {ensemble}"
+            )
         return steps
 
 
@@ -82,16 +85,33 @@ class Registry:
             self.local = list(engines.values())
         for name, version, label, _ in wanted:
             manifest = manifests[label]
-            batcher = Batcher(name, label, engines[label], s.max_batch_size, s.max_wait_ms, s.max_queue, self.inflight,
-                              engines[label].cost)
+            batcher = Batcher(
+                name,
+                label,
+                engines[label],
+                s.max_batch_size,
+                s.max_wait_ms,
+                s.max_queue,
+                self.inflight,
+                engines[label].cost,
+            )
             batcher.start()
             self.models.setdefault(name, {})[version] = Served(name, version, manifest, modality_for(manifest), batcher)
-            metrics.MODEL_INFO.labels(name, version, manifest.modality, manifest.task, manifest.denoiser.kind,
-                                      device, s.backend).set(1)
+            metrics.MODEL_INFO.labels(
+                name, version, manifest.modality, manifest.task, manifest.denoiser.kind, device, s.backend
+            ).set(1)
             cost = engines[label].cost
-            log.info("serving %s on %s with %s (%s, layer %s)%s; a batch of k costs %.2f ms + k x %.3f ms",
-                     label, device, s.backend, manifest.modality, manifest.layer,
-                     " in the inference process" if s.inference_process else "", 1000 * cost.fixed, 1000 * cost.per_sample)
+            log.info(
+                "serving %s on %s with %s (%s, layer %s)%s; a batch of k costs %.2f ms + k x %.3f ms",
+                label,
+                device,
+                s.backend,
+                manifest.modality,
+                manifest.layer,
+                " in the inference process" if s.inference_process else "",
+                1000 * cost.fixed,
+                1000 * cost.per_sample,
+            )
         self.ready = True
 
     def get(self, name: str, version: str | None = None) -> Served:

@@ -1,4 +1,5 @@
 """Typed request and response bodies (they make the OpenAPI docs at /docs)."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -11,9 +12,11 @@ class PredictRequest(BaseModel):
 
     model: str = Field(description="model name, e.g. mnist")
     version: str | None = Field(None, description="model version; latest when null")
-    input: Any = Field(description="image: base64 PNG/JPEG or a nested array of the model's input shape "
-                                   "(pixel values in [0, 1]); tabular: an object of named fields, "
-                                   "e.g. {\"carat\": 0.3, \"cut\": \"Ideal\", ...}")
+    input: Any = Field(
+        description="image: base64 PNG/JPEG or a nested array of the model's input shape "
+        "(pixel values in [0, 1]); tabular: an object of named fields, "
+        'e.g. {"carat": 0.3, "cut": "Ideal", ...}'
+    )
     ddim_steps: int | None = Field(None, ge=1, description="DDIM steps; the model's default when null")
     ensemble: int = Field(1, ge=1, description="adapted models sampled with different noise; their mean is returned")
     seed: int | None = Field(None, ge=0, lt=2**63, description="noise seed; random when null (the response says which)")
@@ -25,7 +28,9 @@ class RenderRequest(BaseModel):
 
     model: str = Field(description="a rendering model, e.g. nerf")
     version: str | None = Field(None, description="model version; latest when null")
-    pose: Any = Field(description='{"azimuth": degrees, "elevation": degrees, "radius": r} or [azimuth, elevation, radius]')
+    pose: Any = Field(
+        description='{"azimuth": degrees, "elevation": degrees, "radius": r} or [azimuth, elevation, radius]'
+    )
     ddim_steps: int | None = Field(None, ge=1, description="DDIM steps; the model's default when null")
     ensemble: int = Field(1, ge=1, description="adapted models sampled with different noise; their mean is rendered")
     seed: int | None = Field(None, ge=0, lt=2**63, description="noise seed; random when null (X-OCD-Seed says which)")
@@ -49,7 +54,8 @@ class PredictResponse(BaseModel):
     value: list[float] | float | None = Field(None, description="regression: ensemble mean")
     image: str | None = Field(None, description="rendering models (pose in): the ensemble mean as a base64 PNG")
     uncertainty: float | list[float] | None = Field(
-        None, description="classification: predictive entropy of the ensemble mean (nats); regression: ensemble std")
+        None, description="classification: predictive entropy of the ensemble mean (nats); regression: ensemble std"
+    )
     ddim_steps: int
     ensemble: int
     seed: int

@@ -1,4 +1,5 @@
 """Service settings, all from ``OCD_*`` environment variables (see the README's table)."""
+
 from __future__ import annotations
 
 import os
@@ -9,39 +10,62 @@ from pydantic import BaseModel, Field, ValidationError
 
 class Settings(BaseModel):
     models_dir: str = Field("models", description="model repository: <dir>/<name>/<version>/manifest.json")
-    models: str = Field("", description="comma list of name or name:version to serve (empty: every model; "
-                                        "a bare name: all its versions; requests default to the latest)")
+    models: str = Field(
+        "",
+        description="comma list of name or name:version to serve (empty: every model; "
+        "a bare name: all its versions; requests default to the latest)",
+    )
     host: str = "0.0.0.0"
     port: int = Field(8000, ge=1, le=65535)
     workers: int = Field(1, ge=1, description="uvicorn worker processes")
     device: str = Field("auto", description="auto (CUDA when available), cpu, cuda, cuda:N")
-    backend: Literal["torch", "onnx"] = Field("torch", description="torch, or onnx: ONNX Runtime on the bundle's "
-                                              "exported graphs (`ocd export-onnx <bundle dir>` writes them)")
+    backend: Literal["torch", "onnx"] = Field(
+        "torch",
+        description="torch, or onnx: ONNX Runtime on the bundle's "
+        "exported graphs (`ocd export-onnx <bundle dir>` writes them)",
+    )
     max_batch_size: int = Field(64, ge=1, description="requests per batch (1 turns batching off)")
-    max_wait_ms: float = Field(5.0, ge=0, description="how long a batch waits for more requests after its first "
-                                                     "(not at all once the batch holds every inference request the server holds)")
+    max_wait_ms: float = Field(
+        5.0,
+        ge=0,
+        description="how long a batch waits for more requests after its first "
+        "(not at all once the batch holds every inference request the server holds)",
+    )
     max_queue: int = Field(1024, ge=1, description="queued requests per model; beyond it: 503 + Retry-After")
     timeout_s: float = Field(30.0, gt=0, description="deadline per request, queue time included; beyond it: 504")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="request body limit; beyond it: 413")
     max_ensemble: int = Field(32, ge=1)
     max_ddim_steps: int = Field(100, ge=1)
     threads: int = Field(0, ge=0, description="torch CPU threads (0: torch's default)")
-    inference_process: bool = Field(True, description="run the models in a separate inference process, so that "
-                                                      "inference and the event loop do not share a GIL (false: on a "
-                                                      "thread of each server process)")
-    tune_malloc: bool = Field(True, description="glibc malloc keeps batch-sized blocks instead of returning them "
-                                                "to the OS (service/malloc.py; up to 64 MiB stays with a heap)")
-    access_log: bool = Field(False, description="uvicorn's access log, a line per request (off: /metrics counts "
-                                                 "requests by model, endpoint and status; the log costs ~5 % of "
-                                                 "the event loop's time per request)")
-    otel: bool = Field(False, description="FastAPI's native OpenTelemetry through the global providers (off: "
-                                          "Prometheus /metrics only, and no provider lookup per request)")
+    inference_process: bool = Field(
+        True,
+        description="run the models in a separate inference process, so that "
+        "inference and the event loop do not share a GIL (false: on a "
+        "thread of each server process)",
+    )
+    tune_malloc: bool = Field(
+        True,
+        description="glibc malloc keeps batch-sized blocks instead of returning them "
+        "to the OS (service/malloc.py; up to 64 MiB stays with a heap)",
+    )
+    access_log: bool = Field(
+        False,
+        description="uvicorn's access log, a line per request (off: /metrics counts "
+        "requests by model, endpoint and status; the log costs ~5 % of "
+        "the event loop's time per request)",
+    )
+    otel: bool = Field(
+        False,
+        description="FastAPI's native OpenTelemetry through the global providers (off: "
+        "Prometheus /metrics only, and no provider lookup per request)",
+    )
 
     @classmethod
-    def from_env(cls, **overrides) -> "Settings":
+    def from_env(cls, **overrides) -> Settings:
         """Read ``OCD_<FIELD>`` for every field; explicit overrides win."""
-        values = {name: os.environ[f"OCD_{name.upper()}"] for name in cls.model_fields
-                  if f"OCD_{name.upper()}" in os.environ}
+        values = {
+            name: os.environ[f"OCD_{name.upper()}"] for name in cls.model_fields if f"OCD_{name.upper()}" in os.environ
+        }
         values.update({k: v for k, v in overrides.items() if v is not None})
         try:
             return cls(**values)

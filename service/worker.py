@@ -11,6 +11,7 @@ inference on a thread of the server process (``LocalEngine``).
 If the inference process dies (killed, out of memory), the batches sent to it fail with a 500, a
 new one starts at once, and batches that come meanwhile wait for it.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -51,14 +52,16 @@ class Engine:
         pred, timings = self.run(x, jobs[0].steps, [j.ensemble for j in jobs], [j.seed for j in jobs])
         return pred.split(), timings
 
-    def run(self, x: torch.Tensor, steps: int, ensembles: list[int], seeds: list[int]
-            ) -> tuple[BatchPrediction, dict[str, float]]:
+    def run(
+        self, x: torch.Tensor, steps: int, ensembles: list[int], seeds: list[int]
+    ) -> tuple[BatchPrediction, dict[str, float]]:
         """x (B, *input) on the CPU -> the batch's predictions on the CPU, and its seconds per stage."""
         pred = self.predictor.predict(x.to(self.device), steps, ensembles, seeds=seeds)
         return pred.to("cpu"), pred.timings
 
-    def calibrate(self, input_shape: list[int], steps: int, size: int = 8, repeats: int = 3,
-                  budget_s: float = 2.0) -> BatchCost:
+    def calibrate(
+        self, input_shape: list[int], steps: int, size: int = 8, repeats: int = 3, budget_s: float = 2.0
+    ) -> BatchCost:
         """Warm the engine up (first calls allocate and select kernels) and measure its batch cost
         from the best of ``repeats`` batches of 1 and of ``size`` zero inputs (B, *input_shape),
         timed by the engine's own stage timings. A model whose second batch of one says the
@@ -230,8 +233,8 @@ class Channel:
                     raise ValueError("a reply frame over 2 GiB")
                 if len(self.inbox) < 4 + size:
                     break
-                reply = pickle.loads(self.inbox[4:4 + size])
-                del self.inbox[:4 + size]
+                reply = pickle.loads(self.inbox[4 : 4 + size])
+                del self.inbox[: 4 + size]
                 future = self.waiting.pop(reply[0], None)
                 if future is not None and not future.done():  # (cancelled: its caller went away)
                     future.set_result(reply[1:])
@@ -275,9 +278,12 @@ class InferenceProcess:
         """Spawn the process and wait until every model loaded (a load error is a ``BundleError``)."""
         ctx = mp.get_context("spawn")  # no fork of the server's threads; CUDA initialises in the child
         pipes = {label: ctx.Pipe() for label, _ in self.models}
-        self.process = ctx.Process(target=_main, name="ocd-inference", daemon=True,
-                                   args=([(label, str(path), pipes[label][1]) for label, path in self.models],
-                                         self.settings))
+        self.process = ctx.Process(
+            target=_main,
+            name="ocd-inference",
+            daemon=True,
+            args=([(label, str(path), pipes[label][1]) for label, path in self.models], self.settings),
+        )
         self.process.start()
         for _, child in pipes.values():
             child.close()
@@ -333,7 +339,9 @@ class InferenceProcess:
                 restart = asyncio.get_running_loop().create_task(self.restart(generation))
                 self.restarts.add(restart)  # (a strong reference until it is done)
                 restart.add_done_callback(self._restarted)
-                raise RuntimeError("the inference process exited during this batch; a new one serves the next") from None
+                raise RuntimeError(
+                    "the inference process exited during this batch; a new one serves the next"
+                ) from None
         raise AssertionError("unreachable")
 
     def _restarted(self, task: asyncio.Task) -> None:

@@ -1,10 +1,12 @@
 """Helpers for tests against a real uvicorn server on loopback."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
 
+from bench.launch import ROOT, Server  # noqa: F401  (re-exported for the tests)
 from ocd_core.bundle import ArchSpec, InputSpec, Manifest, Normalization, save_bundle
 from ocd_core.conditioning import CondConfig, CondEncoder
 from ocd_core.denoisers import CompactConfig, build_denoiser
@@ -13,8 +15,6 @@ from ocd_core.predictor import OCDModel
 from ocd_core.scale import ScaleConfig, ScaleNet
 from ocd_core.schedule import ScheduleConfig
 from ocd_core.targets import TargetConfig
-
-from bench.launch import ROOT, Server  # noqa: F401  (re-exported for the tests)
 
 
 def make_bundle(root: Path, name: str = "mnist", version: str = "1", seed: int = 0) -> Path:
@@ -25,12 +25,21 @@ def make_bundle(root: Path, name: str = "mnist", version: str = "1", seed: int =
     den = build_denoiser(CompactConfig(prediction="epsilon"), (84, 120), 16)
     scale = ScaleNet(120, 84, 10, ScaleConfig(hidden=8))
     model = OCDModel(base, "fc1", cond, den, scale, ScheduleConfig(), "classification", 1e-2)
-    manifest = Manifest(name=name, version=version, task="classification", modality="image",
-                        input=InputSpec(shape=[1, 28, 28], normalization=Normalization(mean=[0.13], std=[0.31])),
-                        labels=[str(i) for i in range(10)], base=ArchSpec(arch="lenet5", kwargs={"num_classes": 10}),
-                        layer="fc1", latent_dims=(120, 84, 10), mean_scale=1e-2, targets=TargetConfig(),
-                        schedule=ScheduleConfig(), denoiser=CompactConfig(prediction="epsilon"),
-                        cond=CondConfig(dim=16, hidden=16), scale=ScaleConfig(hidden=8))
+    manifest = Manifest(
+        name=name,
+        version=version,
+        task="classification",
+        modality="image",
+        input=InputSpec(shape=[1, 28, 28], normalization=Normalization(mean=[0.13], std=[0.31])),
+        labels=[str(i) for i in range(10)],
+        base=ArchSpec(arch="lenet5", kwargs={"num_classes": 10}),
+        layer="fc1",
+        latent_dims=(120, 84, 10),
+        mean_scale=1e-2,
+        targets=TargetConfig(),
+        schedule=ScheduleConfig(),
+        denoiser=CompactConfig(prediction="epsilon"),
+        cond=CondConfig(dim=16, hidden=16),
+        scale=ScaleConfig(hidden=8),
+    )
     return save_bundle(model, manifest, root)
-
-

@@ -18,7 +18,9 @@ def per_sample_copies(model, layer, x, deltas):
     return torch.stack(outs)
 
 
-@pytest.mark.parametrize("layer,fast", [("fc1", True), ("fc1", False), ("fc2", True), ("conv2", False), ("conv1", True)])
+@pytest.mark.parametrize(
+    "layer,fast", [("fc1", True), ("fc1", False), ("fc2", True), ("conv2", False), ("conv1", True)]
+)
 def test_adapted_forward_equals_modified_copies(lenet, mnist_batch, layer, fast):
     x, _ = mnist_batch
     w = lenet.get_submodule(layer).weight
@@ -111,10 +113,16 @@ def test_lowrank_delta_applies_like_its_dense_form(lenet, mnist_batch, layer, fa
     g = torch.Generator().manual_seed(3)
     shape = lenet.get_submodule(layer).weight.shape
     n_in = shape[1:].numel()
-    d = LowRankDelta(rho=torch.rand(20, generator=g) * 0.05, a=torch.randn(20, generator=g),
-                     x=torch.randn(20, *shape, generator=g), u=torch.randn(20, shape[0], 6, generator=g),
-                     v=torch.randn(20, n_in, 6, generator=g))
-    dense = (d.rho * d.a).view(20, 1, 1) * d.x.reshape(20, shape[0], n_in) + d.rho.view(20, 1, 1) * d.u @ d.v.transpose(1, 2)
+    d = LowRankDelta(
+        rho=torch.rand(20, generator=g) * 0.05,
+        a=torch.randn(20, generator=g),
+        x=torch.randn(20, *shape, generator=g),
+        u=torch.randn(20, shape[0], 6, generator=g),
+        v=torch.randn(20, n_in, 6, generator=g),
+    )
+    dense = (d.rho * d.a).view(20, 1, 1) * d.x.reshape(20, shape[0], n_in) + d.rho.view(20, 1, 1) * d.u @ d.v.transpose(
+        1, 2
+    )
     assert d.shape == (20, *shape) and torch.allclose(d.dense(), dense.view(20, *shape), atol=1e-6)
     out = adapted_forward(lenet, layer, x, d, fast=fast)
     assert (out - per_sample_copies(lenet, layer, x, dense.view(20, *shape))).abs().max().item() < 1e-4
@@ -124,8 +132,13 @@ def test_lowrank_delta_on_a_linear_layer_with_a_sequence_dimension():
     """inp (N, T, in): every position gets the sample's delta."""
     g = torch.Generator().manual_seed(5)
     lin = torch.nn.Linear(6, 4)
-    d = LowRankDelta(rho=torch.rand(3, generator=g), a=torch.randn(3, generator=g), x=torch.randn(3, 4, 6, generator=g),
-                     u=torch.randn(3, 4, 2, generator=g), v=torch.randn(3, 6, 2, generator=g))
+    d = LowRankDelta(
+        rho=torch.rand(3, generator=g),
+        a=torch.randn(3, generator=g),
+        x=torch.randn(3, 4, 6, generator=g),
+        u=torch.randn(3, 4, 2, generator=g),
+        v=torch.randn(3, 6, 2, generator=g),
+    )
     x = torch.randn(3, 5, 6, generator=g)
     model = torch.nn.Sequential(lin)
     out = adapted_forward(model, "0", x, d)

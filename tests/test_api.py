@@ -1,4 +1,5 @@
 """The Python API on a user's own model and data: scikit-learn's 8x8 digits and a small MLP."""
+
 import torch
 from sklearn.datasets import load_digits
 from torch import nn
@@ -30,14 +31,31 @@ def test_pipeline_on_own_module(tmp_path):
     register_architecture("digits_mlp", DigitsMLP)
     base = DigitsMLP()
     train_base(base, x[tr], y[tr], epochs=10, progress=False)
-    res = ocd_pipeline(base, "fc2", (x[tr], y[tr]), (x[te], y[te]), name="digits",
-                       arch=ArchSpec(arch="digits_mlp", kwargs={"hidden": 32}), input_shape=[64],
-                       labels=[str(i) for i in range(10)], models_dir=tmp_path, progress=False,
-                       fit=FitConfig(train_steps=40, batch_size=64, denoiser=CompactConfig(hidden=16)),
-                       eval=EvalConfig(ddim_steps=[1, 5], default_steps=5, ensemble=3))
+    res = ocd_pipeline(
+        base,
+        "fc2",
+        (x[tr], y[tr]),
+        (x[te], y[te]),
+        name="digits",
+        arch=ArchSpec(arch="digits_mlp", kwargs={"hidden": 32}),
+        input_shape=[64],
+        labels=[str(i) for i in range(10)],
+        models_dir=tmp_path,
+        progress=False,
+        fit=FitConfig(train_steps=40, batch_size=64, denoiser=CompactConfig(hidden=16)),
+        eval=EvalConfig(ddim_steps=[1, 5], default_steps=5, ensemble=3),
+    )
     assert res.targets.deltas.shape == (1200, 32, 32)
-    assert set(res.metrics["rows"]) == {"base", "oracle", "ocd", "ocd_ensemble", "no_scale", "nearest_neighbour",
-                                        "ddim_1", "ddim_5"}
+    assert set(res.metrics["rows"]) == {
+        "base",
+        "oracle",
+        "ocd",
+        "ocd_ensemble",
+        "no_scale",
+        "nearest_neighbour",
+        "ddim_1",
+        "ddim_5",
+    }
     assert res.metrics["rows"]["base"]["acc"] > 0.85
     assert res.bundle == tmp_path / "digits" / "1"
     loaded, manifest = load_bundle(res.bundle)

@@ -1,4 +1,5 @@
 """Audio: WAV decoding (rates, channels, widths), errors, and predictions through the real server."""
+
 import base64
 import io
 import math
@@ -7,9 +8,9 @@ import wave
 import httpx
 import pytest
 import torch
+from serving import Server
 
 from ocd_core.audio import AudioError, AudioSpec, clip_to_features, read_wav, resample, write_wav
-from serving import Server
 from training.data.spoken_digits import synthesize
 from training.pipeline import run_recipe
 from training.recipes import RECIPES
@@ -73,8 +74,14 @@ def test_corrupt_and_long_clips():
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("audio")
-    run_recipe(RECIPES["spoken_digits"]("smoke"), root / "runs", root / "models", root / "reports", progress=False,
-               device="cpu")
+    run_recipe(
+        RECIPES["spoken_digits"]("smoke"),
+        root / "runs",
+        root / "models",
+        root / "reports",
+        progress=False,
+        device="cpu",
+    )
     s = Server(root / "models")
     yield s
     s.stop()
@@ -82,30 +89,47 @@ def server(tmp_path_factory):
 
 def test_audio_predict_upload_json_and_v2(server):
     clip = synthesize("seven", "en-us+m3", 150, 50)  # 22.05 kHz, resampled by the server
-    a = httpx.post(f"{server.url}/predict", files={"file": ("seven.wav", clip, "audio/wav")},
-                   data={"model": "spoken_digits", "seed": "4"}, timeout=60)
+    a = httpx.post(
+        f"{server.url}/predict",
+        files={"file": ("seven.wav", clip, "audio/wav")},
+        data={"model": "spoken_digits", "seed": "4"},
+        timeout=60,
+    )
     assert a.status_code == 200, a.text
     assert a.json()["label"] in [str(i) for i in range(10)] and len(a.json()["probabilities"]) == 10
-    b = httpx.post(f"{server.url}/predict", json={"model": "spoken_digits", "input": base64.b64encode(clip).decode(),
-                                                  "seed": 4}, timeout=60)
+    b = httpx.post(
+        f"{server.url}/predict",
+        json={"model": "spoken_digits", "input": base64.b64encode(clip).decode(), "seed": 4},
+        timeout=60,
+    )
     assert b.json()["probabilities"] == pytest.approx(a.json()["probabilities"], abs=1e-6)
-    v2 = httpx.post(f"{server.url}/v2/models/spoken_digits/infer", json={"inputs": [
-        {"name": "audio", "shape": [1], "datatype": "BYTES", "data": [base64.b64encode(clip).decode()]}],
-        "parameters": {"seed": 4}}, timeout=60).json()
+    v2 = httpx.post(
+        f"{server.url}/v2/models/spoken_digits/infer",
+        json={
+            "inputs": [{"name": "audio", "shape": [1], "datatype": "BYTES", "data": [base64.b64encode(clip).decode()]}],
+            "parameters": {"seed": 4},
+        },
+        timeout=60,
+    ).json()
     assert v2["outputs"][0]["data"] == pytest.approx([a.json()["probabilities"][str(i)] for i in range(10)], abs=1e-6)
     meta = httpx.get(f"{server.url}/v2/models/spoken_digits").json()
     assert meta["inputs"] == [{"name": "audio", "datatype": "BYTES", "shape": [-1]}]
 
 
 def test_audio_errors(server):
-    corrupt = httpx.post(f"{server.url}/predict", files={"file": ("x.wav", b"RIFFxxxxWAVEfmt garbage", "audio/wav")},
-                         data={"model": "spoken_digits"})
+    corrupt = httpx.post(
+        f"{server.url}/predict",
+        files={"file": ("x.wav", b"RIFFxxxxWAVEfmt garbage", "audio/wav")},
+        data={"model": "spoken_digits"},
+    )
     assert corrupt.status_code == 400 and corrupt.json()["error"].startswith("file: not a readable WAV file")
     long = base64.b64encode(wav_bytes(torch.zeros(8000 * 12), 8000)).decode()
     r = httpx.post(f"{server.url}/predict", json={"model": "spoken_digits", "input": long})
     assert r.status_code == 422 and r.json() == {"error": "input: clip is 12.00 s long; the limit is 10 s"}
     r = httpx.post(f"{server.url}/predict", json={"model": "spoken_digits", "input": [0.1, 0.2]})
     assert r.status_code == 422 and r.json() == {"error": "input: expected a base64-encoded WAV file, got list"}
-    r = httpx.post(f"{server.url}/v2/models/spoken_digits/infer",
-                   json={"inputs": [{"name": "audio", "shape": [1], "datatype": "FP32", "data": [0.5]}]})
+    r = httpx.post(
+        f"{server.url}/v2/models/spoken_digits/infer",
+        json={"inputs": [{"name": "audio", "shape": [1], "datatype": "FP32", "data": [0.5]}]},
+    )
     assert r.status_code == 422 and r.json() == {"error": "inputs[audio].datatype: expected BYTES, got FP32"}

@@ -1,4 +1,5 @@
 """Batcher policy and the inference process's wire format, without a server."""
+
 import asyncio
 import time
 from types import SimpleNamespace
@@ -19,16 +20,19 @@ def batcher(max_batch_size=64, fixed=None, loop_s=None, n=0) -> Batcher:
     return Batcher("m", "m:1", lambda jobs: ([], {}), max_batch_size, 2.0, 16, inflight, cost)
 
 
-@pytest.mark.parametrize("fixed,loop_s,n,cap", [
-    (0.002, 0.0003, 64, 32),  # a = 2 ms < 64 x 0.3 ms: two halves overlap the loop
-    (0.002, 0.0003, 63, 32),  # ceil(n / 2)
-    (0.050, 0.0003, 64, 64),  # a heavy model: a batch's fixed cost dwarfs the loop's work
-    (0.008, 0.0005, 20, 10),
-    (0.008, 0.0003, 20, 64),  # 20 x 0.3 ms < a: one batch
-    (0.008, 0.0003, 500, 64),  # a deep queue: full batches
-    (0.008, None, 64, 64),  # the loop not measured yet
-    (None, 0.0003, 64, 64),  # an engine without a calibration
-])
+@pytest.mark.parametrize(
+    "fixed,loop_s,n,cap",
+    [
+        (0.002, 0.0003, 64, 32),  # a = 2 ms < 64 x 0.3 ms: two halves overlap the loop
+        (0.002, 0.0003, 63, 32),  # ceil(n / 2)
+        (0.050, 0.0003, 64, 64),  # a heavy model: a batch's fixed cost dwarfs the loop's work
+        (0.008, 0.0005, 20, 10),
+        (0.008, 0.0003, 20, 64),  # 20 x 0.3 ms < a: one batch
+        (0.008, 0.0003, 500, 64),  # a deep queue: full batches
+        (0.008, None, 64, 64),  # the loop not measured yet
+        (None, 0.0003, 64, 64),  # an engine without a calibration
+    ],
+)
 def test_cap_halves_the_batch_only_when_pipelining_pays(fixed, loop_s, n, cap):
     assert batcher(fixed=fixed, loop_s=loop_s, n=n)._cap() == cap
     assert batcher(max_batch_size=1, fixed=fixed, loop_s=loop_s, n=n)._cap() == 1  # batching off stays off
@@ -49,8 +53,14 @@ def test_calibration_measures_the_fixed_and_per_sample_cost():
             calls.append((tuple(x.shape), steps))
             first = self.warm if len(calls) == 1 else 0.0
             k = len(ensembles)
-            return BatchPrediction(torch.zeros(k, 10), torch.zeros(k, 10), torch.zeros(k), torch.zeros(k, 10), [1] * k,
-                                   {"base": self.slow + 0.001 + first, "ddim": 0.002 + 0.0004 * k, "adapt": 0.0001 * k})
+            return BatchPrediction(
+                torch.zeros(k, 10),
+                torch.zeros(k, 10),
+                torch.zeros(k),
+                torch.zeros(k, 10),
+                [1] * k,
+                {"base": self.slow + 0.001 + first, "ddim": 0.002 + 0.0004 * k, "adapt": 0.0001 * k},
+            )
 
     engine = Engine(Timed())
     cost = engine.calibrate([1, 28, 28], steps=5, size=8, repeats=2, budget_s=1.0)
@@ -72,7 +82,7 @@ def test_calibration_measures_the_fixed_and_per_sample_cost():
 
 def test_batch_cost_predicts_members_and_steps():
     cost = BatchCost(fixed=0.002, per_sample=0.0002, steps=5)
-    job = lambda steps, ensemble: SimpleNamespace(steps=steps, ensemble=ensemble)  # noqa: E731  (what predict reads)
+    job = lambda steps, ensemble: SimpleNamespace(steps=steps, ensemble=ensemble)
     assert cost.predict([job(5, 1)] * 10) == pytest.approx(0.004)
     assert cost.predict([job(5, 4), job(5, 6)]) == pytest.approx(0.004)  # ensemble members count
     assert cost.predict([job(50, 1)] * 10) == pytest.approx(0.04)  # 10x the steps: 10x the batch
@@ -83,6 +93,7 @@ def test_batch_cost_predicts_members_and_steps():
 def test_a_second_batch_waits_at_the_engine_only_behind_a_quick_one(fixed, at_engine):
     """Three single-job batches: behind a quick batch the next one is sent at once (PIPELINE_DEPTH);
     behind a slow one it stays queued, where a client that hangs up still costs nothing."""
+
     async def main():
         started, gate = [], asyncio.Event()
 
@@ -112,6 +123,7 @@ def test_a_second_batch_waits_at_the_engine_only_behind_a_quick_one(fixed, at_en
 def test_a_group_waiting_for_the_engine_is_checked_again_before_it_is_sent():
     """Jobs with different DDIM steps run as separate groups; the second waits for the engine
     behind the first (a slow one). Its client hangs up meanwhile: it is dropped (ClientGone), not run."""
+
     async def main():
         started, gate, hung_up = [], asyncio.Event(), []
 
@@ -176,10 +188,20 @@ def test_channel_routes_replies_and_fails_its_calls_when_the_pipe_breaks():
 
 def test_pack_and_unpack_keep_ragged_ensembles():
     counts = [1, 3, 2]
-    preds = [SamplePrediction(torch.full((k, 10), float(i)), torch.full((10,), i + 0.5), torch.tensor(i + 0.25),
-                              torch.full((10,), i - 1.0)) for i, k in enumerate(counts)]
-    batched = BatchPrediction(torch.cat([p.members for p in preds]), *(torch.stack([getattr(p, f) for p in preds])
-                                                                          for f in ("mean", "uncertainty", "base")), counts)
+    preds = [
+        SamplePrediction(
+            torch.full((k, 10), float(i)),
+            torch.full((10,), i + 0.5),
+            torch.tensor(i + 0.25),
+            torch.full((10,), i - 1.0),
+        )
+        for i, k in enumerate(counts)
+    ]
+    batched = BatchPrediction(
+        torch.cat([p.members for p in preds]),
+        *(torch.stack([getattr(p, f) for p in preds]) for f in ("mean", "uncertainty", "base")),
+        counts,
+    )
     arrays = pack(batched)
     assert [a.shape for a in arrays] == [(6, 10), (3, 10), (3,), (3, 10)]
     back = unpack(arrays, counts)

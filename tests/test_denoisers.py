@@ -11,8 +11,10 @@ def cond_for(shape, B=3):
     return enc(torch.randn(B, shape[1]), torch.randn(B, shape[0]), torch.randn(B, 10))
 
 
-@pytest.mark.parametrize("cfg", [CompactConfig(), PaperConfig(channels=32, channel_mult=(1, 2), num_res_blocks=1,
-                                                              attn_resolutions=(8,), pad=16)])
+@pytest.mark.parametrize(
+    "cfg",
+    [CompactConfig(), PaperConfig(channels=32, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), pad=16)],
+)
 def test_denoiser_interface_and_training_step(cfg):
     shape = (8, 12)
     den = build_denoiser(cfg, shape, 32)
@@ -27,8 +29,9 @@ def test_denoiser_interface_and_training_step(cfg):
 
 def test_paper_unet_refuses_a_delta_larger_than_its_canvas():
     with pytest.raises(ValueError):
-        build_denoiser(PaperConfig(channels=32, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), pad=16),
-                       (20, 12), 32)(torch.randn(1, 20, 12), torch.tensor([3]), cond_for((20, 12), 1))
+        build_denoiser(
+            PaperConfig(channels=32, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), pad=16), (20, 12), 32
+        )(torch.randn(1, 20, 12), torch.tensor([3]), cond_for((20, 12), 1))
 
 
 def test_compact_denoiser_costs_about_a_lenet_forward():

@@ -2,15 +2,18 @@
 training and service never import each other, not even lazily inside a function or by naming the
 other's module in a string (``python -m training.cli``), and the production packages carry no
 test or bench helpers (httpx is a dev dependency)."""
+
 import ast
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FORBIDDEN = {"ocd_core": {"training", "service", "ocd_cli", "bench", "tests"},
-             "training": {"service", "ocd_cli", "bench", "tests", "httpx"},
-             "service": {"training", "ocd_cli", "bench", "tests", "httpx"}}
+FORBIDDEN = {
+    "ocd_core": {"training", "service", "ocd_cli", "bench", "tests"},
+    "training": {"service", "ocd_cli", "bench", "tests", "httpx"},
+    "service": {"training", "ocd_cli", "bench", "tests", "httpx"},
+}
 
 
 def imports_of(path: Path) -> list[tuple[int, str]]:
@@ -31,8 +34,12 @@ def imports_of(path: Path) -> list[tuple[int, str]]:
 
 @pytest.mark.parametrize("package", sorted(FORBIDDEN))
 def test_layers_import_only_downwards(package):
-    bad = [f"{p.relative_to(ROOT)}:{line} -> {name}" for p in sorted((ROOT / package).rglob("*.py"))
-           for line, name in imports_of(p) if name in FORBIDDEN[package]]
+    bad = [
+        f"{p.relative_to(ROOT)}:{line} -> {name}"
+        for p in sorted((ROOT / package).rglob("*.py"))
+        for line, name in imports_of(p)
+        if name in FORBIDDEN[package]
+    ]
     assert bad == []
 
 

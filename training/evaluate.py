@@ -4,10 +4,12 @@ Rows: base, oracle (overfit on the test sample with its label), ocd (K=1), ocd_e
 no_scale (global mean scale), nearest_neighbour (delta of the nearest training sample),
 ddim_<n> for each step count. Classification: accuracy and cross-entropy; regression: MSE.
 """
+
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -24,8 +26,10 @@ def metrics(probs_or_values: torch.Tensor, y: torch.Tensor, task: str) -> dict[s
     """Classification: acc, ce of probabilities (N, C); regression: mse of values (N, *), and for
     images (N, C, H, W) in [0, 1] also psnr, the mean over images of −10·log10(that image's MSE)."""
     if task == "classification":
-        return {"acc": (probs_or_values.argmax(1) == y).float().mean().item(),
-                "ce": F.nll_loss(probs_or_values.clamp_min(1e-12).log(), y).item()}
+        return {
+            "acc": (probs_or_values.argmax(1) == y).float().mean().item(),
+            "ce": F.nll_loss(probs_or_values.clamp_min(1e-12).log(), y).item(),
+        }
     out = {"mse": F.mse_loss(probs_or_values, y.reshape(probs_or_values.shape)).item()}
     if y.ndim == 4:
         per_image = (probs_or_values - y).pow(2).flatten(1).mean(1)
@@ -46,8 +50,15 @@ def reliability(probs: torch.Tensor, y: torch.Tensor, bins: int = 10) -> dict[st
     for lo, hi in zip(edges[:-1], edges[1:]):
         m = (conf > lo) & (conf <= hi)
         if m.any():
-            rows.append({"lo": lo.item(), "hi": hi.item(), "n": int(m.sum()), "conf": conf[m].mean().item(),
-                         "acc": correct[m].mean().item()})
+            rows.append(
+                {
+                    "lo": lo.item(),
+                    "hi": hi.item(),
+                    "n": int(m.sum()),
+                    "conf": conf[m].mean().item(),
+                    "acc": correct[m].mean().item(),
+                }
+            )
             ece += m.float().mean().item() * abs(conf[m].mean().item() - correct[m].mean().item())
     return {"bins": rows, "ece": ece}
 
@@ -63,9 +74,20 @@ def nearest_neighbour_deltas(model: OCDModel, train: TargetSet, x: torch.Tensor)
 
 
 @torch.no_grad()
-def evaluate(model: OCDModel, x: torch.Tensor, y: torch.Tensor, train: TargetSet, target_cfg: TargetConfig,
-             ddim_steps: list[int], default_steps: int, ensemble: int, seed: int, chunk: int = 250,
-             progress: bool = True, only: set[str] | None = None) -> dict[str, Any]:
+def evaluate(
+    model: OCDModel,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    train: TargetSet,
+    target_cfg: TargetConfig,
+    ddim_steps: list[int],
+    default_steps: int,
+    ensemble: int,
+    seed: int,
+    chunk: int = 250,
+    progress: bool = True,
+    only: set[str] | None = None,
+) -> dict[str, Any]:
     """All rows for one seed (or just the rows in ``only``); returns
     {"rows": {row: metrics}, "cost": {...}, "reliability": {...}}."""
     task, n = model.task, x.shape[0]
@@ -86,7 +108,7 @@ def evaluate(model: OCDModel, x: torch.Tensor, y: torch.Tensor, train: TargetSet
         "nearest_neighbour": lambda: adapted(lambda s: nearest_neighbour_deltas(model, train, x[s])),
     }
     for st in ddim_steps:
-        jobs[f"ddim_{st}"] = (lambda st=st: ocd(st, 1))
+        jobs[f"ddim_{st}"] = lambda st=st: ocd(st, 1)
     if only is not None:
         return {"rows": {k: metrics(jobs[k](), y, task) for k in only}}
     rows, outs = {}, {}
@@ -95,7 +117,10 @@ def evaluate(model: OCDModel, x: torch.Tensor, y: torch.Tensor, train: TargetSet
         rows[name] = metrics(outs[name], y, task)
     result: dict[str, Any] = {"rows": rows, "cost": cost(model, x[:1], default_steps)}
     if task == "classification":
-        result["reliability"] = {"base": reliability(outs["base"], y), "ocd_ensemble": reliability(outs["ocd_ensemble"], y)}
+        result["reliability"] = {
+            "base": reliability(outs["base"], y),
+            "ocd_ensemble": reliability(outs["ocd_ensemble"], y),
+        }
     return result
 
 
@@ -116,5 +141,10 @@ def cost(model: OCDModel, x1: torch.Tensor, steps: int, repeats: int = 20) -> di
             fn()
         sync()
         return (time.perf_counter() - t) / repeats * 1000
-    return {"base_flops": fb.get_total_flops(), "ocd_flops": fo.get_total_flops(),
-            "base_ms": ms(lambda: model.base(x1)), "ocd_ms": ms(lambda: model.predict(x1, steps, 1, seeds=[0]))}
+
+    return {
+        "base_flops": fb.get_total_flops(),
+        "ocd_flops": fo.get_total_flops(),
+        "base_ms": ms(lambda: model.base(x1)),
+        "ocd_ms": ms(lambda: model.predict(x1, steps, 1, seeds=[0])),
+    }

@@ -18,6 +18,7 @@ is exported for Linear layers (the multi-LoRA add-on ``einsum(inp, Δ)``) and Co
 (one bmm with the input's patches); other layer types would need per-sample weights in a
 convolution, which ONNX cannot batch.
 """
+
 from __future__ import annotations
 
 import io
@@ -56,15 +57,18 @@ class _Stage(nn.Module):
 
 def _stages(model: OCDModel, rt: TorchRuntime, ctx_type) -> dict[str, nn.Module]:
     """The five graphs, each the runtime's own stage (the latents as the base graph gives them)."""
+
     def base(x):
         up = rt.upstream(x)
         return (up.lat.inp, up.lat.act, up.lat.out, up.base_out, *up.live)
 
-    fns = {"base": base,
-           "cond": lambda inp, act, out: tuple(rt.context(Latents(inp, act, out))),
-           "denoiser_step": lambda x_t, t, *ctx: rt.denoise(x_t, t, ctx_type(*ctx)),
-           "scale": lambda inp, act, out: rt.scale(Latents(inp, act, out)),
-           "adapt": lambda deltas, *live: rt.adapt(live, deltas)}
+    fns = {
+        "base": base,
+        "cond": lambda inp, act, out: tuple(rt.context(Latents(inp, act, out))),
+        "denoiser_step": lambda x_t, t, *ctx: rt.denoise(x_t, t, ctx_type(*ctx)),
+        "scale": lambda inp, act, out: rt.scale(Latents(inp, act, out)),
+        "adapt": lambda deltas, *live: rt.adapt(live, deltas),
+    }
     return {g: _Stage(model, fn) for g, fn in fns.items()}
 
 
@@ -72,8 +76,16 @@ def _export(module: nn.Module, args: tuple, inputs: list[str], outputs: list[str
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter's deprecation notice
-        torch.onnx.export(module, args, buf, dynamo=False, opset_version=OPSET, input_names=inputs,
-                          output_names=outputs, dynamic_axes={n: {0: "batch"} for n in inputs + outputs})
+        torch.onnx.export(
+            module,
+            args,
+            buf,
+            dynamo=False,
+            opset_version=OPSET,
+            input_names=inputs,
+            output_names=outputs,
+            dynamic_axes={n: {0: "batch"} for n in inputs + outputs},
+        )
     atomic_write_bytes(buf.getvalue(), path)
 
 
@@ -83,11 +95,15 @@ def export_onnx(directory: str | Path) -> list[Path]:
     directory = Path(directory)
     model, m = load_bundle(directory)
     if model.cond.output_grad:
-        raise ExportError(f"{directory}: conditions on the output error signal (a backward pass); "
-                          "ONNX graphs hold forward passes only")
+        raise ExportError(
+            f"{directory}: conditions on the output error signal (a backward pass); "
+            "ONNX graphs hold forward passes only"
+        )
     if fast_path(get_layer(model.base, m.layer)) is None:
-        raise ExportError(f"{directory}: layer {m.layer!r} is not Linear or Conv2d (without groups); the ONNX "
-                          "adapted forward supports per-sample deltas of those")
+        raise ExportError(
+            f"{directory}: layer {m.layer!r} is not Linear or Conv2d (without groups); the ONNX "
+            "adapted forward supports per-sample deltas of those"
+        )
     x = torch.zeros(2, *m.input.shape)
     rt = TorchRuntime(model)
     up = rt.upstream(x)
@@ -97,18 +113,38 @@ def export_onnx(directory: str | Path) -> list[Path]:
     ctx_names = list(type(ctx)._fields)
     stages = _stages(model, rt, type(ctx))
     x_t, t = torch.randn(2, *model.delta_shape), torch.tensor([900, 0])
-    inputs = {"base": ["x"], "cond": ["inp", "act", "out"], "denoiser_step": ["x_t", "t", *ctx_names],
-              "scale": ["inp", "act", "out"], "adapt": ["deltas", *live_names]}
-    outputs = {"base": ["inp", "act", "out", "base_out", *live_names], "cond": ctx_names, "denoiser_step": ["out"],
-               "scale": ["rho"], "adapt": ["out"]}
-    args = {"base": (x,), "cond": lat_args, "denoiser_step": (x_t, t, *ctx), "scale": lat_args,
-            "adapt": (x_t * 1e-3, *up.live)}
+    inputs = {
+        "base": ["x"],
+        "cond": ["inp", "act", "out"],
+        "denoiser_step": ["x_t", "t", *ctx_names],
+        "scale": ["inp", "act", "out"],
+        "adapt": ["deltas", *live_names],
+    }
+    outputs = {
+        "base": ["inp", "act", "out", "base_out", *live_names],
+        "cond": ctx_names,
+        "denoiser_step": ["out"],
+        "scale": ["rho"],
+        "adapt": ["out"],
+    }
+    args = {
+        "base": (x,),
+        "cond": lat_args,
+        "denoiser_step": (x_t, t, *ctx),
+        "scale": lat_args,
+        "adapt": (x_t * 1e-3, *up.live),
+    }
     paths = [directory / f"{g}.onnx" for g in GRAPHS]
     (directory / "onnx.json").unlink(missing_ok=True)  # the engine refuses a bundle without it meanwhile
     for g, path in zip(GRAPHS, paths):
         _export(stages[g], args[g], inputs[g], outputs[g], path)
-    info = {"opset": OPSET, "torch": torch.__version__, "weights_sha256": weights_digest(directory),
-            "inputs": inputs, "prediction": model.prediction}
+    info = {
+        "opset": OPSET,
+        "torch": torch.__version__,
+        "weights_sha256": weights_digest(directory),
+        "inputs": inputs,
+        "prediction": model.prediction,
+    }
     atomic_write_text(json.dumps(info, indent=2), directory / "onnx.json")
     try:
         _verify(directory, model, m.input.shape)
@@ -130,5 +166,6 @@ def _verify(directory: Path, model: OCDModel, shape: list[int], tol: float = 1e-
     got = model.predictor(OnnxRuntime(directory)).predict(x, 3, [1, 2, 1], seeds=[0, 1, 2])
     err = (got.members - want.members).abs().max().item()
     if not err < tol:
-        raise ExportError(f"{directory}: ONNX Runtime differs from torch by {err:.2e} (> {tol:g}); "
-                          "the graphs were not kept")
+        raise ExportError(
+            f"{directory}: ONNX Runtime differs from torch by {err:.2e} (> {tol:g}); the graphs were not kept"
+        )

@@ -4,6 +4,7 @@ Every stage writes its result under ``runs/<name>-<variant>/seed<k>/`` atomicall
 when that result exists, so an interrupted run resumes where it stopped (the diffusion stage
 also resumes mid-training from its checkpoint).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -29,6 +30,7 @@ from training.recipes import Recipe
 from training.report import render_strip, write_report
 from training.train_base import train_base
 
+
 def run_id(recipe: Recipe) -> str:
     """Names a run's stage directory: the recipe and the code version that ran it."""
     # unset optional settings (None) are not hashed: a new optional field does not rename every run,
@@ -46,15 +48,34 @@ def _manifest(recipe: Recipe, prep: Prepared, model, seed: int, version: str = "
     lat = model.latents(prep.parts["train"][0][:1].to(model.device))  # latent sizes
     split = prep.split
     return Manifest(
-        name=recipe.name, version=version, task=prep.task, modality=prep.modality, input=prep.input,
-        labels=prep.labels, layer=recipe.layer,
+        name=recipe.name,
+        version=version,
+        task=prep.task,
+        modality=prep.modality,
+        input=prep.input,
+        labels=prep.labels,
+        layer=recipe.layer,
         base=prep.arch.model_copy(update={"kwargs": {**prep.arch.kwargs, **recipe.eval_arch}}),  # as served
-        latent_dims=tuple(t.shape[1] for t in lat.flat()), mean_scale=float(model.mean_scale),
-        targets=fit.targets, schedule=fit.schedule, denoiser=fit.denoiser, cond=fit.cond, scale=fit.scale,
-        provenance={"dataset": recipe.dataset, **prep.provenance, "limit": recipe.limit,
-                    "split_seed": split.seed, "split_sizes": [len(split.train), len(split.val), len(split.test)],
-                    "split_digest": split.digest(), "target_source": recipe.target_source,
-                    "recipe": recipe.variant, "run_id": run_id(recipe), "seed": seed})
+        latent_dims=tuple(t.shape[1] for t in lat.flat()),
+        mean_scale=float(model.mean_scale),
+        targets=fit.targets,
+        schedule=fit.schedule,
+        denoiser=fit.denoiser,
+        cond=fit.cond,
+        scale=fit.scale,
+        provenance={
+            "dataset": recipe.dataset,
+            **prep.provenance,
+            "limit": recipe.limit,
+            "split_seed": split.seed,
+            "split_sizes": [len(split.train), len(split.val), len(split.test)],
+            "split_digest": split.digest(),
+            "target_source": recipe.target_source,
+            "recipe": recipe.variant,
+            "run_id": run_id(recipe),
+            "seed": seed,
+        },
+    )
 
 
 def _target_kw(recipe: Recipe, fit: FitConfig | None = None) -> dict[str, Any]:
@@ -79,13 +100,15 @@ def eval_arch(base: torch.nn.Module, recipe: Recipe):
             setattr(base, k, v)
 
 
-def _seed_stage(recipe: Recipe, prep: Prepared, seed: int, d: Path, progress: bool,
-                device: torch.device) -> dict[str, Any]:
+def _seed_stage(
+    recipe: Recipe, prep: Prepared, seed: int, d: Path, progress: bool, device: torch.device
+) -> dict[str, Any]:
     """Run (or resume) one seed; returns {"eval": ..., "hist": ...}."""
     d.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    (xtr, ytr), (xva, yva), (xte, yte) = ((x.to(device), y.to(device)) for x, y in
-                                          (prep.parts["train"], prep.parts["val"], prep.parts["test"]))
+    (xtr, ytr), (xva, yva), (xte, yte) = (
+        (x.to(device), y.to(device)) for x, y in (prep.parts["train"], prep.parts["val"], prep.parts["test"])
+    )
     task = prep.task
     base = build_net(prep.arch.arch, **prep.arch.kwargs).to(device)
     hist_path = d / "hist.json"
@@ -93,8 +116,20 @@ def _seed_stage(recipe: Recipe, prep: Prepared, seed: int, d: Path, progress: bo
     if (d / "base.safetensors").exists():
         base.load_state_dict(load_file(str(d / "base.safetensors"), device=str(device)))
     else:
-        h = train_base(base, xtr, ytr, loss=recipe.fit.targets.loss, epochs=recipe.base.epochs, lr=recipe.base.lr, batch_size=recipe.base.batch_size,
-                       weight_decay=recipe.base.weight_decay, seed=seed, x_val=xva, y_val=yva, progress=progress)
+        h = train_base(
+            base,
+            xtr,
+            ytr,
+            loss=recipe.fit.targets.loss,
+            epochs=recipe.base.epochs,
+            lr=recipe.base.lr,
+            batch_size=recipe.base.batch_size,
+            weight_decay=recipe.base.weight_decay,
+            seed=seed,
+            x_val=xva,
+            y_val=yva,
+            progress=progress,
+        )
         hist.update(base_train_loss=h["train_loss"], base_val_loss=h["val_loss"])
         atomic_write_text(json.dumps(hist), hist_path)
         atomic_save_file(base.state_dict(), d / "base.safetensors")
@@ -105,8 +140,9 @@ def _seed_stage(recipe: Recipe, prep: Prepared, seed: int, d: Path, progress: bo
         targets = TargetSet.load(tpath, device)
     else:
         xs, ys = torch.cat([p[0] for p in src]), torch.cat([p[1] for p in src])
-        targets = build_target_set(base, recipe.layer, xs, ys, recipe.fit.targets, task=task, progress=progress,
-                                   **_target_kw(recipe))
+        targets = build_target_set(
+            base, recipe.layer, xs, ys, recipe.fit.targets, task=task, progress=progress, **_target_kw(recipe)
+        )
         targets.save(tpath)
     bdir = d / "bundle"
     if (bdir / recipe.name / "1" / "manifest.json").exists():
@@ -123,21 +159,77 @@ def _seed_stage(recipe: Recipe, prep: Prepared, seed: int, d: Path, progress: bo
         ev = json.loads(epath.read_text())
     else:
         with eval_arch(model.base, recipe):
-            ev = evaluate(model, xte, yte, targets, recipe.fit.targets, recipe.eval.ddim_steps,
-                          recipe.eval.default_steps, recipe.eval.ensemble, seed, progress=progress, **_eval_kw(recipe))
+            ev = evaluate(
+                model,
+                xte,
+                yte,
+                targets,
+                recipe.fit.targets,
+                recipe.eval.ddim_steps,
+                recipe.eval.default_steps,
+                recipe.eval.ensemble,
+                seed,
+                progress=progress,
+                **_eval_kw(recipe),
+            )
         atomic_write_text(json.dumps(ev), epath)
     if recipe.heldout_rows and recipe.target_source != "val":  # targets on samples the base never trained on
-        ev["rows"].update(_variant_rows(recipe, task, base, recipe.layer, xva, yva, xte, yte, seed, d, progress,
-                                        "heldout", {"ocd": "ocd_heldout", "ocd_ensemble": "ocd_heldout_ensemble"}))
+        ev["rows"].update(
+            _variant_rows(
+                recipe,
+                task,
+                base,
+                recipe.layer,
+                xva,
+                yva,
+                xte,
+                yte,
+                seed,
+                d,
+                progress,
+                "heldout",
+                {"ocd": "ocd_heldout", "ocd_ensemble": "ocd_heldout_ensemble"},
+            )
+        )
     if recipe.alt_layer:  # the alternative-layer ablation
         xs, ys = torch.cat([p[0] for p in src]), torch.cat([p[1] for p in src])
-        ev["rows"].update(_variant_rows(recipe, task, base, recipe.alt_layer, xs, ys, xte, yte, seed, d, progress,
-                                        "alt_layer", {"ocd": "alt_layer"}, recipe.alt_cond))
+        ev["rows"].update(
+            _variant_rows(
+                recipe,
+                task,
+                base,
+                recipe.alt_layer,
+                xs,
+                ys,
+                xte,
+                yte,
+                seed,
+                d,
+                progress,
+                "alt_layer",
+                {"ocd": "alt_layer"},
+                recipe.alt_cond,
+            )
+        )
     return {"eval": ev, "hist": hist}
 
 
-def _variant_rows(recipe: Recipe, task: str, base, layer: str, xs, ys, xte, yte, seed: int, d: Path,
-                  progress: bool, tag: str, rows: dict[str, str], cond: CondConfig | None = None) -> dict[str, Any]:
+def _variant_rows(
+    recipe: Recipe,
+    task: str,
+    base,
+    layer: str,
+    xs,
+    ys,
+    xte,
+    yte,
+    seed: int,
+    d: Path,
+    progress: bool,
+    tag: str,
+    rows: dict[str, str],
+    cond: CondConfig | None = None,
+) -> dict[str, Any]:
     """OCD trained again on other targets (held-out samples, or another layer; ``cond`` replaces the
     recipe's conditioning) and evaluated on the test split: ``rows`` maps the evaluated rows to their
     report names. Cached in ``eval_<tag>.json``."""
@@ -145,13 +237,25 @@ def _variant_rows(recipe: Recipe, task: str, base, layer: str, xs, ys, xte, yte,
     if path.exists():
         return json.loads(path.read_text())
     fit = recipe.fit.model_copy(update={"seed": seed, **({"cond": cond} if cond else {})})
-    targets = build_target_set(base, layer, xs, ys, recipe.fit.targets, task=task, progress=progress,
-                               **_target_kw(recipe, fit))
-    model, _ = fit_ocd(base, layer, targets, fit, task,
-                       checkpoint=d / f"fit_{tag}.ckpt", progress=progress)
+    targets = build_target_set(
+        base, layer, xs, ys, recipe.fit.targets, task=task, progress=progress, **_target_kw(recipe, fit)
+    )
+    model, _ = fit_ocd(base, layer, targets, fit, task, checkpoint=d / f"fit_{tag}.ckpt", progress=progress)
     with eval_arch(model.base, recipe):
-        ev = evaluate(model, xte, yte, targets, recipe.fit.targets, [], recipe.eval.default_steps,
-                      recipe.eval.ensemble, seed, progress=progress, only=set(rows), **_eval_kw(recipe))["rows"]
+        ev = evaluate(
+            model,
+            xte,
+            yte,
+            targets,
+            recipe.fit.targets,
+            [],
+            recipe.eval.default_steps,
+            recipe.eval.ensemble,
+            seed,
+            progress=progress,
+            only=set(rows),
+            **_eval_kw(recipe),
+        )["rows"]
     out = {name: ev[row] for row, name in rows.items()}
     atomic_write_text(json.dumps(out), path)
     (d / f"fit_{tag}.ckpt").unlink(missing_ok=True)
@@ -171,8 +275,13 @@ def publish(bundle_dir: Path, models_dir: Path, name: str, metrics: dict[str, An
             return models_dir / name / v
     versions = [int(v) for v in existing if v.isdigit()]
     model, m = load_bundle(src)
-    m = m.model_copy(update={"version": str(max(versions, default=0) + 1), "metrics": metrics,
-                             "serving": m.serving.model_copy(update={"ddim_steps": serve_steps})})
+    m = m.model_copy(
+        update={
+            "version": str(max(versions, default=0) + 1),
+            "metrics": metrics,
+            "serving": m.serving.model_copy(update={"ddim_steps": serve_steps}),
+        }
+    )
     path = save_bundle(model, m, models_dir)
     _export_graphs(path)
     return path
@@ -187,9 +296,14 @@ def _export_graphs(path: Path) -> None:
         print(f"no ONNX graphs for {path}: {type(e).__name__}: {e}")
 
 
-def run_recipe(recipe: Recipe, runs_dir: Path = Path("runs"), models_dir: Path = Path("models"),
-               reports_dir: Path = Path("reports"), progress: bool = True,
-               device: torch.device | str | None = None) -> tuple[Path, Path]:
+def run_recipe(
+    recipe: Recipe,
+    runs_dir: Path = Path("runs"),
+    models_dir: Path = Path("models"),
+    reports_dir: Path = Path("reports"),
+    progress: bool = True,
+    device: torch.device | str | None = None,
+) -> tuple[Path, Path]:
     """The whole pipeline for every seed of ``recipe``; returns (bundle directory, report directory)."""
     device = torch.device(device) if device else default_device()
     prep = prepare(recipe, runs_dir / "cache")
@@ -201,10 +315,16 @@ def run_recipe(recipe: Recipe, runs_dir: Path = Path("runs"), models_dir: Path =
     for seed in tqdm(recipe.seeds, desc=f"{recipe.name} seeds", disable=not progress):
         r = _seed_stage(recipe, prep, seed, root / f"seed{seed}", progress, device)
         per_seed[seed], hists[seed] = r["eval"], r["hist"]
-    info = recipe.model_dump(mode="json") | {"split_digest": split.digest(), "run_id": run_id(recipe),
-                                              "n_test": len(split.test), "default_steps": recipe.eval.default_steps}
-    notes = [f"Targets computed on the `{recipe.target_source}` split "
-             f"({'held out from' if recipe.target_source == 'val' else 'seen in'} base training)."]
+    info = recipe.model_dump(mode="json") | {
+        "split_digest": split.digest(),
+        "run_id": run_id(recipe),
+        "n_test": len(split.test),
+        "default_steps": recipe.eval.default_steps,
+    }
+    notes = [
+        f"Targets computed on the `{recipe.target_source}` split "
+        f"({'held out from' if recipe.target_source == 'val' else 'seen in'} base training)."
+    ]
     extra = Path(__file__).parent / "notes" / f"{recipe.name}.md"  # measured investigations, kept with the recipe
     if extra.exists():
         notes.append(extra.read_text().strip())
@@ -212,15 +332,27 @@ def run_recipe(recipe: Recipe, runs_dir: Path = Path("runs"), models_dir: Path =
     ranking = reports_dir / recipe.name / "layer_selection.json"  # the same base model: same layer ranking
     if report_dir.name != recipe.name and ranking.exists() and not (report_dir / ranking.name).exists():
         report_dir.mkdir(parents=True, exist_ok=True)  # the variant's own adapted layer in the copy
-        atomic_write_text(json.dumps({**json.loads(ranking.read_text()), "used_layer": recipe.layer}, indent=2),
-                          report_dir / ranking.name)
+        atomic_write_text(
+            json.dumps({**json.loads(ranking.read_text()), "used_layer": recipe.layer}, indent=2),
+            report_dir / ranking.name,
+        )
     xte, yte = prep.parts["test"]
     if yte.ndim == 4:  # image outputs: a strip of test renders from the first seed's bundle
         model, _ = load_bundle(root / f"seed{recipe.seeds[0]}" / "bundle" / recipe.name / "1", device)
-        render_strip(model, xte[:4].to(device), yte[:4].to(device),
-                     recipe.eval.serve_steps or recipe.eval.default_steps, report_dir / "renders.png")
+        render_strip(
+            model,
+            xte[:4].to(device),
+            yte[:4].to(device),
+            recipe.eval.serve_steps or recipe.eval.default_steps,
+            report_dir / "renders.png",
+        )
     metrics = write_report(report_dir, info, per_seed, hists, notes)
     summary = {row: {k: v["mean"] for k, v in ms.items()} for row, ms in metrics["rows"].items()}
-    bundle = publish(root / f"seed{recipe.seeds[0]}" / "bundle", models_dir, recipe.name, summary,
-                     recipe.eval.serve_steps or recipe.eval.default_steps)
+    bundle = publish(
+        root / f"seed{recipe.seeds[0]}" / "bundle",
+        models_dir,
+        recipe.name,
+        summary,
+        recipe.eval.serve_steps or recipe.eval.default_steps,
+    )
     return bundle, report_dir

@@ -1,4 +1,5 @@
 """Aggregate per-seed evaluations into ``report.md``, ``metrics.json`` and PNG plots."""
+
 from __future__ import annotations
 
 import json
@@ -10,9 +11,9 @@ import matplotlib
 import torch
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from ocd_core.io import atomic_write_text  # noqa: E402
+from ocd_core.io import atomic_write_text
 
 ROW_TITLES = {
     "base": "base model",
@@ -42,8 +43,14 @@ def aggregate(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
             gains = [per_seed[s]["rows"][row][metric] - per_seed[s]["rows"]["base"][metric] for s in seeds]
             m, sd = _ms(vals)
             gm, gsd = _ms(gains)
-            out[row][metric] = {"mean": m, "sd": sd, "per_seed": vals, "gain_mean": gm, "gain_sd": gsd,
-                                "gain_per_seed": gains}
+            out[row][metric] = {
+                "mean": m,
+                "sd": sd,
+                "per_seed": vals,
+                "gain_mean": gm,
+                "gain_sd": gsd,
+                "gain_per_seed": gains,
+            }
     return out
 
 
@@ -51,60 +58,97 @@ def _fmt(metric: str, v: float) -> str:
     return f"{100 * v:.2f}" if metric == "acc" else f"{v:.2f}" if metric == "psnr" else f"{v:.4f}"
 
 
-def write_report(out_dir: Path, recipe: dict[str, Any], per_seed: dict[int, dict[str, Any]],
-                 histories: dict[int, dict[str, list[float]]], notes: list[str]) -> dict[str, Any]:
+def write_report(
+    out_dir: Path,
+    recipe: dict[str, Any],
+    per_seed: dict[int, dict[str, Any]],
+    histories: dict[int, dict[str, list[float]]],
+    notes: list[str],
+) -> dict[str, Any]:
     """Write report.md + metrics.json + plots into ``out_dir``; returns the aggregated metrics."""
     out_dir.mkdir(parents=True, exist_ok=True)
     agg = aggregate(per_seed)
     seeds = sorted(per_seed)
     cost = {k: _ms([per_seed[s]["cost"][k] for s in seeds])[0] for k in per_seed[seeds[0]]["cost"]}
-    metrics_json = {"recipe": recipe, "seeds": seeds, "rows": agg, "cost": cost,
-                    "per_seed": {str(s): per_seed[s] for s in seeds}}
+    metrics_json = {
+        "recipe": recipe,
+        "seeds": seeds,
+        "rows": agg,
+        "cost": cost,
+        "per_seed": {str(s): per_seed[s] for s in seeds},
+    }
     atomic_write_text(json.dumps(metrics_json, indent=2), out_dir / "metrics.json")
     metric_names = list(next(iter(agg.values())).keys())
     lower_better = {"ce", "mse"}
 
     lines = [f"# {recipe['name']} — OCD evaluation ({recipe.get('variant', '')} recipe)", ""]
-    lines += [f"Test split: {recipe.get('n_test')} samples never seen by the base or the diffusion model. "
-              f"Seeds: {seeds} (each seed trains its own base model, targets, diffusion and scale nets). "
-              "Mean ± sd over seeds; the gain columns are paired: row − base on the same base model and "
-              "the same test samples, per seed, then mean ± sd.", ""]
+    lines += [
+        f"Test split: {recipe.get('n_test')} samples never seen by the base or the diffusion model. "
+        f"Seeds: {seeds} (each seed trains its own base model, targets, diffusion and scale nets). "
+        "Mean ± sd over seeds; the gain columns are paired: row − base on the same base model and "
+        "the same test samples, per seed, then mean ± sd.",
+        "",
+    ]
     head = "| row | " + " | ".join(f"{m} | gain {m}" for m in metric_names) + " |"
     lines += [head, "|" + "---|" * (1 + 2 * len(metric_names))]
     for row, ms in agg.items():
         title = ROW_TITLES.get(row, f"DDIM {row.split('_')[1]} steps (1 sample)" if row.startswith("ddim_") else row)
         if row == "alt_layer":
-            title = f"ablation: alternative layer `{recipe.get('alt_layer')}` instead of `{recipe.get('layer')}` (1 sample)"
+            title = (
+                f"ablation: alternative layer `{recipe.get('alt_layer')}` instead of `{recipe.get('layer')}` (1 sample)"
+            )
         cells = []
         for m in metric_names:
             v = ms[m]
             cells.append(f"{_fmt(m, v['mean'])} ± {_fmt(m, v['sd'])}")
             cells.append("—" if row == "base" else f"{_fmt(m, v['gain_mean'])} ± {_fmt(m, v['gain_sd'])}")
         lines.append(f"| {title} | " + " | ".join(cells) + " |")
-    lines += ["", "Accuracy in %, gains in percentage points; " + ", ".join(
-        f"{m}: {'lower' if m in lower_better else 'higher'} is better" for m in metric_names) + ".", ""]
-    lines += ["## Per-seed paired gain of OCD over the base model", "", "| seed | " + " | ".join(
-        f"base {m} | OCD {m} | OCD−base {m} | ens {m} | ens−base {m}" for m in metric_names) + " |",
-        "|" + "---|" * (1 + 5 * len(metric_names))]
+    lines += [
+        "",
+        "Accuracy in %, gains in percentage points; "
+        + ", ".join(f"{m}: {'lower' if m in lower_better else 'higher'} is better" for m in metric_names)
+        + ".",
+        "",
+    ]
+    lines += [
+        "## Per-seed paired gain of OCD over the base model",
+        "",
+        "| seed | "
+        + " | ".join(f"base {m} | OCD {m} | OCD−base {m} | ens {m} | ens−base {m}" for m in metric_names)
+        + " |",
+        "|" + "---|" * (1 + 5 * len(metric_names)),
+    ]
     for i, s in enumerate(seeds):
         cells = []
         for m in metric_names:
             b, o, e = agg["base"][m]["per_seed"][i], agg["ocd"][m]["per_seed"][i], agg["ocd_ensemble"][m]["per_seed"][i]
             cells += [_fmt(m, b), _fmt(m, o), _fmt(m, o - b), _fmt(m, e), _fmt(m, e - b)]
         lines.append(f"| {s} | " + " | ".join(cells) + " |")
-    lines += ["", "## Cost per prediction (batch 1, this machine)", "",
-              f"- base: {cost['base_ms']:.3f} ms, {cost['base_flops'] / 1e6:.2f} MFLOP",
-              f"- OCD ({recipe.get('default_steps')} DDIM steps, 1 sample): {cost['ocd_ms']:.3f} ms, "
-              f"{cost['ocd_flops'] / 1e6:.2f} MFLOP ({cost['ocd_flops'] / max(cost['base_flops'], 1):.1f}x the base FLOPs)", ""]
+    lines += [
+        "",
+        "## Cost per prediction (batch 1, this machine)",
+        "",
+        f"- base: {cost['base_ms']:.3f} ms, {cost['base_flops'] / 1e6:.2f} MFLOP",
+        f"- OCD ({recipe.get('default_steps')} DDIM steps, 1 sample): {cost['ocd_ms']:.3f} ms, "
+        f"{cost['ocd_flops'] / 1e6:.2f} MFLOP ({cost['ocd_flops'] / max(cost['base_flops'], 1):.1f}x the base FLOPs)",
+        "",
+    ]
     lines += ["## Plots", "", "![training curves](training_curves.png)", "", "![DDIM steps](ddim_steps.png)", ""]
     if (out_dir / "renders.png").exists():  # image outputs: written by render_strip
-        lines += ["Test views of the first seed; rows: ground truth, base model, OCD (1 sample), "
-                  "|OCD − base| x 10:", "", "![renders](renders.png)", ""]
+        lines += [
+            "Test views of the first seed; rows: ground truth, base model, OCD (1 sample), |OCD − base| x 10:",
+            "",
+            "![renders](renders.png)",
+            "",
+        ]
     if "reliability" in per_seed[seeds[0]]:
         lines += ["![reliability](reliability.png)", ""]
         ece = {k: _ms([per_seed[s]["reliability"][k]["ece"] for s in seeds]) for k in ("base", "ocd_ensemble")}
-        lines += [f"Expected calibration error: base {ece['base'][0]:.4f} ± {ece['base'][1]:.4f}, "
-                  f"OCD ensemble {ece['ocd_ensemble'][0]:.4f} ± {ece['ocd_ensemble'][1]:.4f}.", ""]
+        lines += [
+            f"Expected calibration error: base {ece['base'][0]:.4f} ± {ece['base'][1]:.4f}, "
+            f"OCD ensemble {ece['ocd_ensemble'][0]:.4f} ± {ece['ocd_ensemble'][1]:.4f}.",
+            "",
+        ]
     if notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     lines += ["## Recipe", "", "```json", json.dumps(recipe, indent=2), "```", ""]
@@ -136,14 +180,20 @@ def _plots(out_dir: Path, agg, per_seed, histories, metric_names) -> None:
         if h.get("base_val_loss"):
             axes[0].plot(h["base_val_loss"], "--", label=f"seed {s} val")
         k = max(1, len(h["denoise_mse"]) // 200)
-        smooth = lambda v: [sum(v[i:i + k]) / len(v[i:i + k]) for i in range(0, len(v), k)]  # noqa: E731
+
+        def smooth(v: list[float], k: int = k) -> list[float]:
+            return [sum(v[i : i + k]) / len(v[i : i + k]) for i in range(0, len(v), k)]
+
         axes[1].plot([i * k for i in range(len(smooth(h["denoise_mse"])))], smooth(h["denoise_mse"]), label=f"seed {s}")
         axes[2].plot([i * k for i in range(len(smooth(h["scale_db"])))], smooth(h["scale_db"]), label=f"seed {s}")
-    axes[0].set(title="base model loss", xlabel="epoch"); axes[1].set(title="denoiser MSE (ε or x0 target)", xlabel="step", yscale="log")
+    axes[0].set(title="base model loss", xlabel="epoch")
+    axes[1].set(title="denoiser MSE (ε or x0 target)", xlabel="step", yscale="log")
     axes[2].set(title="scale loss (dB)", xlabel="step")
     for a in axes:
         a.legend(fontsize=7)
-    fig.tight_layout(); fig.savefig(out_dir / "training_curves.png", dpi=100); plt.close(fig)
+    fig.tight_layout()
+    fig.savefig(out_dir / "training_curves.png", dpi=100)
+    plt.close(fig)
 
     steps = sorted(int(r.split("_")[1]) for r in agg if r.startswith("ddim_"))
     fig, axes = plt.subplots(1, len(metric_names), figsize=(6 * len(metric_names), 4), squeeze=False)
@@ -155,7 +205,9 @@ def _plots(out_dir: Path, agg, per_seed, histories, metric_names) -> None:
         a.axhline(agg["oracle"][m]["mean"], color="g", ls=":", label="oracle")
         a.set(xscale="log", xlabel="DDIM steps", ylabel=m, title=f"{m} vs DDIM steps")
         a.legend()
-    fig.tight_layout(); fig.savefig(out_dir / "ddim_steps.png", dpi=100); plt.close(fig)
+    fig.tight_layout()
+    fig.savefig(out_dir / "ddim_steps.png", dpi=100)
+    plt.close(fig)
 
     seeds = sorted(per_seed)
     if "reliability" in per_seed[seeds[0]]:
@@ -165,4 +217,7 @@ def _plots(out_dir: Path, agg, per_seed, histories, metric_names) -> None:
             a.plot([b["conf"] for b in bins], [b["acc"] for b in bins], style, label=f"{key} (seed {seeds[0]})")
         a.plot([0, 1], [0, 1], "k:", lw=1)
         a.set(xlabel="confidence", ylabel="accuracy", title="reliability diagram")
-        a.legend(); fig.tight_layout(); fig.savefig(out_dir / "reliability.png", dpi=100); plt.close(fig)
+        a.legend()
+        fig.tight_layout()
+        fig.savefig(out_dir / "reliability.png", dpi=100)
+        plt.close(fig)

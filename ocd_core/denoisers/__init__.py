@@ -1,10 +1,12 @@
 """Denoisers behind one interface (``Denoiser``): ``out(x_t (B, *delta_shape), t (B,), ctx)``, ε or x̂_0."""
+
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field
 from torch import nn
+
 from .base import Denoiser, FactorSampler
 from .compact import CompactDenoiser
 
@@ -20,8 +22,11 @@ class CompactConfig(BaseModel):
     pos_dim: int = Field(8, ge=1)
     emb_dim: int = Field(64, ge=1)
     depth: int = Field(2, ge=1, le=2, description="hidden layers of each per-row / per-column MLP")
-    static_probes: bool = Field(False, description="probes made once per request, not per step: DDIM can then "
-                                "run in factor space (see schedule.ddim_sample_lowrank)")
+    static_probes: bool = Field(
+        False,
+        description="probes made once per request, not per step: DDIM can then "
+        "run in factor space (see schedule.ddim_sample_lowrank)",
+    )
 
 
 class PaperConfig(BaseModel):
@@ -35,7 +40,7 @@ class PaperConfig(BaseModel):
     pad: int = 128
 
 
-DenoiserConfig = Annotated[Union[CompactConfig, PaperConfig], Field(discriminator="kind")]
+DenoiserConfig = Annotated[CompactConfig | PaperConfig, Field(discriminator="kind")]
 
 
 def build_denoiser(cfg: CompactConfig | PaperConfig, delta_shape: tuple[int, ...], cond_dim: int) -> Denoiser:

@@ -6,6 +6,7 @@ all DDIM steps. A denoiser whose output is s·x_t + U Vᵀ from static linear re
 run DDIM on those factors (``factor_space``), never forming x_t; others return None there and
 the predictor runs the dense sampler, which gives the same result.
 """
+
 from __future__ import annotations
 
 from typing import Any, Protocol
@@ -17,8 +18,9 @@ from ..schedule import NoiseSchedule, Prediction
 
 
 class FactorSampler(Protocol):
-    def sample_factors(self, schedule: NoiseSchedule, ctx: Any, x_T: torch.Tensor,
-                       steps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def sample_factors(
+        self, schedule: NoiseSchedule, ctx: Any, x_T: torch.Tensor, steps: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """DDIM (eta 0) from x_T (N, *delta_shape) with ``ctx`` (one row per member) -> a (N,),
         U (N, out, m), V (N, in, m) with x_0 = a·x_T + U Vᵀ."""
 

@@ -18,6 +18,7 @@ probes when ``static_probes`` (FiLM'd by the request's e, not e_t) and, always, 
 axis net's first layer fed by positions and latents (that layer is linear, so splitting it is exact).
 Per step and sample: 2·out·in·k MACs for the reads, out·in·r for the output, and the axis MLPs.
 """
+
 from __future__ import annotations
 
 import math
@@ -37,8 +38,9 @@ class _AxisNet(nn.Module):
     """Per-row (or per-column) MLP: probe features (B, n, k), positions (n, p) and the latent
     along that axis (B, n, f), FiLM'd by e (B, D) -> (B, n, r). ``depth`` hidden layers (1 or 2)."""
 
-    def __init__(self, n: int, k: int, pos_dim: int, emb_dim: int, hidden: int, rank: int, n_feats: int,
-                 depth: int = 2):
+    def __init__(
+        self, n: int, k: int, pos_dim: int, emb_dim: int, hidden: int, rank: int, n_feats: int, depth: int = 2
+    ):
         super().__init__()
         self.k = k
         self.pos = nn.Parameter(torch.randn(n, pos_dim) * 0.1)
@@ -52,17 +54,26 @@ class _AxisNet(nn.Module):
     def static(self, axis: torch.Tensor) -> torch.Tensor:
         """The step-independent part of the first layer: axis latents (B, n, f) -> (B, n, hidden)."""
         pos = self.pos.expand(axis.shape[0], -1, -1)
-        return F.linear(torch.cat([pos, axis], dim=-1), self.inp.weight[:, self.k:], self.inp.bias)
+        return F.linear(torch.cat([pos, axis], dim=-1), self.inp.weight[:, self.k :], self.inp.bias)
 
-    def step(self, static: torch.Tensor, feats: torch.Tensor | None, e: torch.Tensor | None = None,
-             film: torch.Tensor | None = None) -> torch.Tensor:
+    def step(
+        self,
+        static: torch.Tensor,
+        feats: torch.Tensor | None,
+        e: torch.Tensor | None = None,
+        film: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """static (B, n, hidden), probe features (B, n, k) or None, and e (B, D) or its
         ``film(e)`` (B, 1, 2·hidden) -> (B, n, rank).
 
         The first and last layers run as batched matmuls, the last one as W·hᵀ (its output is
         a transposed view): with a few outputs that is 3x faster than F.linear on CPU."""
         B = static.shape[0]
-        h = static if feats is None else torch.baddbmm(static, feats, self.inp.weight[:, :self.k].t().expand(B, -1, -1))
+        h = (
+            static
+            if feats is None
+            else torch.baddbmm(static, feats, self.inp.weight[:, : self.k].t().expand(B, -1, -1))
+        )
         gamma, beta = (self.film(e).unsqueeze(1) if film is None else film).chunk(2, dim=-1)
         h = torch.addcmul(beta, h, 1 + gamma)
         *hidden, last = self.body
@@ -85,7 +96,7 @@ class Context(NamedTuple):
     p_col: torch.Tensor
     p_row: torch.Tensor
 
-    def repeat_interleave(self, k) -> "Context":
+    def repeat_interleave(self, k) -> Context:
         return Context(*(t.repeat_interleave(k, 0) for t in self))
 
 
@@ -101,9 +112,18 @@ class StepEmb(NamedTuple):
 class CompactDenoiser(Denoiser):
     """out(x_t (B, out, in...), t (B,), cond: Cond | Context) -> (B, out, in...)."""
 
-    def __init__(self, delta_shape: tuple[int, ...], cond_dim: int, rank: int = 4, probes: int = 8,
-                 hidden: int = 32, pos_dim: int = 8, emb_dim: int = 64, depth: int = 2,
-                 static_probes: bool = False):
+    def __init__(
+        self,
+        delta_shape: tuple[int, ...],
+        cond_dim: int,
+        rank: int = 4,
+        probes: int = 8,
+        hidden: int = 32,
+        pos_dim: int = 8,
+        emb_dim: int = 64,
+        depth: int = 2,
+        static_probes: bool = False,
+    ):
         super().__init__()
         self.delta_shape = tuple(delta_shape)
         self.n_out = delta_shape[0]
@@ -136,26 +156,35 @@ class CompactDenoiser(Denoiser):
             return None
         return self if self.rank * steps * (self.n_out + self.n_in) <= 2 * self.n_out * self.n_in else None
 
-    def sample_factors(self, schedule: NoiseSchedule, ctx: Context, x_T: torch.Tensor,
-                       steps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def sample_factors(
+        self, schedule: NoiseSchedule, ctx: Context, x_T: torch.Tensor, steps: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """DDIM on factors (``NoiseSchedule.ddim_sample_lowrank``): x_T (N, *delta_shape) -> a (N,),
         U (N, out, m), V (N, in, m) with x_0 = a·x_T + U Vᵀ."""
         embs = self.step_embs(schedule.ddim_timesteps(steps), ctx)  # what t fixes, all steps at once
-        return schedule.ddim_sample_lowrank(lambda r, t: self.factors(r, t, ctx, emb=embs[t]),
-                                            lambda u, v: self.read_lowrank(u, v, ctx), self.read(x_T, ctx), steps)
+        return schedule.ddim_sample_lowrank(
+            lambda r, t: self.factors(r, t, ctx, emb=embs[t]),
+            lambda u, v: self.read_lowrank(u, v, ctx),
+            self.read(x_T, ctx),
+            steps,
+        )
 
     def read(self, x: torch.Tensor, ctx: Context) -> tuple[torch.Tensor, torch.Tensor]:
         """The only way the denoiser sees x_t: x (B, out, in) -> R = x·P_col (B, out, k), C = xᵀ·P_row (B, in, k).
 
         Computed as (P_colᵀ xᵀ)ᵀ: with k columns, bmm is 5x faster with the small side on the left."""
         x = x.reshape(x.shape[0], self.n_out, self.n_in)
-        return (torch.bmm(ctx.p_col.transpose(1, 2), x.transpose(1, 2)).transpose(1, 2),
-                torch.bmm(ctx.p_row.transpose(1, 2), x).transpose(1, 2))
+        return (
+            torch.bmm(ctx.p_col.transpose(1, 2), x.transpose(1, 2)).transpose(1, 2),
+            torch.bmm(ctx.p_row.transpose(1, 2), x).transpose(1, 2),
+        )
 
     def read_lowrank(self, u: torch.Tensor, v: torch.Tensor, ctx: Context) -> tuple[torch.Tensor, torch.Tensor]:
         """``read`` of U Vᵀ without forming it: U (B, out, m), V (B, in, m) -> R, C."""
-        return (torch.bmm(torch.bmm(ctx.p_col.transpose(1, 2), v), u.transpose(1, 2)).transpose(1, 2),
-                torch.bmm(torch.bmm(ctx.p_row.transpose(1, 2), u), v.transpose(1, 2)).transpose(1, 2))
+        return (
+            torch.bmm(torch.bmm(ctx.p_col.transpose(1, 2), v), u.transpose(1, 2)).transpose(1, 2),
+            torch.bmm(torch.bmm(ctx.p_row.transpose(1, 2), u), v.transpose(1, 2)).transpose(1, 2),
+        )
 
     def step_emb(self, e: torch.Tensor) -> StepEmb:
         """e_t (..., B, D) -> StepEmb (with the same leading dims)."""
@@ -169,9 +198,14 @@ class CompactDenoiser(Denoiser):
         emb = self.step_emb(e)
         return {t: StepEmb(*(z[i] for z in emb)) for i, t in enumerate(ts)}
 
-    def factors(self, reads: tuple[torch.Tensor, torch.Tensor], t: torch.Tensor | int, ctx: Context,
-                e: torch.Tensor | None = None,
-                emb: StepEmb | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def factors(
+        self,
+        reads: tuple[torch.Tensor, torch.Tensor],
+        t: torch.Tensor | int,
+        ctx: Context,
+        e: torch.Tensor | None = None,
+        emb: StepEmb | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Reads of x_t and t (B,) (or one int for all) -> the output as s·x_t + U Vᵀ: s (B,),
         U (B, out, r), V (B, in, r). ``e`` = e_t or ``emb`` (from ``step_embs``) skip the time MLP."""
         if emb is None:
@@ -189,7 +223,9 @@ class CompactDenoiser(Denoiser):
         x = x_t.reshape(B, self.n_out, self.n_in)
         e = F.silu(self.time(timestep_embedding(t, self.emb_dim)) + ctx.e_c)
         if not self.static_probes:  # probes FiLM'd by e_t: made per step
-            ctx = ctx._replace(p_col=self.col_probe.step(ctx.p_col, None, e) / math.sqrt(self.n_in),
-                               p_row=self.row_probe.step(ctx.p_row, None, e) / math.sqrt(self.n_out))
+            ctx = ctx._replace(
+                p_col=self.col_probe.step(ctx.p_col, None, e) / math.sqrt(self.n_in),
+                p_row=self.row_probe.step(ctx.p_row, None, e) / math.sqrt(self.n_out),
+            )
         s, u, v = self.factors(self.read(x, ctx), t, ctx, e)
         return torch.baddbmm(s.view(B, 1, 1) * x, u, v.transpose(1, 2)).reshape(x_t.shape)

@@ -109,7 +109,7 @@ class AttnBlock(nn.Module):
         k = self.k(n).reshape(b, c, hh * ww)  # (b, c, hw)
         v = self.v(n).reshape(b, c, hh * ww)  # (b, c, hw)
         # explicit bmm (as the original) so FlopCounterMode sees every multiply
-        attn = torch.softmax(torch.bmm(q, k) * (c ** -0.5), dim=2)  # (b, hw_q, hw_k)
+        attn = torch.softmax(torch.bmm(q, k) * (c**-0.5), dim=2)  # (b, hw_q, hw_k)
         out = torch.bmm(v, attn.transpose(1, 2)).reshape(b, c, hh, ww)
         return x + self.proj_out(out)
 

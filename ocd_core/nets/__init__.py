@@ -1,7 +1,9 @@
 """Base architectures, built by name from a bundle manifest."""
+
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from torch import nn
 
@@ -10,8 +12,12 @@ from .lenet import LeNet5
 from .mlp import TabularMLP
 from .nerf import TinyNeRF
 
-ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {"lenet5": LeNet5, "mlp": TabularMLP, "audio_cnn": AudioCNN,
-                                                     "tiny_nerf": TinyNeRF}
+ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
+    "lenet5": LeNet5,
+    "mlp": TabularMLP,
+    "audio_cnn": AudioCNN,
+    "tiny_nerf": TinyNeRF,
+}
 
 
 def register_architecture(name: str, factory: Callable[..., nn.Module]) -> None:

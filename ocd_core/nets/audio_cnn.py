@@ -1,5 +1,6 @@
 """Small CNN on log-mel features; OCD adapts ``fc1``, its next-to-last layer (as LeNet5's fc1:
 a Linear layer, so per-sample deltas are near rank-1 and the adapted forward is one bmm)."""
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """LeNet5 as in the original OCD code: conv 6-16-120, fc1 120->84, fc2 84->10."""
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """Tabular MLP; OCD adapts its first layer ``fc1`` (as the paper does for tabular data)."""
+
 from __future__ import annotations
 
 import torch

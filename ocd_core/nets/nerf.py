@@ -9,6 +9,7 @@ OCD adapts ``fc1``, the first fully connected layer (the paper's choice for tiny
 The pieces (``look_at``, ``pixel_rays``, ``positional_encoding``, ``volume_render``) are shared with
 the analytic scene that renders the ground truth, so the data and the model see the same cameras.
 """
+
 from __future__ import annotations
 
 import math
@@ -41,15 +42,19 @@ def look_at(pose: torch.Tensor) -> torch.Tensor:
 def pixel_rays(c2w: torch.Tensor, H: int, W: int, focal: float, stride: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Rays through the centres of every ``stride``-th pixel: origins and unit directions (B, R, 3),
     R = ceil(H / stride) · ceil(W / stride), row-major."""
-    ii, jj = torch.meshgrid(torch.arange(0, H, stride, dtype=c2w.dtype, device=c2w.device) + 0.5,
-                            torch.arange(0, W, stride, dtype=c2w.dtype, device=c2w.device) + 0.5, indexing="ij")
+    ii, jj = torch.meshgrid(
+        torch.arange(0, H, stride, dtype=c2w.dtype, device=c2w.device) + 0.5,
+        torch.arange(0, W, stride, dtype=c2w.dtype, device=c2w.device) + 0.5,
+        indexing="ij",
+    )
     cam = torch.stack([(jj - W / 2) / focal, -(ii - H / 2) / focal, -torch.ones_like(ii)], -1).reshape(-1, 3)
     dirs = F.normalize(torch.einsum("rc,bkc->brk", cam, c2w[:, :, :3]), dim=-1)
     return c2w[:, None, :, 3].expand_as(dirs), dirs
 
 
-def sample_depths(batch: int, n_rays: int, near: float, far: float, n_samples: int, jitter: bool,
-                  like: torch.Tensor) -> torch.Tensor:
+def sample_depths(
+    batch: int, n_rays: int, near: float, far: float, n_samples: int, jitter: bool, like: torch.Tensor
+) -> torch.Tensor:
     """Stratified depths (B, R, S): the midpoints of S equal bins of [near, far], or a uniform draw
     within each bin when ``jitter``."""
     edges = torch.linspace(near, far, n_samples + 1, device=like.device, dtype=like.dtype)
@@ -66,8 +71,9 @@ def positional_encoding(p: torch.Tensor, n_freqs: int) -> torch.Tensor:
     return torch.cat([p, torch.sin(angles), torch.cos(angles)], -1)
 
 
-def volume_render(sigma: torch.Tensor, rgb: torch.Tensor, depths: torch.Tensor,
-                  background: float = 1.0) -> torch.Tensor:
+def volume_render(
+    sigma: torch.Tensor, rgb: torch.Tensor, depths: torch.Tensor, background: float = 1.0
+) -> torch.Tensor:
     """Emission-absorption compositing: sigma (B, R, S), rgb (B, R, S, 3), depths (B, R, S) -> (B, R, 3)."""
     delta = torch.cat([depths[..., 1:] - depths[..., :-1], torch.full_like(depths[..., :1], 1e10)], -1)
     tau = sigma * delta  # optical depth of each segment
@@ -83,8 +89,18 @@ class TinyNeRF(nn.Module):
     ``stride`` renders every stride-th pixel (training on a coarse grid, evaluating at full size);
     change it on the module. OCD layer: ``fc1`` (its input is (B, R·S, 3 + 6·n_freqs))."""
 
-    def __init__(self, H: int = 100, W: int = 100, fov_deg: float = 40.0, near: float = 2.0, far: float = 6.0,
-                 n_samples: int = 32, n_freqs: int = 6, width: int = 128, stride: int = 1):
+    def __init__(
+        self,
+        H: int = 100,
+        W: int = 100,
+        fov_deg: float = 40.0,
+        near: float = 2.0,
+        far: float = 6.0,
+        n_samples: int = 32,
+        n_freqs: int = 6,
+        width: int = 128,
+        stride: int = 1,
+    ):
         super().__init__()
         self.H, self.W, self.near, self.far, self.n_samples, self.n_freqs = H, W, near, far, n_samples, n_freqs
         self.focal = 0.5 * W / math.tan(math.radians(fov_deg) / 2)

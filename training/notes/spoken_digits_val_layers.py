@@ -6,6 +6,7 @@ The variants share their base models, so the gains are paired.
 
 Needs the variants' runs (`ocd train spoken_digits --variant conv1`, `... conv2`) under runs/.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,9 +37,10 @@ def val_gains(variants: list[str], runs: Path = Path("runs"), steps: int = 10) -
             base.load_state_dict(load_file(str(run / f"seed{seed}" / "base.safetensors")))
             model, _ = load_bundle(run / f"seed{seed}" / "bundle" / "spoken_digits" / "1")
             seeds = [seed * 1_000_003 + i for i in range(len(x))]
-            ocd = torch.cat([model.predict(x[i:i + 250], steps, 1, seeds=seeds[i:i + 250]).mean
-                             for i in range(0, len(x), 250)])
-            acc = lambda p: (p.argmax(-1) == y).float().mean().item()  # noqa: E731
+            ocd = torch.cat(
+                [model.predict(x[i : i + 250], steps, 1, seeds=seeds[i : i + 250]).mean for i in range(0, len(x), 250)]
+            )
+            acc = lambda p, y=y: (p.argmax(-1) == y).float().mean().item()
             out[variant].append(100 * (acc(ocd) - acc(base.eval()(x))))
     return out
 
