@@ -1,6 +1,6 @@
 """Training the OCD networks on per-sample targets: conditioning + denoiser (ε-MSE, EMA) and scale.
 
-The Python API for a user's own model is ``build_target_set`` then ``fit_ocd``; see README.
+The Python API for a user's own model is ``build_target_set`` then ``fit_ocd``; see docs/python-api.md.
 """
 
 from __future__ import annotations

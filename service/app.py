@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import secrets
 import struct
 from contextlib import asynccontextmanager
 from typing import Any
@@ -17,21 +16,19 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import ocd_core
 
 from . import metrics
-from .batcher import ClientGone, DeadlineExceeded, QueueFull, disconnected, infer
-from .errors import BodyTooLarge, reply_for
+from .errors import HANDLED, InputError, reply_for
+from .flow import Flow
 from .gcfreeze import freeze_heap
 from .malloc import tune_malloc
 from .middleware import BodyLimit, Count
-from .modalities import InputError
 from .predict import PREDICT_OPENAPI, Front, PredictEndpoint
-from .registry import Registry, Served, UnknownModel
+from .registry import Registry, Served
 from .schemas import (
     ErrorResponse,
     PredictRequest,
@@ -40,6 +37,7 @@ from .schemas import (
     V2InferRequest,
     V2InferResponse,
     V2ModelMetadata,
+    V2Parameters,
 )
 from .settings import Settings
 
@@ -115,6 +113,7 @@ def create_app(settings: Settings | None = None) -> Count:
     if settings.tune_malloc:  # per worker process: batch tensors reuse heap pages instead of faulting in fresh ones
         tune_malloc()
     registry = Registry(settings)
+    flow = Flow(registry, settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -137,30 +136,10 @@ def create_app(settings: Settings | None = None) -> Count:
         status, message, headers = reply_for(e, settings.timeout_s)
         return _error(status, message, headers)
 
-    for exc in (
-        InputError,
-        RequestValidationError,
-        UnknownModel,
-        QueueFull,
-        DeadlineExceeded,
-        BodyTooLarge,
-        ClientGone,
-        StarletteHTTPException,
-    ):
+    for exc in HANDLED:
         app.add_exception_handler(exc, _handled)
 
-    async def run(request: Request, served: Served, xs: list, steps: int, ensemble: int, seeds: list[int]):
-        return await infer(
-            served.batcher,
-            xs,
-            steps,
-            ensemble,
-            seeds,
-            request.state.start + settings.timeout_s,
-            lambda: disconnected(request.receive),
-        )
-
-    def validated(schema: type[RenderRequest], data: Any):
+    def validated(schema: type[BaseModel], data: Any):
         try:
             return schema.model_validate(data)
         except ValidationError as e:
@@ -191,29 +170,27 @@ def create_app(settings: Settings | None = None) -> Count:
         if not ctype.startswith("application/json"):
             raise InputError("content-type", f"expected application/json, got {ctype or 'none'}", 415)
         req = validated(RenderRequest, parse_json(await request.body()))
-        served = registry.get(req.model, req.version)
-        request.state.model = served.name
-        png = getattr(served.modality, "png", None)
-        if png is None:
+        served = flow.lookup(req.model, req.version, request.state)
+        if not served.modality.renders:
             raise InputError(
                 "model",
                 f"{served.name!r} is a {served.manifest.modality} model; /render serves "
                 "rendering models (pose in, image out): use /predict",
                 400,
             )
-        steps = served.check_params(req.ddim_steps, req.ensemble, settings)
+        call = flow.check(served, req)
         x = served.modality.decode_json(req.pose, "pose")
-        seed = req.seed if req.seed is not None else secrets.randbelow(2**63)
-        ((pred, _timings, _job),) = await run(request, served, [x], steps, req.ensemble, [seed])
-        data = await run_in_threadpool(png, pred)
+        result = await flow.infer(call, [x], request.state.start, request.receive)
+        pred = result.preds[0]
+        data = await run_in_threadpool(served.modality.output.png, pred)
         return Response(
             data,
             media_type="image/png",
             headers={
                 "X-OCD-Model": served.name,
                 "X-OCD-Version": served.version,
-                "X-OCD-Seed": str(seed),
-                "X-OCD-DDIM-Steps": str(steps),
+                "X-OCD-Seed": str(call.seed),
+                "X-OCD-DDIM-Steps": str(call.steps),
                 "X-OCD-Uncertainty": f"{float(pred.uncertainty.mean()):.6g}",
             },
         )
@@ -269,7 +246,13 @@ def create_app(settings: Settings | None = None) -> Count:
 
     async def parse_v2(request: Request) -> V2InferRequest:
         """JSON body, or the binary tensor extension (JSON header + raw tensor bytes) that
-        Triton's clients send by default. Answers are always JSON tensors."""
+        Triton's clients send by default (with no content type, or application/octet-stream).
+        Answers are always JSON tensors."""
+        ctype = request.headers.get("content-type", "").split(";")[0].strip()
+        if ctype not in ("", "application/json", "application/octet-stream"):
+            raise InputError(
+                "content-type", f"expected application/json (or application/octet-stream), got {ctype}", 415
+            )
         raw = await request.body()
         header_len = request.headers.get("inference-header-content-length")
         try:
@@ -278,42 +261,19 @@ def create_app(settings: Settings | None = None) -> Count:
                 raise ValueError
         except ValueError:
             raise InputError("Inference-Header-Content-Length", f"must be an integer in [0, {len(raw)}]") from None
-        try:
-            body = json.loads(raw[:n])
-        except (ValueError, RecursionError):
-            raise InputError("body", "not valid JSON", 400) from None
-        try:
-            req = V2InferRequest.model_validate(
-                body if not isinstance(body, dict) else {**body, "inputs": _binary_inputs(body.get("inputs"), raw[n:])}
-            )
-        except ValidationError as e:
-            raise RequestValidationError(e.errors()) from None
-        return req
+        body = parse_json(raw[:n])
+        return validated(
+            V2InferRequest,
+            body if not isinstance(body, dict) else {**body, "inputs": _binary_inputs(body.get("inputs"), raw[n:])},
+        )
 
     async def infer_v2(request: Request, name: str, version: str | None, body: V2InferRequest) -> V2InferResponse:
-        served = registry.get(name, version)
-        request.state.model = served.name
-        params = body.parameters or {}
-        for key in params:  # binary_data_output: Triton clients ask for it; answers are always JSON tensors
-            if key not in ("ddim_steps", "ensemble", "seed", "binary_data_output"):
-                raise InputError(f"parameters.{key}", "unknown parameter; use ddim_steps, ensemble, seed")
-        for key in ("ddim_steps", "ensemble", "seed"):
-            if key in params and (not isinstance(params[key], int) or isinstance(params[key], bool)):
-                raise InputError(f"parameters.{key}", f"must be an integer, got {params[key]!r}")
-        steps = served.check_params(params.get("ddim_steps"), params.get("ensemble", 1), settings, "parameters.")
-        seed = params.get("seed")
-        if seed is not None and not 0 <= seed < 2**63 - 2**20:
-            raise InputError("parameters.seed", "must be between 0 and 2**63 - 2**20")
-        xs = await run_in_threadpool(served.modality.decode_v2, [t.model_dump() for t in body.inputs])
-        if not xs:
-            raise InputError("inputs", "holds no samples")
-        if len(xs) > settings.max_queue:
-            raise InputError("inputs", f"{len(xs)} samples in one request; the limit is {settings.max_queue}", 413)
-        base_seed = seed if seed is not None else secrets.randbelow(2**62)
-        results = await run(
-            request, served, xs, steps, params.get("ensemble", 1), [base_seed + i for i in range(len(xs))]
-        )
-        outputs = served.modality.encode_v2([r[0] for r in results])
+        served = flow.lookup(name, version, request.state)
+        inputs = [t.model_dump() for t in body.inputs]
+        call = flow.check(served, body.parameters or V2Parameters(), "parameters.")
+        xs = await flow.decode(served.modality.decode_v2, inputs)
+        result = await flow.infer(call, xs, request.state.start, request.receive)
+        outputs = served.modality.encode_v2(result.preds)
         if body.outputs:
             wanted = {o.name for o in body.outputs}
             outputs = [o for o in outputs if o["name"] in wanted]
@@ -322,7 +282,7 @@ def create_app(settings: Settings | None = None) -> Count:
             model_version=served.version,
             id=body.id,
             outputs=outputs,
-            parameters={"ddim_steps": steps, "seed": base_seed},
+            parameters={"ddim_steps": call.steps, "seed": call.seed},
         )
 
     v2_body = {
@@ -373,8 +333,6 @@ def create_app(settings: Settings | None = None) -> Count:
         data, ctype = metrics.render()
         return Response(data, media_type=ctype)
 
-    served = Count(
-        BodyLimit(Front(app, PredictEndpoint(registry, settings)), settings.max_body_bytes), registry.inflight
-    )
+    served = Count(BodyLimit(Front(app, PredictEndpoint(flow)), settings.max_body_bytes), registry.inflight)
     served.api = app
     return served

@@ -5,7 +5,7 @@ when that pipelines inference with the event loop: ``Batcher._cap``), or ``max_w
 first request, or as soon as it holds every inference request the app has in hand (``InFlight``:
 a lone client does not wait for company that cannot come). The batcher hands it to the engine (in
 the inference process, or on a thread; never on the event loop), which may hold a second batch
-ready behind the one it runs (``PIPELINE_DEPTH``): one base forward, one DDIM loop over all
+ready behind the one it runs (``BatchPolicy.pipeline_depth``): one base forward, one DDIM loop over all
 members, one adapted forward. Requests with different ``ddim_steps`` run as separate groups of the
 batch (the DDIM loop length differs); different ensemble sizes share one group (members are
 ragged, not padded: no wasted work). A request whose client hung up or whose deadline passed is
@@ -15,7 +15,6 @@ dropped before it costs inference.
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
@@ -25,34 +24,8 @@ from typing import Any
 import torch
 
 from . import metrics
-
-
-class QueueFull(Exception):
-    """The model's queue is at its limit: answer 503 with Retry-After."""
-
-
-class DeadlineExceeded(Exception):
-    """The request's deadline passed while it waited: answer 504."""
-
-
-class ClientGone(Exception):
-    """The client hung up before its batch ran: nobody reads the answer (logged as 499)."""
-
-
-@dataclass(frozen=True)
-class BatchCost:
-    """An engine's seconds for a batch of k samples at ``steps`` DDIM steps: ``fixed + per_sample * k``,
-    measured when the engine loads (``worker.Engine.calibrate``)."""
-
-    fixed: float
-    per_sample: float
-    steps: int = 1
-
-    def predict(self, jobs: list[Job]) -> float:
-        """Roughly the seconds for these jobs (one ``steps`` value): members cost per_sample each,
-        and DDIM steps beyond the calibration's scale the whole batch (an upper bound)."""
-        members = sum(j.ensemble for j in jobs)
-        return (self.fixed + self.per_sample * members) * max(1.0, jobs[0].steps / self.steps)
+from .batch_policy import BatchCost, BatchPolicy
+from .errors import ClientGone, DeadlineExceeded, QueueFull
 
 
 @dataclass
@@ -71,11 +44,6 @@ class Job:
 
 
 RunBatch = Callable[[list[Job]], Awaitable[tuple[list[Any], dict[str, float]]]]  # -> predictions, stage seconds
-
-
-YIELDS = 3  # event-loop turns from a socket's data to the middleware that counts its request
-PIPELINE_DEPTH = 2  # batches of one model at its engine at once: the next one waits there, ready to run
-PIPELINE_HORIZON_S = 0.05  # ... only behind a batch predicted to take less: a batch is committed when sent
 
 
 def disconnected(receive: Callable[[], Awaitable[dict]]) -> bool:
@@ -145,14 +113,15 @@ class Batcher:
     ):
         """``label``: the model name for metrics (no per-version series); ``name``: name:version for logs;
         ``inflight``: without it a batch always waits up to ``max_wait_ms``; ``cost``: the engine's
-        measured batch cost (without it batches never split to pipeline)."""
+        measured batch cost (without it batches never split to pipeline). The decisions are
+        ``policy``'s (batch_policy.py)."""
         self.label, self.name, self.run_batch, self.inflight, self.cost = label, name, run_batch, inflight, cost
-        self.max_batch_size, self.max_wait = max_batch_size, max_wait_ms / 1000
+        self.policy = BatchPolicy(max_batch_size, max_wait_ms / 1000)
         self.queue: asyncio.Queue[Job] = asyncio.Queue(max_queue)
         self.task: asyncio.Task | None = None
         self.busy = False  # collecting a batch
-        self.running = 0  # batches handed to the engine and not answered yet (at most PIPELINE_DEPTH)
-        self.long = 0  # how many of them are predicted to take PIPELINE_HORIZON_S or more
+        self.running = 0  # batches handed to the engine and not answered yet (at most policy.pipeline_depth)
+        self.long = 0  # how many of them are predicted to take policy.pipeline_horizon_s or more
         self.dispatched = 0.0  # the requests in them
         self.slot = asyncio.Event()  # a running batch was answered
         self.runs: set[asyncio.Task] = set()
@@ -180,37 +149,28 @@ class Batcher:
             self.task.cancel()
 
     def _cap(self) -> int:
-        """Most jobs for the next batch: ``max_batch_size``, or half the requests in the server when
-        pipelining pays. While a batch runs, the event loop can only answer the batch before and
-        read what its clients send next: a batch of everyone in flight leaves the loop idle during
-        inference, and inference idle while the loop works. Two halves overlap the two. With n
-        requests in flight, P loop seconds per request and inference a + b*k for k requests, one
-        batch cycles in P*n + a + b*n and two halves in max(2a + b*n, P*n): halves win when a < P*n."""
-        cap = self.max_batch_size
-        if self.inflight is None or self.cost is None or cap == 1:
-            return cap
-        loop_s, n = self.inflight.measure(), self.inflight.n
-        if loop_s is not None and self.cost.fixed < loop_s * n:
-            cap = min(cap, max(1, math.ceil(n / 2)))
-        return cap
+        """The next batch's size limit (``BatchPolicy.cap``)."""
+        if self.inflight is None:
+            return self.policy.max_batch_size
+        return self.policy.cap(self.inflight.n, self.inflight.measure(), self.cost)
 
     async def _collect(self) -> list[Job]:
         batch = [await self.queue.get()]
         self.busy = True  # from the first dequeue: drain() must wait for these jobs too
-        loop = asyncio.get_running_loop()
-        close = loop.time() + self.max_wait
+        loop, policy = asyncio.get_running_loop(), self.policy
+        first = loop.time()
         cap = self._cap()
-        while len(batch) < cap:
+        while len(batch) < cap:  # take what is queued; then wait for more while the policy allows
             try:
                 batch.append(self.queue.get_nowait())
                 continue
             except asyncio.QueueEmpty:
                 pass
-            remaining = close - loop.time()
+            remaining = policy.wait_left(loop.time() - first)
             if remaining <= 0:
                 break
             if self._holds_all(batch):
-                for _ in range(YIELDS):  # first let the loop take in requests already at the sockets
+                for _ in range(policy.yields):  # first let the loop take in requests already at the sockets
                     await asyncio.sleep(0)
                 if self.queue.empty() and self._holds_all(batch):
                     break
@@ -223,21 +183,18 @@ class Batcher:
         return batch
 
     def _holds_all(self, batch: list[Job]) -> bool:
-        """Whether ``batch`` and the batches at the engine hold every inference request in the server
-        (requests, not jobs): no other request can arrive before one of them is answered."""
-        return self.inflight is not None and self.inflight.n <= sum(j.share for j in batch) + self.dispatched + 1e-6
+        """``BatchPolicy.holds_all`` for ``batch`` (False without the app's in-flight count)."""
+        shares = sum(j.share for j in batch)
+        return self.inflight is not None and self.policy.holds_all(shares, self.dispatched, self.inflight.n)
 
     async def _free_slot(self) -> None:
-        """Wait until the engine may take another batch: none running, or fewer than PIPELINE_DEPTH
-        and all of them quick (a client that hangs up while its batch waits at the engine still
-        costs inference; behind a quick batch that wait is short, and without it the engine would
-        idle between batches while the event loop is busy)."""
-        while self.running and (self.running >= PIPELINE_DEPTH or self.long):
+        """Wait until the engine may take another batch (``BatchPolicy.engine_has_room``)."""
+        while not self.policy.engine_has_room(self.running, self.long):
             self.slot.clear()
             await self.slot.wait()
 
     async def _loop(self) -> None:
-        """Collect a batch whenever the engine has room for one (``PIPELINE_DEPTH``): the engine
+        """Collect a batch whenever the engine has room for one (``policy.pipeline_depth``): the engine
         starts the next batch as it finishes one, while the event loop answers that one."""
         while True:
             await self._free_slot()
@@ -274,7 +231,7 @@ class Batcher:
             live.append(job)
         if not (group := live):
             return
-        long = self.cost is None or self.cost.predict(group) >= PIPELINE_HORIZON_S
+        long = self.policy.is_long(group, self.cost)
         self.running += 1
         self.long += long
         self.dispatched += sum(j.share for j in group)

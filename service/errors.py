@@ -1,5 +1,6 @@
-"""Client mistakes and server conditions -> ``(status, {"error": "<field>: <reason>"}, headers)``,
-one mapping for the FastAPI routes and the plain-ASGI /predict."""
+"""Every exception the service answers for, and its HTTP mapping: ``(status, "<field>: <reason>",
+headers)``, one mapping for the FastAPI routes and the plain-ASGI /predict. The bottom of
+``service/``: it imports nothing else of the package."""
 
 from __future__ import annotations
 
@@ -9,21 +10,45 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
-from .batcher import ClientGone, DeadlineExceeded, QueueFull
-from .modalities import InputError
-from .registry import UnknownModel
+
+class InputError(Exception):
+    """A client's mistake: becomes a 4xx answer naming the field and the reason."""
+
+    def __init__(self, field: str, reason: str, status: int = 422):
+        super().__init__(f"{field}: {reason}")
+        self.field, self.reason, self.status = field, reason, status
+
+
+class UnknownModel(Exception):
+    """404: no such model or version."""
+
+
+class QueueFull(Exception):
+    """The model's queue is at its limit: answer 503 with Retry-After."""
+
+
+class DeadlineExceeded(Exception):
+    """The request's deadline passed while it waited: answer 504."""
+
+
+class ClientGone(Exception):
+    """The client hung up before its batch ran: nobody reads the answer (logged as 499)."""
 
 
 class BodyTooLarge(Exception):
     """413: the body streamed past ``max_body_bytes``."""
 
 
-def validation_message(errors: list[dict[str, Any]]) -> str:
-    """pydantic errors -> ``"<field.path>: <reason>; ..."`` (a body-level error: ``body: ...``)."""
+HANDLED = (InputError, UnknownModel, QueueFull, DeadlineExceeded, ClientGone, BodyTooLarge,
+           ValidationError, RequestValidationError, HTTPException)  # fmt: skip
+
+
+def validation_message(errors: list[dict[str, Any]], prefix: str = "") -> str:
+    """pydantic errors -> ``"<prefix><field.path>: <reason>; ..."`` (a body-level error: ``body: ...``)."""
     parts = []
     for e in errors:
         loc = [str(p) for p in e.get("loc", ()) if p not in ("body",)]
-        parts.append(f"{'.'.join(loc) or 'body'}: {e.get('msg', 'invalid')}")
+        parts.append(f"{prefix}{'.'.join(loc) or 'body'}: {e.get('msg', 'invalid')}")
     return "; ".join(parts)
 
 

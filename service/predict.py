@@ -11,21 +11,17 @@ shared mapping (``errors.reply_for``), and /docs describes it (``app.openapi``).
 from __future__ import annotations
 
 import logging
-import secrets
+import re
 import time
 from typing import Any
 
 import pydantic_core
-from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
-from .batcher import ClientGone, disconnected, infer
-from .errors import reply_for
-from .modalities import InputError
-from .registry import Registry
+from .errors import ClientGone, InputError, reply_for
+from .flow import Flow
 from .schemas import PredictRequest
-from .settings import Settings
 
 log = logging.getLogger("ocd.service")
 PREDICTION_FIELDS = ("label", "probabilities", "value", "image", "uncertainty")  # PredictResponse's order
@@ -95,8 +91,8 @@ class PredictEndpoint:
     """``POST /predict``: a JSON ``PredictRequest``, or a multipart upload (the file in ``file``,
     the other fields as form fields) -> a ``PredictResponse`` or ``{"error": ...}``."""
 
-    def __init__(self, registry: Registry, settings: Settings):
-        self.registry, self.settings = registry, settings
+    def __init__(self, flow: Flow):
+        self.flow, self.settings = flow, flow.settings
 
     async def __call__(self, scope, receive, send) -> None:
         state = scope.setdefault("state", {})
@@ -114,39 +110,19 @@ class PredictEndpoint:
 
     async def predict(self, scope, receive, state: dict, start: float) -> dict[str, Any]:
         req, payload = await self.parse(scope, receive)
-        served = self.registry.get(req.model, req.version)
-        state["model"] = served.name
-        steps = served.check_params(req.ddim_steps, req.ensemble, self.settings)
-        # decoding (PIL, FFT resampling, ...) runs off the event loop unless the input is small
+        flow = self.flow
+        served = flow.lookup(req.model, req.version, state)
+        call = flow.check(served, req)
         modality = served.modality
         if payload[0] == "upload":
-            x = await run_in_threadpool(modality.decode_upload, *payload[1:])
-        elif (x := modality.decode_json_inline(payload[1], payload[2])) is None:
-            x = await run_in_threadpool(modality.decode_json, payload[1], "input")
-        seed = req.seed if req.seed is not None else secrets.randbelow(2**63)
-        ((pred, timings, job),) = await infer(
-            served.batcher,
-            [x],
-            steps,
-            req.ensemble,
-            [seed],
-            start + self.settings.timeout_s,
-            lambda: disconnected(receive),
-        )
+            x = await flow.decode(modality.decode_upload, *payload[1:])
+        else:
+            x = await flow.decode(modality.decode_json, payload[1], "input",
+                                  inline=modality.decode_json_inline(payload[1], payload[2]))  # fmt: skip
+        result = await flow.infer(call, [x], start, receive)
         out: dict[str, Any] = {"model": served.name, "version": served.version, **dict.fromkeys(PREDICTION_FIELDS)}
-        out.update(modality.encode(pred, req.return_uncertainty))
-        out.update(
-            ddim_steps=steps,
-            ensemble=req.ensemble,
-            seed=seed,
-            timings={
-                "queue_ms": job.queue_s * 1000,
-                "inference_ms": sum(timings.values()) * 1000,
-                "total_ms": (time.monotonic() - start) * 1000,
-                "batch_size": job.batch_size,
-                "stages_ms": {k: v * 1000 for k, v in timings.items()},
-            },
-        )
+        out.update(modality.encode(result.preds[0], req.return_uncertainty))
+        out.update(ddim_steps=call.steps, ensemble=call.ensemble, seed=call.seed, timings=flow.timings(result))
         return out
 
     async def parse(self, scope, receive) -> tuple[PredictRequest, tuple]:
@@ -160,10 +136,8 @@ class PredictEndpoint:
             upload = form.get("file")
             if not isinstance(upload, UploadFile):
                 raise InputError("file", "a multipart request needs the file (image or WAV) in the field 'file'")
-            fields: dict[str, Any] = {k: v for k, v in form.items() if k != "file" and isinstance(v, str)}
+            fields = {k: form_value(k, v) for k, v in form.items() if k != "file" and isinstance(v, str)}
             fields["input"] = None
-            if "return_uncertainty" in fields:
-                fields["return_uncertainty"] = fields["return_uncertainty"].lower() in ("1", "true", "yes")
             req = PredictRequest.model_validate(fields)
             return req, ("upload", await upload.read(), upload.filename, upload.content_type)
         if not ctype.startswith("application/json"):
@@ -181,6 +155,21 @@ class PredictEndpoint:
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         req = PredictRequest.model_validate_json(body)
         return req, ("json", req.input, len(body))
+
+
+INT_FIELDS = {"ddim_steps", "ensemble", "seed"}
+BOOL_WORDS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+
+
+def form_value(key: str, value: str) -> Any:
+    """A multipart form field (always text) -> the JSON value it stands for: integers for the
+    integer fields, true/false for return_uncertainty; anything else stays text (and fails the
+    schema's strict types with the same message as in JSON)."""
+    if key in INT_FIELDS and re.fullmatch(r"-?[0-9]{1,20}", value.strip()):
+        return int(value)
+    if key == "return_uncertainty" and value.strip().lower() in BOOL_WORDS:
+        return BOOL_WORDS[value.strip().lower()]
+    return value
 
 
 class Front:

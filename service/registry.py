@@ -12,15 +12,12 @@ from ocd_core.bundle import BundleError, Manifest, list_versions, read_manifest
 
 from . import metrics
 from .batcher import Batcher, InFlight
-from .modalities import InputError, Modality, modality_for
+from .errors import UnknownModel
+from .modalities import Modality, modality_for
 from .settings import Settings
 from .worker import InferenceProcess, LocalEngine, build_engine
 
 log = logging.getLogger("ocd.service")
-
-
-class UnknownModel(Exception):
-    """404: no such model or version."""
 
 
 @dataclass
@@ -30,18 +27,6 @@ class Served:
     manifest: Manifest
     modality: Modality
     batcher: Batcher
-
-    def check_params(self, steps: int | None, ensemble: int, settings: Settings, field_prefix: str = "") -> int:
-        """Validate a request's DDIM steps (None: the model's default) and ensemble size -> the steps."""
-        steps = self.manifest.serving.ddim_steps if steps is None else steps
-        limit = min(settings.max_ddim_steps, self.manifest.schedule.num_train_timesteps)
-        if not 1 <= steps <= limit:
-            raise InputError(f"{field_prefix}ddim_steps", f"must be between 1 and {limit}, got {steps}")
-        if not 1 <= ensemble <= settings.max_ensemble:
-            raise InputError(
-                f"{field_prefix}ensemble", f"must be between 1 and {settings.max_ensemble}, got {ensemble}"
-            )
-        return steps
 
 
 class Registry:

@@ -6,34 +6,54 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+MAX_SEED = 2**63 - 2**20  # sample i of a request uses seed + i: room for a v2 request's samples
 
-class PredictRequest(BaseModel):
+
+class Params(BaseModel):
+    """How to predict, the same fields with the same rules on every endpoint: strict integers (no
+    "5", no true), ranges checked by ``Flow.check`` against the model and the server's limits."""
+
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
+    ddim_steps: int | None = Field(
+        None, strict=True, json_schema_extra={"minimum": 1}, description="DDIM steps; the model's default when null"
+    )
+    ensemble: int = Field(
+        1,
+        strict=True,
+        json_schema_extra={"minimum": 1},
+        description="adapted models sampled with different noise; their mean is the answer",
+    )
+    seed: int | None = Field(
+        None,
+        strict=True,
+        json_schema_extra={"minimum": 0, "exclusiveMaximum": MAX_SEED},
+        description="noise seed; random when null (the response says which); sample i of a batch uses seed + i",
+    )
+
+
+class Target(Params):
     model: str = Field(description="model name, e.g. mnist")
     version: str | None = Field(None, description="model version; latest when null")
+
+
+class PredictRequest(Target):
     input: Any = Field(
         description="image: base64 PNG/JPEG or a nested array of the model's input shape "
         "(pixel values in [0, 1]); tabular: an object of named fields, "
-        'e.g. {"carat": 0.3, "cut": "Ideal", ...}'
+        'e.g. {"carat": 0.3, "cut": "Ideal", ...}; audio: a base64 WAV'
     )
-    ddim_steps: int | None = Field(None, ge=1, description="DDIM steps; the model's default when null")
-    ensemble: int = Field(1, ge=1, description="adapted models sampled with different noise; their mean is returned")
-    seed: int | None = Field(None, ge=0, lt=2**63, description="noise seed; random when null (the response says which)")
     return_uncertainty: bool = True
 
 
-class RenderRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-
-    model: str = Field(description="a rendering model, e.g. nerf")
-    version: str | None = Field(None, description="model version; latest when null")
+class RenderRequest(Target):
     pose: Any = Field(
         description='{"azimuth": degrees, "elevation": degrees, "radius": r} or [azimuth, elevation, radius]'
     )
-    ddim_steps: int | None = Field(None, ge=1, description="DDIM steps; the model's default when null")
-    ensemble: int = Field(1, ge=1, description="adapted models sampled with different noise; their mean is rendered")
-    seed: int | None = Field(None, ge=0, lt=2**63, description="noise seed; random when null (X-OCD-Seed says which)")
+
+
+class V2Parameters(Params):
+    binary_data_output: bool | None = Field(None, description="Triton clients send it; answers are JSON tensors")
 
 
 class Timings(BaseModel):
@@ -81,7 +101,7 @@ class V2RequestedOutput(BaseModel):
 
 class V2InferRequest(BaseModel):
     id: str | None = None
-    parameters: dict[str, Any] | None = Field(None, description="ddim_steps, ensemble, seed (sample i uses seed + i)")
+    parameters: V2Parameters | None = None
     inputs: list[V2Tensor]
     outputs: list[V2RequestedOutput] | None = None
 

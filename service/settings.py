@@ -1,4 +1,4 @@
-"""Service settings, all from ``OCD_*`` environment variables (see the README's table)."""
+"""Service settings, all from ``OCD_*`` environment variables (the table in docs/serving.md)."""
 
 from __future__ import annotations
 

@@ -33,7 +33,8 @@ import torch
 from ocd_core.bundle import BundleError, load_bundle
 from ocd_core.predictor import BatchPrediction, Predictor, SamplePrediction
 
-from .batcher import BatchCost, Job
+from .batch_policy import BatchCost
+from .batcher import Job
 from .gcfreeze import freeze_heap
 from .settings import Settings
 

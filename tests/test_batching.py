@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from ocd_core.predictor import BatchPrediction, Predictor, SamplePrediction
-from service.batcher import BatchCost, Batcher, ClientGone, InFlight, Job, disconnected
+from service.batch_policy import BatchCost, BatchPolicy
+from service.batcher import Batcher, ClientGone, InFlight, Job, disconnected
 from service.worker import Channel, Engine, pack, unpack
 
 
@@ -34,8 +35,26 @@ def batcher(max_batch_size=64, fixed=None, loop_s=None, n=0) -> Batcher:
     ],
 )
 def test_cap_halves_the_batch_only_when_pipelining_pays(fixed, loop_s, n, cap):
-    assert batcher(fixed=fixed, loop_s=loop_s, n=n)._cap() == cap
-    assert batcher(max_batch_size=1, fixed=fixed, loop_s=loop_s, n=n)._cap() == 1  # batching off stays off
+    cost = None if fixed is None else BatchCost(fixed=fixed, per_sample=0.0002)
+    assert BatchPolicy(64, 0.002).cap(n, loop_s, cost) == cap
+    assert BatchPolicy(1, 0.002).cap(n, loop_s, cost) == 1  # batching off stays off
+    assert batcher(fixed=fixed, loop_s=loop_s, n=n)._cap() == cap  # the batcher asks the policy
+
+
+def test_policy_closes_waits_and_pipelines_by_its_rules():
+    p = BatchPolicy(max_batch_size=8, max_wait_s=0.005)
+    assert p.wait_left(0.0) == 0.005 and p.wait_left(0.002) == pytest.approx(0.003) and p.wait_left(0.006) < 0
+    assert BatchPolicy(8, 0.0).wait_left(0.0) == 0  # no wait: a batch takes only what is queued
+    # a batch holds every request in the server: 3 in flight, 2 in the batch, 1 at the engine
+    assert p.holds_all(2.0, 1.0, 3) and not p.holds_all(2.0, 0.0, 3)
+    assert p.holds_all(0.5 + 0.5, 0.0, 1)  # a v2 request of two samples: shares of 1/2 each
+    job = lambda ensemble: SimpleNamespace(steps=5, ensemble=ensemble, share=1.0)
+    cost = BatchCost(fixed=0.01, per_sample=0.001, steps=5)
+    assert not p.is_long([job(1)] * 10, cost)  # 20 ms < the 50 ms horizon
+    assert p.is_long([job(8)] * 6, cost)  # 58 ms
+    assert p.is_long([job(1)], None)  # an engine without a calibration: assume the worst
+    assert p.engine_has_room(0, 0) and p.engine_has_room(1, 0)  # a second batch waits behind a quick one
+    assert not p.engine_has_room(1, 1) and not p.engine_has_room(2, 0)  # not behind a long one, never three
 
 
 def test_calibration_measures_the_fixed_and_per_sample_cost():

@@ -129,7 +129,7 @@ def mnist_recipe(variant: str = "cpu") -> Recipe:
                 denoiser=CompactConfig(hidden=8, probes=2, rank=2, pos_dim=2, emb_dim=16),
             ),
         )
-    raise ValueError(f"unknown variant {variant!r}; use cpu, paper or smoke")
+    raise ValueError(f"unknown variant {variant!r}; use cpu, fast, paper or smoke")
 
 
 def tabular_recipe(dataset: str, variant: str = "cpu") -> Recipe:

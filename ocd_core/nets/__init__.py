@@ -21,7 +21,8 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
 
 
 def register_architecture(name: str, factory: Callable[..., nn.Module]) -> None:
-    """Make ``factory`` buildable by name, so bundles of your own model can be loaded and served."""
+    """Make ``factory`` buildable by name, so bundles of your own model load in this process (``ocd serve``
+    knows only the built-in architectures so far)."""
     ARCHITECTURES[name] = factory
 
 
