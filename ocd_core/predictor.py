@@ -285,7 +285,7 @@ class OCDModel(nn.Module):
 
     def head(self, out: torch.Tensor) -> torch.Tensor:
         """Network output -> probabilities (classification) or values (regression)."""
-        return out.softmax(-1) if self.task == "classification" else out
+        return self.predictor().head(out)
 
     def pool(self, lat: Latents) -> Latents:
         """Latents as the conditioning sees them: pooled to ``CondConfig.latent_pool`` points when set."""
