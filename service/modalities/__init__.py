@@ -9,7 +9,7 @@ from ocd_core.bundle import Manifest
 
 from .audio import AudioModality
 from .base import Modality, flatten
-from .image import ImageModality, png_pixels
+from .image import ImageModality, png_image, png_pixels
 from .pose import PoseModality
 from .tabular import TabularModality
 
@@ -21,7 +21,7 @@ MODALITIES: dict[str, type[Modality]] = {
     "pose": PoseModality,
 }
 
-__all__ = ["MODALITIES", "Modality", "flatten", "modality_for", "png_pixels"]
+__all__ = ["MODALITIES", "Modality", "flatten", "modality_for", "png_image", "png_pixels"]
 
 
 def modality_for(manifest: Manifest) -> Modality:

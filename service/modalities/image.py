@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import struct
+import zlib
 from typing import Any
 
 import numpy as np
@@ -20,6 +22,7 @@ MAX_PIXELS = 4096 * 4096
 INLINE_PIXELS = 256 * 256  # a small PNG can still declare a huge image: those decode on a worker thread
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 INFLATING_CHUNKS = {b"zTXt", b"iTXt", b"iCCP"}  # Pillow inflates these (up to 1 MB each) on reading
+PNG_PLAIN_CHUNKS = {b"IHDR", b"IDAT", b"IEND", b"gAMA", b"sRGB", b"pHYs", b"cHRM"}  # what Pillow reads without limits
 INLINE_CHUNKS = 32  # Pillow parses each chunk in Python: 1,900 tiny chunks take 5.7 ms
 
 
@@ -38,10 +41,41 @@ def png_pixels(data: bytes) -> int | None:
     return int.from_bytes(data[16:20], "big") * int.from_bytes(data[20:24], "big")
 
 
+def png_image(data: bytes) -> Image.Image | None:
+    """The common PNG (8-bit grey or RGB, not interlaced), decoded by Pillow's PNG decoder without
+    ``Image.open``'s format probing and Python chunk parser: 13 instead of 24 µs for a 28x28 digit,
+    on the event loop. None for anything else, for a chunk not in PNG_PLAIN_CHUNKS or whose CRC does
+    not match, and for a size over MAX_PIXELS: ``Image.open`` decodes those, or says why not."""
+    if len(data) < 33 or not data.startswith(PNG_SIGNATURE) or data[8:16] != b"\0\0\0\rIHDR":
+        return None
+    width, height, depth, color, compression, filtering, interlace = struct.unpack(">IIBBBBB", data[16:29])
+    mode = "L" if color == 0 else "RGB" if color == 2 else None
+    if depth != 8 or mode is None or compression or filtering or interlace or not 0 < width * height <= MAX_PIXELS:
+        return None
+    pos, idat, last = 8, [], b""
+    while pos + 12 <= len(data):  # chunk: length (4), type (4), data, CRC of type and data (4)
+        end = pos + 8 + int.from_bytes(data[pos : pos + 4], "big")
+        if end + 4 > len(data) or zlib.crc32(data[pos + 4 : end]) != int.from_bytes(data[end : end + 4], "big"):
+            return None
+        kind = data[pos + 4 : pos + 8]
+        if kind not in PNG_PLAIN_CHUNKS or (kind == b"IDAT" and idat and last != b"IDAT"):  # (IDATs are consecutive)
+            return None
+        if kind == b"IDAT":
+            idat.append(data[pos + 8 : end])
+        elif kind == b"IEND":
+            break
+        pos, last = end + 4, kind
+    if not idat:
+        return None
+    return Image.frombytes(mode, (width, height), b"".join(idat), "zip", mode, 0)  # ValueError if it does not decode
+
+
 class ImageModality(Modality):
     """Images: base64 PNG/JPEG (or a data: URL), an uploaded image file, or a nested array of
     pixel values in [0, 1] of the input shape. Images are converted to the model's channels
-    (L or RGB) and resized to its height x width; Pillow decodes them."""
+    (L or RGB) and resized to its height x width. Pillow decodes them; the common PNG (8-bit grey
+    or RGB) goes straight to its PNG decoder (``png_image``): 51 instead of 87 µs per MNIST digit on
+    the event loop, and +15-19 % batched throughput at concurrency 64 (bench/RESULTS.md)."""
 
     name = "image"
 
@@ -94,11 +128,12 @@ class ImageModality(Modality):
         a few small torch ops cost more than the 28x28 PNG's decoding on the event loop.)"""
         c, h, w = self.shape
         try:
-            img = Image.open(io.BytesIO(data))
-            if img.format not in ("PNG", "JPEG", "MPO"):  # MPO: the JPEG that many phone cameras write
-                raise InputError(field, f"expected a PNG or JPEG image, got {img.format}")
-            if img.width * img.height > MAX_PIXELS:
-                raise InputError(field, f"image is {img.width}x{img.height}; the limit is {MAX_PIXELS} pixels", 413)
+            if (img := png_image(data)) is None:  # the common PNG without Image.open's probing (measured below)
+                img = Image.open(io.BytesIO(data))
+                if img.format not in ("PNG", "JPEG", "MPO"):  # MPO: the JPEG that many phone cameras write
+                    raise InputError(field, f"expected a PNG or JPEG image, got {img.format}")
+                if img.width * img.height > MAX_PIXELS:
+                    raise InputError(field, f"image is {img.width}x{img.height}; the limit is {MAX_PIXELS} pixels", 413)
             mode = "L" if c == 1 else "RGB"
             if img.mode != mode:
                 img = img.convert(mode)
