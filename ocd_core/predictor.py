@@ -124,7 +124,9 @@ class Predictor:
     ):
         self.runtime, self.schedule, self.task, self.prediction = runtime, schedule, task, prediction
         self.delta_shape, self.mean_scale = tuple(delta_shape), float(mean_scale)
-        self._lock = threading.Lock()  # the torch runtime's taps and adapt hooks hook the shared base model
+        # the torch runtime's taps and adapt hooks hook the shared base model: one lock per model, shared
+        # by every predictor over it (another runtime, e.g. ONNX Runtime's sessions, brings none)
+        self._lock = getattr(runtime, "lock", None) or threading.Lock()
 
     def head(self, out: torch.Tensor) -> torch.Tensor:
         """Network output -> probabilities (classification) or values (regression)."""
@@ -241,6 +243,7 @@ class OCDModel(nn.Module):
         self.schedule = NoiseSchedule(schedule)
         self.register_buffer("mean_scale", torch.tensor(float(mean_scale)))
         self.delta_shape = tuple(get_layer(base, layer).weight.shape)
+        self.lock = threading.Lock()  # the base model's hooks (taps, adapt): TorchRuntime and every Predictor share it
         self.eval()
 
     def _apply(self, fn, recurse=True):  # keep the schedule's tensors on the model's device
@@ -265,11 +268,17 @@ class OCDModel(nn.Module):
                 self.delta_shape,
                 self.mean_scale.item(),
             )
-        if "_predictor" not in self.__dict__:
-            self.__dict__["_predictor"] = Predictor(
-                TorchRuntime(self), self.schedule, self.task, self.prediction, self.delta_shape, self.mean_scale.item()
-            )
-        return self.__dict__["_predictor"]
+        with self.lock:
+            if "_predictor" not in self.__dict__:
+                self.__dict__["_predictor"] = Predictor(
+                    TorchRuntime(self),
+                    self.schedule,
+                    self.task,
+                    self.prediction,
+                    self.delta_shape,
+                    self.mean_scale.item(),
+                )
+            return self.__dict__["_predictor"]
 
     def predict(
         self,

@@ -63,6 +63,7 @@ class TorchRuntime:
 
     def __init__(self, model: OCDModel):
         self.model = model
+        self.lock = model.lock  # the predictor holds it around a whole prediction
         self._split: Split | None | bool = False  # False: not tried yet
 
     @property

@@ -28,19 +28,24 @@ class TargetConfig(BaseModel):
     optimizer: Literal["adam", "sgd"] = "adam"
     lr: float = Field(5e-4, gt=0)
     steps: int = Field(3, ge=1)
-    loss: Literal["cross_entropy", "mse"] = "cross_entropy"
+    # entropy: the prediction's own entropy, no label (TENT-style test-time adaptation of the layer)
+    loss: Literal["cross_entropy", "mse", "entropy"] = "cross_entropy"
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     momentum: float = Field(0.0, ge=0)  # SGD only
 
 
 def sample_loss(kind: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean loss of a batch: out (B, C) logits or (B, *) regression, y (B,) labels or (B, *)."""
+    """Mean loss of a batch: out (B, C) logits or (B, *) regression, y (B,) labels or (B, *)
+    (``entropy`` ignores y: the mean entropy of the softmax of out)."""
     if kind == "cross_entropy":
         return F.cross_entropy(out, y)
     if kind == "mse":
         return F.mse_loss(out, y.reshape(out.shape).to(out.dtype))
-    raise ValueError(f"unknown loss {kind!r}; use 'cross_entropy' or 'mse'")
+    if kind == "entropy":
+        logp = out.log_softmax(-1)
+        return -(logp.exp() * logp).sum(-1).mean()
+    raise ValueError(f"unknown loss {kind!r}; use 'cross_entropy', 'mse' or 'entropy'")
 
 
 def _weight_key(model: nn.Module, layer: str) -> str:

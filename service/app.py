@@ -136,8 +136,9 @@ def create_app(settings: Settings | None = None) -> Count:
         status, message, headers = reply_for(e, settings.timeout_s)
         return _error(status, message, headers)
 
-    for exc in HANDLED:
-        app.add_exception_handler(exc, _handled)
+    for exc in HANDLED:  # (not pydantic's ValidationError: here only our own responses raise it, a 500)
+        if exc is not ValidationError:
+            app.add_exception_handler(exc, _handled)
 
     def validated(schema: type[BaseModel], data: Any):
         try:

@@ -53,6 +53,10 @@ def test_pipeline_on_own_module(tmp_path):
         "ocd_ensemble",
         "no_scale",
         "nearest_neighbour",
+        "knn_average",
+        "noise_delta",
+        "tent_1",
+        "tent_3",
         "ddim_1",
         "ddim_5",
     }

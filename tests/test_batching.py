@@ -110,7 +110,7 @@ def test_batch_cost_predicts_members_and_steps():
 
 @pytest.mark.parametrize("fixed,at_engine", [(0.001, 2), (1.0, 1)])
 def test_a_second_batch_waits_at_the_engine_only_behind_a_quick_one(fixed, at_engine):
-    """Three single-job batches: behind a quick batch the next one is sent at once (PIPELINE_DEPTH);
+    """Three single-job batches: behind a quick batch the next one is sent at once (BatchPolicy.pipeline_depth);
     behind a slow one it stays queued, where a client that hangs up still costs nothing."""
 
     async def main():

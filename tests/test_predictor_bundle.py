@@ -314,3 +314,15 @@ def test_compact_denoiser_keeps_its_original_function():
         "col_probe.body.3.bias",
         "col_probe.body.3.weight",
     ]
+
+
+def test_every_torch_predictor_of_a_model_shares_its_lock(model):
+    """The taps and adapt hooks hook the shared base model: predictors made before and after .to(),
+    and one over an explicit TorchRuntime, all hold the model's one lock."""
+    from ocd_core.runtime import TorchRuntime
+
+    first = model.predictor()
+    assert first._lock is model.lock and model.predictor() is first
+    model.to("cpu")
+    assert model.predictor() is not first and model.predictor()._lock is model.lock
+    assert model.predictor(TorchRuntime(model))._lock is model.lock

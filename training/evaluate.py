@@ -2,7 +2,12 @@
 
 Rows: base, oracle (overfit on the test sample with its label), ocd (K=1), ocd_ensemble (K=5),
 no_scale (global mean scale), nearest_neighbour (delta of the nearest training sample),
+knn_average (mean delta of the KNN nearest), noise_delta (a random direction with the scale net's
+magnitude: what a denoiser that learned nothing would give), tent_1 / tent_3 (classification:
+entropy minimisation of the same layer on the request alone, 1 and 3 steps, no label),
 ddim_<n> for each step count. Classification: accuracy and cross-entropy; regression: MSE.
+Classification also gets calibration (ECE) and how well the served uncertainty finds the model's
+errors (AUROC), for the base softmax and the OCD ensemble.
 """
 
 from __future__ import annotations
@@ -63,14 +68,52 @@ def reliability(probs: torch.Tensor, y: torch.Tensor, bins: int = 10) -> dict[st
     return {"bins": rows, "ece": ece}
 
 
-def nearest_neighbour_deltas(model: OCDModel, train: TargetSet, x: torch.Tensor) -> torch.Tensor:
-    """Delta of the nearest training sample in standardised latent space (inp, act, out): (N, *W)."""
+KNN = 5  # neighbours averaged by the knn_average row
+
+
+def nearest_neighbour_deltas(model: OCDModel, train: TargetSet, x: torch.Tensor, k: int = 1) -> torch.Tensor:
+    """Mean delta of the ``k`` nearest training samples in standardised latent space (inp, act, out):
+    (N, *W); k = 1 is the nearest sample's own delta."""
     feats = torch.cat([train.inp, train.act, train.out], 1)
     mu, sd = feats.mean(0), feats.std(0) + 1e-6
     lat = model.latents(x)
     q = (torch.cat(lat.flat(), 1) - mu) / sd
-    idx = torch.cdist(q, (feats - mu) / sd).argmin(1)
-    return train.deltas[idx]
+    dist = torch.cdist(q, (feats - mu) / sd)
+    if k == 1:
+        return train.deltas[dist.argmin(1)]
+    return train.deltas[dist.topk(min(k, dist.shape[1]), largest=False).indices].mean(1)
+
+
+def noise_deltas(model: OCDModel, x: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+    """ρ(x) · z with z ~ N(0, I) drawn from each sample's seed: a delta of OCD's magnitude in a random
+    direction (N, *W), the baseline a denoiser has to beat to have learned a direction."""
+    rho = model.scale_net(*model.latents(x).flat())
+    z = torch.stack([torch.randn(model.delta_shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+    return z.to(rho) * rho.view(-1, *[1] * len(model.delta_shape))
+
+
+def tent_deltas(model: OCDModel, x: torch.Tensor, target_cfg: TargetConfig, steps: int) -> torch.Tensor:
+    """TENT-style test-time adaptation of the OCD layer on each request alone: ``steps`` steps of the
+    targets' optimizer on the prediction's entropy (no label). (N, *W)."""
+    cfg = target_cfg.model_copy(update={"loss": "entropy", "steps": steps})
+    return overfit_deltas(model.base, model.layer, x, torch.zeros(x.shape[0], dtype=torch.long), cfg)
+
+
+def error_auroc(uncertainty: torch.Tensor, errors: torch.Tensor) -> float | None:
+    """AUROC of ``uncertainty`` (N,) for telling the model's errors (N,) bool from its correct answers:
+    the chance that a random error is more uncertain than a random correct answer (ties count half).
+    None when there are no errors or no correct answers."""
+    e, c = uncertainty[errors].double(), uncertainty[~errors].double()
+    if e.numel() == 0 or c.numel() == 0:
+        return None
+    greater = (e.view(-1, 1) > c.view(1, -1)).double().mean()
+    ties = (e.view(-1, 1) == c.view(1, -1)).double().mean()
+    return (greater + 0.5 * ties).item()
+
+
+def entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Predictive entropy (nats) of probabilities (N, C) -> (N,): the uncertainty the service serves."""
+    return -(probs * probs.clamp_min(1e-12).log()).sum(-1)
 
 
 @torch.no_grad()
@@ -106,7 +149,12 @@ def evaluate(
         "ocd_ensemble": lambda: ocd(default_steps, ensemble),
         "no_scale": lambda: ocd(default_steps, 1, "mean"),
         "nearest_neighbour": lambda: adapted(lambda s: nearest_neighbour_deltas(model, train, x[s])),
+        "knn_average": lambda: adapted(lambda s: nearest_neighbour_deltas(model, train, x[s], KNN)),
+        "noise_delta": lambda: adapted(lambda s: noise_deltas(model, x[s], seeds[s])),
     }
+    if task == "classification":
+        for k in (1, 3):
+            jobs[f"tent_{k}"] = lambda k=k: adapted(lambda s: tent_deltas(model, x[s], target_cfg, k))
     for st in ddim_steps:
         jobs[f"ddim_{st}"] = lambda st=st: ocd(st, 1)
     if only is not None:
@@ -115,18 +163,20 @@ def evaluate(
     for name, job in tqdm(jobs.items(), desc="evaluate", disable=not progress, leave=False):
         outs[name] = job()
         rows[name] = metrics(outs[name], y, task)
-    result: dict[str, Any] = {"rows": rows, "cost": cost(model, x[:1], default_steps)}
+    result: dict[str, Any] = {"rows": rows, "cost": cost(model, x[:1], default_steps, target_cfg)}
     if task == "classification":
-        result["reliability"] = {
-            "base": reliability(outs["base"], y),
-            "ocd_ensemble": reliability(outs["ocd_ensemble"], y),
-        }
+        result["reliability"] = {k: reliability(outs[k], y) for k in ("base", "ocd_ensemble")}
+        for k in ("base", "ocd_ensemble"):  # the served uncertainty: the entropy of the (ensemble) mean
+            result["reliability"][k]["error_auroc"] = error_auroc(entropy(outs[k]), outs[k].argmax(1) != y)
     return result
 
 
 @torch.no_grad()
-def cost(model: OCDModel, x1: torch.Tensor, steps: int, repeats: int = 20) -> dict[str, float]:
-    """FLOPs and ms per prediction at batch 1 (base vs OCD with ``steps`` DDIM steps, K=1)."""
+def cost(
+    model: OCDModel, x1: torch.Tensor, steps: int, target_cfg: TargetConfig | None = None, repeats: int = 20
+) -> dict[str, float]:
+    """FLOPs and ms per prediction at batch 1 (base vs OCD with ``steps`` DDIM steps, K=1; for
+    classification also the TENT peer with 3 steps: its backward passes and the adapted forward)."""
     with FlopCounterMode(display=False) as fb:
         model.base(x1)
     with FlopCounterMode(display=False) as fo:
@@ -142,9 +192,13 @@ def cost(model: OCDModel, x1: torch.Tensor, steps: int, repeats: int = 20) -> di
         sync()
         return (time.perf_counter() - t) / repeats * 1000
 
-    return {
+    out = {
         "base_flops": fb.get_total_flops(),
         "ocd_flops": fo.get_total_flops(),
         "base_ms": ms(lambda: model.base(x1)),
         "ocd_ms": ms(lambda: model.predict(x1, steps, 1, seeds=[0])),
     }
+    if model.task == "classification" and target_cfg is not None:
+        tent = lambda: adapted_forward(model.base, model.layer, x1, tent_deltas(model, x1, target_cfg, 3))
+        out["tent_3_ms"] = ms(tent)
+    return out

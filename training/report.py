@@ -22,6 +22,10 @@ ROW_TITLES = {
     "ocd_ensemble": "OCD ensemble",
     "no_scale": "ablation: no scale net (global mean scale)",
     "nearest_neighbour": "ablation: nearest-neighbour delta",
+    "knn_average": "baseline: mean delta of the 5 nearest training samples",
+    "noise_delta": "baseline: noise delta (random direction, the scale net's magnitude)",
+    "tent_1": "peer: TENT, entropy minimisation of the layer on the request (1 step, no label)",
+    "tent_3": "peer: TENT, entropy minimisation of the layer on the request (3 steps, no label)",
     "ocd_heldout": "OCD, targets on the val split (held out from base training)",
     "ocd_heldout_ensemble": "OCD ensemble, targets on the val split",
 }
@@ -131,6 +135,7 @@ def write_report(
         f"- base: {cost['base_ms']:.3f} ms, {cost['base_flops'] / 1e6:.2f} MFLOP",
         f"- OCD ({recipe.get('default_steps')} DDIM steps, 1 sample): {cost['ocd_ms']:.3f} ms, "
         f"{cost['ocd_flops'] / 1e6:.2f} MFLOP ({cost['ocd_flops'] / max(cost['base_flops'], 1):.1f}x the base FLOPs)",
+        *([f"- TENT peer (3 steps, backward passes): {cost['tent_3_ms']:.3f} ms"] if "tent_3_ms" in cost else []),
         "",
     ]
     lines += ["## Plots", "", "![training curves](training_curves.png)", "", "![DDIM steps](ddim_steps.png)", ""]
@@ -149,6 +154,17 @@ def write_report(
             f"OCD ensemble {ece['ocd_ensemble'][0]:.4f} ± {ece['ocd_ensemble'][1]:.4f}.",
             "",
         ]
+        aurocs = {
+            k: [per_seed[s]["reliability"][k].get("error_auroc") for s in seeds] for k in ("base", "ocd_ensemble")
+        }
+        if all(v is not None for vals in aurocs.values() for v in vals):
+            au = {k: _ms(v) for k, v in aurocs.items()}
+            lines += [
+                "Error detection by the served uncertainty (AUROC of the predictive entropy for telling wrong "
+                f"answers from right ones; 0.5 is chance): base {au['base'][0]:.4f} ± {au['base'][1]:.4f}, "
+                f"OCD ensemble {au['ocd_ensemble'][0]:.4f} ± {au['ocd_ensemble'][1]:.4f}.",
+                "",
+            ]
     if notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     lines += ["## Recipe", "", "```json", json.dumps(recipe, indent=2), "```", ""]
