@@ -262,7 +262,7 @@ class OCDModel(nn.Module):
         if runtime is not None:
             return Predictor(
                 runtime,
-                NoiseSchedule(self.schedule_cfg),
+                NoiseSchedule(self.schedule_cfg, device=runtime.device),
                 self.task,
                 self.prediction,
                 self.delta_shape,
