@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, model_validator
 from safetensors.torch import load_file
 from torch import nn
 
@@ -59,9 +59,52 @@ class ArchSpec(BaseModel):
     kwargs: dict[str, Any] = Field(default_factory=dict)
 
 
+class ServingMode(BaseModel):
+    """How a request is answered: ``ddim_steps`` 0 is the base model alone (no adaptation);
+    otherwise ``ensemble`` adapted members sampled with that many DDIM steps. ``val`` holds the
+    evidence it was chosen on: the paired gain over the base model on the val split per metric,
+    {metric: {"mean", "sd", "per_seed": [...]}} (empty when never measured), and its cost."""
+
+    ddim_steps: int = Field(ge=0)
+    ensemble: int = Field(1, ge=1)
+    val: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    cost: float | None = Field(None, description="time per batch over the base model's, where measured")
+
+
+BASE_MODE = "base"
+
+
 class ServingDefaults(BaseModel):
+    """The model's serving modes and its default. ``ocd`` (``ddim_steps``, ``ensemble``) and ``base``
+    always exist; training adds the rest with their val evidence (``ocd_ensemble``, ``ddim_<n>``) and
+    names the default it chose (``mode``) and why (``chosen``)."""
+
     ddim_steps: int = 10
     ensemble: int = 1
+    mode: str = "ocd"
+    modes: dict[str, ServingMode] = Field(default_factory=dict)
+    chosen: str = Field("", description="how the default mode was chosen")
+
+    def all_modes(self) -> dict[str, ServingMode]:
+        """Every mode by name: base, ocd, then the recorded ones (a recorded base or ocd wins)."""
+        builtin = {
+            BASE_MODE: ServingMode(ddim_steps=0),
+            "ocd": ServingMode(ddim_steps=self.ddim_steps, ensemble=self.ensemble),
+        }
+        return {**builtin, **self.modes}
+
+    def name_of(self, ddim_steps: int, ensemble: int) -> str:
+        """The name of the mode that runs these parameters ("custom" when none does)."""
+        for name, m in self.all_modes().items():
+            if m.ddim_steps == ddim_steps and (m.ensemble == ensemble or ddim_steps == 0):
+                return name
+        return "custom"
+
+    @model_validator(mode="after")
+    def _known_default(self) -> ServingDefaults:
+        if self.mode not in self.all_modes():
+            raise ValueError(f"serving.mode {self.mode!r} is not one of {sorted(self.all_modes())}")
+        return self
 
 
 class Manifest(BaseModel):

@@ -165,7 +165,8 @@ class Predictor:
         scale: ScaleMode = "net",
     ) -> BatchPrediction:
         """x (B, *input) -> BatchPrediction with ``ensemble`` members per sample (an int, or one per sample);
-        sample i's noise from ``seeds[i]`` (random seeds when None)."""
+        sample i's noise from ``seeds[i]`` (random seeds when None). ``steps`` 0 is the base mode: the
+        base model alone, no adaptation (ensemble 1; members, mean and base are its output)."""
         B = x.shape[0]
         counts = [ensemble] * B if isinstance(ensemble, int) else list(ensemble)
         seeds = torch.randint(0, 2**63 - 1, (B,)).tolist() if seeds is None else list(seeds)
@@ -173,6 +174,14 @@ class Predictor:
             raise ValueError(f"{len(seeds)} seeds and {len(counts)} ensemble sizes for {B} inputs")
         rt = self.runtime
         sync = torch.cuda.synchronize if rt.device.type == "cuda" else (lambda: None)
+        if steps == 0:  # the base mode: the base model alone, one member per sample
+            if any(k != 1 for k in counts):
+                raise ValueError(f"steps 0 (the base model alone) takes ensemble 1, got {sorted(set(counts))}")
+            with self._lock:
+                t0 = time.perf_counter()
+                base = self.head(rt.base(x))
+                sync()
+            return self.summarise(base, base, counts, {"base": time.perf_counter() - t0})
         reps = torch.tensor(counts, device=rt.device)
         with self._lock:
             t0 = time.perf_counter()

@@ -42,6 +42,9 @@ class Runtime(Protocol):
     def upstream(self, x: torch.Tensor) -> Upstream:
         """x (B, *input) -> the base forward's latents, output and live values."""
 
+    def base(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, *input) -> the base model's output (B, *out), before the head: the base mode."""
+
     def context(self, lat: Latents) -> tuple[torch.Tensor, ...]:
         """Latents of B samples -> the conditioning, prepared for every DDIM step: a tuple of (B, ...) tensors."""
 
@@ -89,6 +92,11 @@ class TorchRuntime:
             tail, m.layer, live, grad_task=m.task if m.cond.output_grad else None
         )  # unpooled: raw.out is the output
         return Upstream(m.pool(raw), raw.out, live)
+
+    def base(self, x: torch.Tensor) -> torch.Tensor:
+        if self.model.training:
+            self.model.eval()
+        return self.model.base(x)
 
     def context(self, lat: Latents) -> tuple[torch.Tensor, ...]:
         return self.model.denoiser.prepare(self.model.cond(*lat.flat(), lat.grad))

@@ -191,7 +191,9 @@ def create_app(settings: Settings | None = None) -> Count:
                 "X-OCD-Model": served.name,
                 "X-OCD-Version": served.version,
                 "X-OCD-Seed": str(call.seed),
+                "X-OCD-Mode": call.mode,
                 "X-OCD-DDIM-Steps": str(call.steps),
+                "X-OCD-Ensemble": str(call.ensemble),
                 "X-OCD-Uncertainty": f"{float(pred.uncertainty.mean()):.6g}",
             },
         )
@@ -224,6 +226,9 @@ def create_app(settings: Settings | None = None) -> Count:
                 "layer": served.manifest.layer,
                 "labels": served.manifest.labels,
                 "default_ddim_steps": served.manifest.serving.ddim_steps,
+                "default_mode": served.manifest.serving.mode,
+                "default_mode_chosen": served.manifest.serving.chosen,
+                "modes": {k: m.model_dump() for k, m in served.manifest.serving.all_modes().items()},
             },
         )
 
@@ -283,7 +288,7 @@ def create_app(settings: Settings | None = None) -> Count:
             model_version=served.version,
             id=body.id,
             outputs=outputs,
-            parameters={"ddim_steps": call.steps, "seed": call.seed},
+            parameters={"mode": call.mode, "ddim_steps": call.steps, "ensemble": call.ensemble, "seed": call.seed},
         )
 
     v2_body = {

@@ -27,12 +27,14 @@ from .settings import Settings
 
 @dataclass
 class Call:
-    """A request's checked parameters: DDIM steps, ensemble size and seed (sample i uses seed + i)."""
+    """A request's checked parameters: DDIM steps (0: the base model alone), ensemble size, seed
+    (sample i uses seed + i) and the name of the mode they make."""
 
     served: Served
     steps: int
     ensemble: int
     seed: int
+    mode: str
 
 
 @dataclass
@@ -60,18 +62,31 @@ class Flow:
         return served
 
     def check(self, served: Served, params: Params, prefix: str = "") -> Call:
-        """Parameters against the model and the server's limits (one message style, every endpoint)."""
-        s = self.settings
-        steps = served.manifest.serving.ddim_steps if params.ddim_steps is None else params.ddim_steps
+        """Parameters against the model and the server's limits (one message style, every endpoint).
+
+        The mode: the one named, else an adapted prediction when ddim_steps or ensemble is given,
+        else the model's default (chosen on its val split); ddim_steps and ensemble override an
+        adapted mode's own."""
+        s, serving = self.settings, served.manifest.serving
+        modes = serving.all_modes()
+        explicit = params.ddim_steps is not None or params.ensemble is not None
+        name = params.mode if params.mode is not None else ("ocd" if explicit else serving.mode)
+        if name not in modes:
+            raise InputError(f"{prefix}mode", f"unknown mode {name!r}; {served.name} has {sorted(modes)}")
+        mode = modes[name]
+        if mode.ddim_steps == 0 and explicit:
+            raise InputError(f"{prefix}mode", f"{name!r} is the base model alone: it takes no ddim_steps or ensemble")
+        steps = mode.ddim_steps if params.ddim_steps is None else params.ddim_steps
+        ensemble = mode.ensemble if params.ensemble is None else params.ensemble
         limit = min(s.max_ddim_steps, served.manifest.schedule.num_train_timesteps)
-        if not 1 <= steps <= limit:
+        if mode.ddim_steps and not 1 <= steps <= limit:
             raise InputError(f"{prefix}ddim_steps", f"must be between 1 and {limit}, got {steps}")
-        if not 1 <= params.ensemble <= s.max_ensemble:
-            raise InputError(f"{prefix}ensemble", f"must be between 1 and {s.max_ensemble}, got {params.ensemble}")
+        if not 1 <= ensemble <= s.max_ensemble:
+            raise InputError(f"{prefix}ensemble", f"must be between 1 and {s.max_ensemble}, got {ensemble}")
         if params.seed is not None and not 0 <= params.seed < MAX_SEED:
             raise InputError(f"{prefix}seed", f"must be between 0 and {MAX_SEED - 1}, got {params.seed}")
         seed = params.seed if params.seed is not None else secrets.randbelow(MAX_SEED)
-        return Call(served, steps, params.ensemble, seed)
+        return Call(served, steps, ensemble, seed, serving.name_of(steps, ensemble))
 
     async def decode(self, fn: Callable[..., Any], *args: Any, inline: Any = None) -> Any:
         """``fn(*args)`` off the event loop (PIL, FFT resampling, ...), unless the caller decoded

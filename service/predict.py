@@ -47,6 +47,7 @@ PREDICT_OPENAPI = {
                             "file": {"type": "string", "format": "binary"},
                             "model": {"type": "string"},
                             "version": {"type": "string"},
+                            "mode": {"type": "string"},
                             "ddim_steps": {"type": "integer"},
                             "ensemble": {"type": "integer"},
                             "seed": {"type": "integer"},
@@ -122,7 +123,8 @@ class PredictEndpoint:
         result = await flow.infer(call, [x], start, receive)
         out: dict[str, Any] = {"model": served.name, "version": served.version, **dict.fromkeys(PREDICTION_FIELDS)}
         out.update(modality.encode(result.preds[0], req.return_uncertainty))
-        out.update(ddim_steps=call.steps, ensemble=call.ensemble, seed=call.seed, timings=flow.timings(result))
+        out.update(mode=call.mode, ddim_steps=call.steps, ensemble=call.ensemble, seed=call.seed)
+        out["timings"] = flow.timings(result)
         return out
 
     async def parse(self, scope, receive) -> tuple[PredictRequest, tuple]:

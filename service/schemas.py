@@ -15,14 +15,23 @@ class Params(BaseModel):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    ddim_steps: int | None = Field(
-        None, strict=True, json_schema_extra={"minimum": 1}, description="DDIM steps; the model's default when null"
+    mode: str | None = Field(
+        None,
+        description='serving mode: "base" (the base model alone), "ocd" (one adapted sample), "ocd_ensemble", ... '
+        "(GET /v2/models/{name} lists a model's modes with their val gains); the model's default, chosen on "
+        "its val split, when null and no ddim_steps or ensemble is given",
     )
-    ensemble: int = Field(
-        1,
+    ddim_steps: int | None = Field(
+        None,
         strict=True,
         json_schema_extra={"minimum": 1},
-        description="adapted models sampled with different noise; their mean is the answer",
+        description="DDIM steps (an adapted prediction); the mode's, or the model's adapted default, when null",
+    )
+    ensemble: int | None = Field(
+        None,
+        strict=True,
+        json_schema_extra={"minimum": 1},
+        description="adapted models sampled with different noise, their mean the answer; the mode's (or 1) when null",
     )
     seed: int | None = Field(
         None,
@@ -76,7 +85,8 @@ class PredictResponse(BaseModel):
     uncertainty: float | list[float] | None = Field(
         None, description="classification: predictive entropy of the ensemble mean (nats); regression: ensemble std"
     )
-    ddim_steps: int
+    mode: str = Field(description='the mode that answered: "base", "ocd", "ocd_ensemble", ... or "custom"')
+    ddim_steps: int = Field(description="0: the base model alone")
     ensemble: int
     seed: int
     timings: Timings

@@ -26,7 +26,7 @@ def test_pipeline_on_own_module(tmp_path):
     x, y = load_digits(return_X_y=True)
     x, y = torch.tensor(x / 16.0, dtype=torch.float32), torch.tensor(y)
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    tr, te = perm[:1200], perm[1200:1500]
+    tr, te, va = perm[:1200], perm[1200:1500], perm[1500:1797]
     torch.manual_seed(0)
     register_architecture("digits_mlp", DigitsMLP)
     base = DigitsMLP()
@@ -36,6 +36,7 @@ def test_pipeline_on_own_module(tmp_path):
         "fc2",
         (x[tr], y[tr]),
         (x[te], y[te]),
+        val=(x[va], y[va]),
         name="digits",
         arch=ArchSpec(arch="digits_mlp", kwargs={"hidden": 32}),
         input_shape=[64],
@@ -64,6 +65,27 @@ def test_pipeline_on_own_module(tmp_path):
     assert res.bundle == tmp_path / "digits" / "1"
     loaded, manifest = load_bundle(res.bundle)
     assert manifest.layer == "fc2" and manifest.latent_dims == (32, 32, 10)
+    s = manifest.serving  # the default mode, chosen on val (training/modes.py)
+    assert {k: (m.ddim_steps, m.ensemble) for k, m in s.all_modes().items()} == {
+        "base": (0, 1),
+        "ocd": (5, 1),
+        "ocd_ensemble": (5, 3),
+        "ddim_1": (1, 1),
+    }
+    assert (
+        res.metrics["served"]
+        == {"base": "base", "ocd": "ocd", "ocd_ensemble": "ocd_ensemble", "ddim_1": "ddim_1"}[s.mode]
+    )
+    gains = {k: {m: v["per_seed"][0] for m, v in mode.val.items()} for k, mode in s.modes.items()}
+    assert gains["base"] == {"acc": 0.0, "ce": 0.0} and set(gains) == {"base", "ocd", "ocd_ensemble", "ddim_1"}
+    assert all(m.cost > 0 for m in s.modes.values()) and s.modes["base"].cost == 1.0
+    if s.mode == "base":  # nothing gained on val without losing somewhere, within the cost budget
+        assert not any(
+            (g["acc"] > 0 and g["ce"] <= 0 or g["acc"] == 0 and g["ce"] < 0) and s.modes[k].cost <= 5.0
+            for k, g in gains.items()
+        )
+    else:
+        assert gains[s.mode]["acc"] >= 0 and gains[s.mode]["ce"] <= 0 and gains[s.mode] != gains["base"]
     p1 = loaded.predict(x[te][:4], steps=5, ensemble=3, seeds=[1, 2, 3, 4])
     p2 = res.model.predict(x[te][:4], steps=5, ensemble=3, seeds=[1, 2, 3, 4])
     assert p1.stacked().shape == (4, 3, 10) and torch.equal(p1.members, p2.members)

@@ -86,6 +86,9 @@ def test_onnx_runtime_matches_torch_per_stage_and_end_to_end(tmp_path, name, ver
     assert (got.members - want.members).abs().max().item() < 1e-4
     assert (got.base - want.base).abs().max().item() < 1e-4
     assert (want.members - want.base.repeat_interleave(2, 0)).abs().max() > 1e-5  # the deltas do move the outputs
+    base_mode = model.predictor(ort).predict(x, 0, 1, seeds=list(range(6)))  # the base mode: no adaptation
+    assert base_mode.members.shape == want.base.shape and set(base_mode.timings) == {"base"}
+    assert (base_mode.mean - want.base).abs().max().item() < 1e-4
 
 
 def test_stale_or_missing_graphs_are_refused(tmp_path):

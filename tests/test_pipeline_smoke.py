@@ -78,6 +78,27 @@ def test_train_smoke_produces_bundle_and_report(tmp_path):
     p = model.predict(torch.zeros(2, 1, 28, 28), steps=2, ensemble=2, seeds=[0, 1])
     assert p.stacked().shape == (2, 2, 10)
 
+    # the serving modes: measured on val for both seeds, the default named in the bundle and the report
+    modes = {"base": (0, 1), "ocd": (2, 1), "ocd_ensemble": (2, 2), "ddim_1": (1, 1)}
+    assert {k: (v.ddim_steps, v.ensemble) for k, v in m.serving.modes.items()} == modes
+    assert all(len(v.val["acc"]["per_seed"]) == 2 and v.cost > 0 for v in m.serving.modes.values())
+    assert m.serving.modes["base"].cost == 1.0 and m.serving.mode in modes and m.serving.chosen
+    row = {"base": "base", "ocd": "ocd", "ocd_ensemble": "ocd_ensemble", "ddim_1": "ddim_1"}[m.serving.mode]
+    assert metrics["served"] == row
+    assert metrics["serving"] == json.loads(m.serving.model_dump_json())
+    assert f"**Served default: `{m.serving.mode}`**" in text and f"| `{m.serving.mode}` **(served)** |" in text
+    gains = {k: [v.val[x]["per_seed"] for x in ("acc", "ce")] for k, v in m.serving.modes.items()}
+    if m.serving.mode != "base":  # served only when not worse than base on either seed, either metric
+        acc, ce = gains[m.serving.mode]
+        assert min(acc) >= 0 and max(ce) <= 0 and m.serving.modes[m.serving.mode].cost <= 5.0
+    val_acc = [
+        json.loads(p.read_text())["ocd"]["acc"] for p in sorted((tmp_path / "runs").glob("*/seed*/eval_val.json"))
+    ]
+    base_acc = [
+        json.loads(p.read_text())["base"]["acc"] for p in sorted((tmp_path / "runs").glob("*/seed*/eval_val.json"))
+    ]
+    assert gains["ocd"][0] == pytest.approx([a - b for a, b in zip(val_acc, base_acc)])
+
     # a second run resumes: every stage is found on disk, the same version is reused
     evals = sorted((tmp_path / "runs").glob("*/seed*/eval.json"))
     stamps = [e.stat().st_mtime_ns for e in evals]

@@ -60,6 +60,19 @@ def test_prediction_shapes_and_uncertainty(model, mnist_batch):
     assert (p.mean - p.base).abs().max() > 1e-3  # the deltas change the prediction
 
 
+def test_steps_zero_is_the_base_model_alone(model, mnist_batch):
+    x, _ = mnist_batch
+    p = model.predict(x, steps=0, ensemble=1, seeds=list(range(20)))
+    with torch.no_grad():
+        want = model.base(x).softmax(-1)  # the base network itself, not the predictor's taps
+    assert p.members.shape == p.mean.shape == p.base.shape == (20, 10) and p.counts == [1] * 20
+    assert torch.equal(p.mean, want) and torch.equal(p.base, want) and torch.equal(p.members, want)
+    assert torch.allclose(p.uncertainty, -(want * want.log()).sum(-1), atol=1e-6)
+    assert set(p.timings) == {"base"}
+    with pytest.raises(ValueError, match=r"steps 0 \(the base model alone\) takes ensemble 1, got \[1, 2\]"):
+        model.predict(x[:2], steps=0, ensemble=[1, 2], seeds=[0, 1])
+
+
 @pytest.mark.parametrize("eta", [0.0, 0.5])
 def test_result_depends_on_own_seed_not_on_batch(model, mnist_batch, eta):
     x, _ = mnist_batch

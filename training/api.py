@@ -4,7 +4,7 @@ from ocd_core.nets import register_architecture
 from training.api import ocd_pipeline
 
 register_architecture("my_mlp", MyMLP)             # so the bundle can rebuild the model
-result = ocd_pipeline(model, "fc1", (x_train, y_train), (x_test, y_test), name="my-model",
+result = ocd_pipeline(model, "fc1", (x_train, y_train), (x_test, y_test), val=(x_val, y_val), name="my-model",
                       arch=ArchSpec(arch="my_mlp", kwargs={...}), input_shape=[64])
 result.metrics["rows"]["ocd"], result.bundle, result.model.predict(x, ensemble=5)
 """
@@ -22,6 +22,7 @@ from ocd_core.bundle import ArchSpec, InputSpec, Manifest, save_bundle
 from ocd_core.fit import FitConfig, TargetSet, build_target_set, fit_ocd
 from ocd_core.predictor import OCDModel, Task
 from training.evaluate import evaluate
+from training.modes import choose, measure_costs, mode_rows, mode_specs
 from training.recipes import EvalConfig
 
 
@@ -40,6 +41,7 @@ def ocd_pipeline(
     train: tuple[torch.Tensor, torch.Tensor],
     test: tuple[torch.Tensor, torch.Tensor] | None = None,
     *,
+    val: tuple[torch.Tensor, torch.Tensor] | None = None,
     name: str,
     arch: ArchSpec,
     input_shape: list[int],
@@ -54,6 +56,10 @@ def ocd_pipeline(
     progress: bool = True,
 ) -> PipelineResult:
     """Targets on ``train`` -> diffusion + scale training -> evaluation on ``test`` -> bundle.
+
+    ``val`` (held out from ``train`` and ``test``) chooses the bundle's default serving mode
+    (training/modes.py): an adapted mode only where it beats the base model on val; without
+    ``val`` the bundle serves the base model by default (OCD on request, ``mode="ocd"``).
 
     ``base`` must already be trained (it is not modified). ``train``/``test`` are (x (N, *input),
     y (N,) labels or (N, *out) regression targets). Set ``fit.targets.loss="mse"`` for regression.
@@ -78,6 +84,18 @@ def ocd_pipeline(
             seed,
             progress=progress,
         )
+    specs_args = (ev_cfg.ddim_steps, ev_cfg.default_steps, ev_cfg.ensemble, ev_cfg.serve_steps or ev_cfg.default_steps)
+    specs, rows = mode_specs(*specs_args), mode_rows(*specs_args)
+    val_rows, costs = {}, None
+    if val is not None:
+        costs = measure_costs(model, val[0][:64], specs)
+        val_rows[seed] = evaluate(
+            model, *val, targets, fit.targets, ev_cfg.ddim_steps, ev_cfg.default_steps, ev_cfg.ensemble, seed,
+            progress=progress, only=set(rows.values()),
+        )["rows"]  # fmt: skip
+    serving = choose(specs, rows, val_rows, task, costs, ev_cfg.cost_budget)
+    if metrics:
+        metrics["served"] = rows[serving.mode]
     bundle = None
     if models_dir is not None:
         lat = model.latents(train[0][:1])
@@ -97,6 +115,7 @@ def ocd_pipeline(
             denoiser=fit.denoiser,
             cond=fit.cond,
             scale=fit.scale,
+            serving=serving,
             metrics={k: v for k, v in metrics.get("rows", {}).items()},
             provenance={"api": "training.api.ocd_pipeline", "n_train": len(train[0]), "seed": seed},
         )

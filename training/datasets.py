@@ -113,7 +113,8 @@ def _audio(recipe: Recipe, cache: Path) -> Prepared:
 
 def _nerf(recipe: Recipe, cache: Path) -> Prepared:
     """Poses (azimuth°, elevation°, radius) -> renders. Train / val images on the base model's
-    training grid (every stride-th pixel); test images whole (evaluation renders every pixel)."""
+    training grid (every stride-th pixel); test and ``val_served`` images whole (evaluation and
+    the serving modes' choice render every pixel)."""
     from training.data.nerf_scene import nerf_views
 
     kw = recipe.arch.kwargs
@@ -126,6 +127,7 @@ def _nerf(recipe: Recipe, cache: Path) -> Prepared:
     parts = {
         "train": (poses[split.train], coarse[split.train]),
         "val": (poses[split.val], coarse[split.val]),
+        "val_served": (poses[split.val], images[split.val]),  # whole, as served: the serving modes' choice
         "test": (poses[split.test], images[split.test]),
     }
     return Prepared(

@@ -18,7 +18,15 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 import ocd_core
-from ocd_core.bundle import Manifest, list_versions, load_bundle, save_bundle
+from ocd_core.bundle import (
+    Manifest,
+    ServingDefaults,
+    ServingMode,
+    list_versions,
+    load_bundle,
+    read_manifest,
+    save_bundle,
+)
 from ocd_core.conditioning import CondConfig
 from ocd_core.fit import FitConfig, TargetSet, build_target_set, fit_ocd
 from ocd_core.io import atomic_save_file, atomic_write_text
@@ -26,6 +34,7 @@ from ocd_core.nets import build_net
 from training.datasets import Prepared, prepare
 from training.evaluate import evaluate
 from training.export_onnx import export_onnx
+from training.modes import choose, measure_costs, mode_rows, mode_specs
 from training.recipes import Recipe
 from training.report import render_strip, write_report
 from training.train_base import train_base
@@ -35,7 +44,9 @@ def run_id(recipe: Recipe) -> str:
     """Names a run's stage directory: the recipe and the code version that ran it."""
     # unset optional settings (None) are not hashed: a new optional field does not rename every run,
     # while a changed default does (ocd_core.__version__ changes with what training does)
-    return hashlib.sha256((recipe.model_dump_json(exclude_none=True) + ocd_core.__version__).encode()).hexdigest()[:12]
+    # eval.max_cost, the serving budget, does not change what is trained or measured
+    spec = recipe.model_dump_json(exclude_none=True, exclude={"eval": {"max_cost"}})
+    return hashlib.sha256((spec + ocd_core.__version__).encode()).hexdigest()[:12]
 
 
 def default_device() -> torch.device:
@@ -173,6 +184,8 @@ def _seed_stage(
                 **_eval_kw(recipe),
             )
         atomic_write_text(json.dumps(ev), epath)
+    xvs, yvs = (t.to(device) for t in prep.parts.get("val_served", (xva, yva)))  # val as served (nerf: whole)
+    val = _val_rows(recipe, model, targets, xvs, yvs, seed, d, progress)
     if recipe.heldout_rows and recipe.target_source != "val":  # targets on samples the base never trained on
         ev["rows"].update(
             _variant_rows(
@@ -211,7 +224,39 @@ def _seed_stage(
                 recipe.alt_cond,
             )
         )
-    return {"eval": ev, "hist": hist}
+    return {"eval": ev, "hist": hist, "val": val}
+
+
+def serve_steps(recipe: Recipe) -> int:
+    return recipe.eval.serve_steps or recipe.eval.default_steps
+
+
+def _modes(recipe: Recipe) -> tuple[dict[str, ServingMode], dict[str, str]]:
+    """The recipe's serving modes and the evaluation row of each (training/modes.py)."""
+    e = recipe.eval
+    args = (e.ddim_steps, e.default_steps, e.ensemble, serve_steps(recipe))
+    return mode_specs(*args), mode_rows(*args)
+
+
+def _val_rows(
+    recipe: Recipe, model, targets: TargetSet, xva, yva, seed: int, d: Path, progress: bool
+) -> dict[str, Any] | None:
+    """The serving modes' rows on the val split (what the default mode is chosen on), cached in
+    ``eval_val.json``; None when the recipe has no val split."""
+    if recipe.target_source != "train" or xva.shape[0] == 0:  # val targets trained the denoiser: not a fair choice
+        return None
+    path = d / "eval_val.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    rows = set(_modes(recipe)[1].values())
+    with eval_arch(model.base, recipe):
+        e = recipe.eval
+        val = evaluate(
+            model, xva, yva, targets, recipe.fit.targets, e.ddim_steps, e.default_steps, e.ensemble, seed,
+            progress=progress, only=rows, **_eval_kw(recipe),
+        )["rows"]  # fmt: skip
+    atomic_write_text(json.dumps(val), path)
+    return val
 
 
 def _variant_rows(
@@ -262,26 +307,25 @@ def _variant_rows(
     return out
 
 
-def publish(bundle_dir: Path, models_dir: Path, name: str, metrics: dict[str, Any], serve_steps: int = 10) -> Path:
-    """Copy a trained bundle into the model repository as the next version (same run -> same version)."""
+def publish(bundle_dir: Path, models_dir: Path, name: str, metrics: dict[str, Any], serving: ServingDefaults) -> Path:
+    """Copy a trained bundle into the model repository as the next version, with its serving modes
+    and metrics. The same run again -> the same version, its manifest's metrics and modes updated."""
     src = bundle_dir / name / "1"
     manifest = json.loads((src / "manifest.json").read_text())
     existing = list_versions(models_dir, name)
     for v in existing:
-        old = json.loads((models_dir / name / v / "manifest.json").read_text())
-        if old.get("provenance", {}).get("run_id") == manifest["provenance"]["run_id"]:
-            if not (models_dir / name / v / "onnx.json").exists():
-                _export_graphs(models_dir / name / v)
-            return models_dir / name / v
+        path = models_dir / name / v
+        old = read_manifest(path)
+        if old.provenance.get("run_id") == manifest["provenance"]["run_id"]:
+            new = old.model_copy(update={"metrics": metrics, "serving": serving})
+            if new != old:  # weights and derived graphs stay; only what was measured changes
+                atomic_write_text(new.model_dump_json(indent=2), path / "manifest.json")
+            if not (path / "onnx.json").exists():
+                _export_graphs(path)
+            return path
     versions = [int(v) for v in existing if v.isdigit()]
     model, m = load_bundle(src)
-    m = m.model_copy(
-        update={
-            "version": str(max(versions, default=0) + 1),
-            "metrics": metrics,
-            "serving": m.serving.model_copy(update={"ddim_steps": serve_steps}),
-        }
-    )
+    m = m.model_copy(update={"version": str(max(versions, default=0) + 1), "metrics": metrics, "serving": serving})
     path = save_bundle(model, m, models_dir)
     _export_graphs(path)
     return path
@@ -311,10 +355,19 @@ def run_recipe(
     root = runs_dir / f"{recipe.name}-{recipe.variant}-{run_id(recipe)}"
     root.mkdir(parents=True, exist_ok=True)
     atomic_write_text(recipe.model_dump_json(indent=2), root / "recipe.json")
-    per_seed, hists = {}, {}
+    per_seed, hists, val = {}, {}, {}
     for seed in tqdm(recipe.seeds, desc=f"{recipe.name} seeds", disable=not progress):
         r = _seed_stage(recipe, prep, seed, root / f"seed{seed}", progress, device)
         per_seed[seed], hists[seed] = r["eval"], r["hist"]
+        if r["val"] is not None:
+            val[seed] = r["val"]
+    specs, rows = _modes(recipe)
+    first, _ = load_bundle(root / f"seed{recipe.seeds[0]}" / "bundle" / recipe.name / "1", device)  # published
+    with eval_arch(first.base, recipe):
+        x = torch.cat([prep.parts[k][0] for k in ("val", "test")])[: min(64, recipe.chunk or 64)].to(device)
+        costs = measure_costs(first, x, specs)
+    val = val if len(val) == len(recipe.seeds) else {}
+    serving = choose(specs, rows, val, prep.task, costs, recipe.eval.cost_budget)
     info = recipe.model_dump(mode="json") | {
         "split_digest": split.digest(),
         "run_id": run_id(recipe),
@@ -343,16 +396,10 @@ def run_recipe(
             model,
             xte[:4].to(device),
             yte[:4].to(device),
-            recipe.eval.serve_steps or recipe.eval.default_steps,
+            serve_steps(recipe),
             report_dir / "renders.png",
         )
-    metrics = write_report(report_dir, info, per_seed, hists, notes)
+    metrics = write_report(report_dir, info, per_seed, hists, notes, serving=(serving, rows))
     summary = {row: {k: v["mean"] for k, v in ms.items()} for row, ms in metrics["rows"].items()}
-    bundle = publish(
-        root / f"seed{recipe.seeds[0]}" / "bundle",
-        models_dir,
-        recipe.name,
-        summary,
-        recipe.eval.serve_steps or recipe.eval.default_steps,
-    )
+    bundle = publish(root / f"seed{recipe.seeds[0]}" / "bundle", models_dir, recipe.name, summary, serving)
     return bundle, report_dir

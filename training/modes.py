@@ -1,0 +1,138 @@
+"""Serving modes and the default chosen on the val split (the test split never picks anything).
+
+A mode is how a request is answered (``ocd_core.bundle.ServingMode``): the base model alone, one
+adapted sample, an ensemble, other DDIM step counts. Each is measured on val for every seed, as a
+paired gain over the same seed's base model, and timed against the base model on a batch. The
+default is the mode with the best mean gain on the primary metric among those that are at least as
+good as the base on every seed and every metric and cost at most ``max_cost`` times the base; the
+base model when none beats it. Ties go to the cheaper mode. Every mode stays servable on request.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import torch
+
+from ocd_core.bundle import BASE_MODE, ServingDefaults, ServingMode
+from ocd_core.predictor import OCDModel
+
+PRIMARY = {"classification": "acc", "regression": "mse"}
+HIGHER_IS_BETTER = {"acc": True, "psnr": True, "ce": False, "mse": False}
+
+
+def mode_rows(ddim_steps: list[int], default_steps: int, ensemble: int, serve_steps: int) -> dict[str, str]:
+    """Each mode's evaluation row: base; ocd (one sample at ``serve_steps``); ocd_ensemble
+    (``ensemble`` members at ``default_steps``, as the report's ensemble row); ddim_<n> (one sample
+    at n steps) for the other step counts of the report's steps curve."""
+    rows = {
+        BASE_MODE: "base",
+        "ocd": "ocd" if serve_steps == default_steps else f"ddim_{serve_steps}",
+        "ocd_ensemble": "ocd_ensemble",
+    }
+    rows.update({f"ddim_{n}": f"ddim_{n}" for n in ddim_steps if n != serve_steps})
+    return rows
+
+
+def mode_specs(ddim_steps: list[int], default_steps: int, ensemble: int, serve_steps: int) -> dict[str, ServingMode]:
+    """The modes of ``mode_rows``, without evidence."""
+    specs = {BASE_MODE: ServingMode(ddim_steps=0), "ocd": ServingMode(ddim_steps=serve_steps)}
+    specs["ocd_ensemble"] = ServingMode(ddim_steps=default_steps, ensemble=ensemble)
+    specs.update({f"ddim_{n}": ServingMode(ddim_steps=n) for n in ddim_steps if n != serve_steps})
+    return specs
+
+
+def paired_gains(per_seed: dict[int, dict[str, dict[str, float]]], row: str) -> dict[str, dict[str, Any]]:
+    """{metric: {mean, sd, per_seed}} of row − base, per seed (seeds in sorted order)."""
+    seeds = sorted(per_seed)
+    out = {}
+    for metric in per_seed[seeds[0]]["base"]:
+        g = [per_seed[s][row][metric] - per_seed[s]["base"][metric] for s in seeds]
+        out[metric] = {"mean": statistics.mean(g), "sd": statistics.stdev(g) if len(g) > 1 else 0.0, "per_seed": g}
+    return out
+
+
+@torch.no_grad()
+def measure_costs(model: OCDModel, x: torch.Tensor, specs: dict[str, ServingMode], rounds: int = 5) -> dict[str, float]:
+    """Each mode's time on the batch x (B, *input) over the base mode's: the fastest of ``rounds``
+    interleaved rounds (the machine's noise only ever adds time), after one warm-up round."""
+    seeds = list(range(x.shape[0]))
+    best = dict.fromkeys(specs, float("inf"))
+    for r in range(rounds + 1):
+        for name, m in specs.items():
+            t = time.perf_counter()
+            model.predict(x, m.ddim_steps, m.ensemble, seeds=seeds)
+            if r:
+                best[name] = min(best[name], time.perf_counter() - t)
+    return {name: best[name] / best[BASE_MODE] for name in specs}
+
+
+def _better(metric: str, gain: float) -> float:
+    """A gain as "higher is better" (an MSE that falls is a positive number)."""
+    return gain if HIGHER_IS_BETTER.get(metric, False) else -gain
+
+
+def choose(
+    specs: dict[str, ServingMode],
+    rows: dict[str, str],
+    val: dict[int, dict[str, dict[str, float]]],
+    task: str,
+    costs: dict[str, float] | None = None,
+    max_cost: float | None = None,
+) -> ServingDefaults:
+    """The serving defaults: every mode with its val evidence (``val``: per seed, {row: metrics}) and
+    cost (``costs``: time over the base's, ``measure_costs``), and the chosen default with the reason.
+    A mode over ``max_cost`` is not a default. No val evidence: the base model, said so."""
+    adapted = specs.get("ocd", ServingMode(ddim_steps=10))
+    costs = costs or {}
+    specs = {n: m.model_copy(update={"cost": costs.get(n)}) for n, m in specs.items()}
+    if not val:
+        return ServingDefaults(
+            ddim_steps=adapted.ddim_steps, mode=BASE_MODE, modes=specs, chosen="no val split: the base model"
+        )
+    primary = PRIMARY[task]
+    modes = {name: spec.model_copy(update={"val": paired_gains(val, rows[name])}) for name, spec in specs.items()}
+
+    def key(name: str) -> tuple[float, ...]:  # best first: primary gain, the other metrics, then cost
+        ev, m = modes[name].val, modes[name]
+        others = [_better(k, v["mean"]) for k, v in ev.items() if k != primary]
+        return (_better(primary, ev[primary]["mean"]), *others, -(m.ddim_steps * m.ensemble))
+
+    def safe(name: str) -> bool:  # not worse than base on any seed, on any metric
+        return all(_better(k, g) >= 0 for k, v in modes[name].val.items() for g in v["per_seed"])
+
+    def affordable(name: str) -> bool:
+        return max_cost is None or costs.get(name, 0.0) <= max_cost
+
+    safe_modes = [n for n in modes if n == BASE_MODE or safe(n)]
+    eligible = [n for n in safe_modes if affordable(n)]
+    best = max(eligible, key=key)
+    if key(best)[:-1] <= key(BASE_MODE)[:-1]:  # no strict gain: the base model costs least
+        best = BASE_MODE
+    n_seeds = len(val)
+    rejected = sorted(set(modes) - set(safe_modes))
+    too_dear = sorted(n for n in safe_modes if not affordable(n) and key(n)[:-1] > key(BASE_MODE)[:-1])
+    if best == BASE_MODE:
+        why = f"no adapted mode beat the base model on the val split ({n_seeds} seeds)"
+        if too_dear:
+            why = (
+                f"no adapted mode within {max_cost:g}x the base model's cost beat it on the val split ({n_seeds} seeds)"
+            )
+    else:
+        g = modes[best].val[primary]
+        gain = (
+            f"{100 * g['mean']:+.2f} ± {100 * g['sd']:.2f} pp"
+            if primary == "acc"
+            else f"{g['mean']:+.4g} ± {g['sd']:.2g}"
+        )
+        why = (
+            f"the best paired {primary} gain on the val split over {n_seeds} seeds ({gain}), "
+            "and not worse than the base on any seed or metric"
+        )
+    if too_dear:
+        why += "; better but over the cost budget: " + ", ".join(f"{n} ({costs[n]:.1f}x)" for n in too_dear)
+    if rejected:
+        why += f"; worse than the base on some seed or metric: {', '.join(rejected)}"
+    return ServingDefaults(ddim_steps=adapted.ddim_steps, mode=best, modes=modes, chosen=why)
