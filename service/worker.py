@@ -63,25 +63,29 @@ class Engine:
     def calibrate(
         self, input_shape: list[int], steps: int, size: int = 8, repeats: int = 3, budget_s: float = 2.0
     ) -> BatchCost:
-        """Warm the engine up (first calls allocate and select kernels) and measure its batch cost
-        from the best of ``repeats`` batches of 1 and of ``size`` zero inputs (B, *input_shape),
-        timed by the engine's own stage timings. A model whose second batch of one says the
-        calibration would take over ``budget_s`` (the NeRF bundle renders a whole image per sample:
-        1.7 s on the CPU) gets that batch's time as its fixed cost, an upper bound; one whose warm-up
-        alone took longer than ``budget_s`` gets the warm-up's time."""
+        """Warm the engine up (first calls allocate and select kernels) and measure its batch cost,
+        at ``steps`` DDIM steps and in the base mode (steps 0), from the best of ``repeats`` batches
+        of 1 and of ``size`` zero inputs (B, *input_shape), timed by the engine's own stage timings.
+        A model whose second batch of one says the calibration would take over ``budget_s`` (the NeRF
+        bundle renders a whole image per sample: 1.7 s on the CPU) gets that batch's time as its
+        fixed cost, an upper bound; one whose warm-up alone took longer than ``budget_s`` gets the
+        warm-up's time."""
         x = torch.zeros(size, *input_shape)
 
-        def seconds(k: int) -> float:
-            return sum(self.run(x[:k], steps, [1] * k, list(range(k)))[1].values())
+        def measure(steps: int) -> BatchCost:
+            def seconds(k: int) -> float:
+                return sum(self.run(x[:k], steps, [1] * k, list(range(k)))[1].values())
 
-        warm = seconds(1)  # (on a GPU: context, allocator, kernel selection; not what a batch costs)
-        one = warm if warm > budget_s else seconds(1)
-        if one * repeats * (1 + size) > budget_s:
-            self.cost = BatchCost(fixed=one, per_sample=0.0, steps=steps)
-            return self.cost
-        one, many = (min(seconds(k) for _ in range(repeats)) for k in (1, size))
-        per_sample = max(0.0, (many - one) / (size - 1))
-        self.cost = BatchCost(fixed=max(0.0, one - per_sample), per_sample=per_sample, steps=steps)
+            warm = seconds(1)  # (on a GPU: context, allocator, kernel selection; not what a batch costs)
+            one = warm if warm > budget_s else seconds(1)
+            if one * repeats * (1 + size) > budget_s:
+                return BatchCost(fixed=one, per_sample=0.0, steps=steps)
+            one, many = (min(seconds(k) for _ in range(repeats)) for k in (1, size))
+            per_sample = max(0.0, (many - one) / (size - 1))
+            return BatchCost(fixed=max(0.0, one - per_sample), per_sample=per_sample, steps=steps)
+
+        adapted = measure(steps)
+        self.cost = BatchCost(adapted.fixed, adapted.per_sample, steps, base=measure(0))
         return self.cost
 
 

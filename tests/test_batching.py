@@ -86,17 +86,24 @@ def test_calibration_measures_the_fixed_and_per_sample_cost():
     assert cost == engine.cost
     assert cost.fixed == pytest.approx(0.003)
     assert cost.per_sample == pytest.approx(0.0005)
-    assert calls == [((1, 1, 28, 28), 5)] * 4 + [((8, 1, 28, 28), 5)] * 2  # warm-up, the budget check, 2 + 2
+    # warm-up, the budget check, 2 + 2; at the model's steps, then in the base mode (steps 0)
+    assert (
+        calls
+        == [((1, 1, 28, 28), 5)] * 4 + [((8, 1, 28, 28), 5)] * 2 + [((1, 1, 28, 28), 0)] * 4 + [((8, 1, 28, 28), 0)] * 2
+    )
+    assert cost.base == BatchCost(fixed=pytest.approx(0.003), per_sample=pytest.approx(0.0005), steps=0)
 
     calls.clear()  # too slow to calibrate within the budget: a batch of one bounds the fixed cost
     cost = Engine(Timed(slow=0.1)).calibrate([3], steps=5, size=8, repeats=2, budget_s=1.0)
-    assert cost == BatchCost(fixed=pytest.approx(0.1035), per_sample=0.0, steps=5)
-    assert calls == [((1, 3), 5)] * 2
+    base = BatchCost(fixed=pytest.approx(0.1035), per_sample=0.0, steps=0)
+    assert cost == BatchCost(fixed=pytest.approx(0.1035), per_sample=0.0, steps=5, base=base)
+    assert calls == [((1, 3), 5)] * 2 + [((1, 3), 0)] * 2
 
     calls.clear()  # a warm-up over the whole budget: no second call
     cost = Engine(Timed(warm=1.5)).calibrate([3], steps=5, size=8, repeats=2, budget_s=1.0)
-    assert cost == BatchCost(fixed=pytest.approx(1.5035), per_sample=0.0, steps=5)
-    assert calls == [((1, 3), 5)]
+    assert (cost.fixed, cost.per_sample, cost.steps) == (pytest.approx(1.5035), 0.0, 5)
+    assert calls[0] == ((1, 3), 5) and calls[1] == ((1, 3), 0)  # the base mode: measured, warm by then
+    assert cost.base.fixed == pytest.approx(0.003) and cost.base.per_sample == pytest.approx(0.0005)
 
 
 def test_batch_cost_predicts_members_and_steps():
@@ -106,6 +113,10 @@ def test_batch_cost_predicts_members_and_steps():
     assert cost.predict([job(5, 4), job(5, 6)]) == pytest.approx(0.004)  # ensemble members count
     assert cost.predict([job(50, 1)] * 10) == pytest.approx(0.04)  # 10x the steps: 10x the batch
     assert cost.predict([job(2, 1)] * 10) == pytest.approx(0.004)  # fewer steps: still the upper bound
+    assert cost.predict([job(0, 1)] * 10) == pytest.approx(0.004)  # the base mode, not measured: the bound
+    with_base = BatchCost(fixed=0.002, per_sample=0.0002, steps=5, base=BatchCost(0.0005, 0.00001, steps=0))
+    assert with_base.predict([job(0, 1)] * 10) == pytest.approx(0.0006)  # the base mode's own cost
+    assert with_base.predict([job(5, 1)] * 10) == pytest.approx(0.004)
 
 
 @pytest.mark.parametrize("fixed,at_engine", [(0.001, 2), (1.0, 1)])
