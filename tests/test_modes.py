@@ -54,7 +54,8 @@ def test_the_best_mode_not_worse_than_base_on_any_seed_wins():
     assert s.modes["ocd"].val["ce"]["mean"] == pytest.approx(-0.01)
     assert s.chosen == (
         "the best paired acc gain on the val split over 3 seeds (+0.10 ± 0.10 pp), and not worse than "
-        "the base on any seed or metric; worse than the base on some seed or metric: ddim_10, ocd"
+        "the base on any seed or metric; no gain beyond one standard error: ddim_1; "
+        "worse than the base on some seed or metric: ddim_10, ocd"
     )
 
 
@@ -70,9 +71,28 @@ def test_base_is_served_when_no_mode_gains():
     s = choose(mode_specs(*SPECS_ARGS), mode_rows(*SPECS_ARGS), val, "classification")
     assert s.mode == "base"
     assert s.chosen == (
-        "no adapted mode beat the base model on the val split (2 seeds); "
-        "worse than the base on some seed or metric: ddim_10, ocd_ensemble"
+        "no adapted mode beat the base model on the val split (2 seeds); no gain beyond one standard "
+        "error: ddim_1, ocd; worse than the base on some seed or metric: ddim_10, ocd_ensemble"
     )
+
+
+def test_a_gain_within_noise_is_not_served():
+    val = val_rows(
+        {
+            "ddim_5": [(0.0, 0.0), (0.0, 0.0), (0.001, 0.0)],  # one image on one seed: mean 0.033, SE 0.033 pp
+            "ocd_ensemble": [(0.0, -0.001), (0.0, -0.002), (0.0, 0.0)],  # acc equal: the ce gain counts
+            "ddim_1": [(0.002, 0.0), (0.001, 0.0), (0.004, -0.001)],  # mean 0.23 pp, SE 0.088: clear
+            "ddim_10": [(0.0, 0.0)] * 3,
+        }
+    )
+    s = choose(mode_specs(*SPECS_ARGS), mode_rows(*SPECS_ARGS), val, "classification")
+    assert s.mode == "ddim_1"
+    assert s.chosen.endswith("; no gain beyond one standard error: ddim_10, ocd")
+    del val[2]  # without the third seed: the ensemble's ce gain is -0.0015 ± 0.0005, ddim_1's acc +0.15 pp
+    assert choose(mode_specs(*SPECS_ARGS), mode_rows(*SPECS_ARGS), val, "classification").mode == "ddim_1"
+    for rows in val.values():
+        rows["ddim_1"]["acc"] = 0.9
+    assert choose(mode_specs(*SPECS_ARGS), mode_rows(*SPECS_ARGS), val, "classification").mode == "ocd_ensemble"
 
 
 def test_a_mode_over_the_cost_budget_is_not_the_default():
@@ -90,7 +110,7 @@ def test_a_mode_over_the_cost_budget_is_not_the_default():
     assert s.chosen == (
         "the best paired acc gain on the val split over 3 seeds (+0.10 ± 0.00 pp), and not worse than "
         "the base on any seed or metric; better but over the cost budget: ocd_ensemble (6.0x); "
-        "worse than the base on some seed or metric: ddim_10"
+        "no gain beyond one standard error: ddim_1; worse than the base on some seed or metric: ddim_10"
     )
     costs["ocd"] = 5.5
     s = choose(mode_specs(*SPECS_ARGS), mode_rows(*SPECS_ARGS), val, "classification", costs, 5.0)

@@ -150,6 +150,33 @@ def test_select_layer_writes_the_ranking_into_the_report(tmp_path):
     assert (tmp_path / "reports" / "credit" / "report.md").read_text().count("## Layer selection") == 1
 
 
+def test_a_bundle_published_before_modes_gets_them_from_its_val_split(tmp_path):
+    from ocd_core.bundle import ServingDefaults, read_manifest
+    from ocd_core.io import atomic_write_text
+    from training.pipeline import choose_bundle_modes, run_recipe
+    from training.recipes import RECIPES
+
+    recipe = RECIPES["credit"]("smoke")
+    bundle, _ = run_recipe(recipe, tmp_path / "runs", tmp_path / "models", tmp_path / "reports", progress=False)
+    m = read_manifest(bundle)
+    legacy = m.model_copy(update={"serving": ServingDefaults(ddim_steps=2)})  # as written before modes
+    atomic_write_text(legacy.model_dump_json(), bundle / "manifest.json")
+    assert read_manifest(bundle).serving.mode == "ocd" and read_manifest(bundle).serving.modes == {}
+    s = choose_bundle_modes(bundle, tmp_path / "runs", "cpu", progress=False)
+    assert read_manifest(bundle).serving == s
+    assert set(s.modes) == {"base", "ocd", "ocd_ensemble", "ddim_1"}
+    assert all(len(v.val["acc"]["per_seed"]) == 2 and v.cost > 0 for v in s.modes.values())  # 2 noise seeds
+    assert s.modes["base"].val["acc"]["per_seed"] == [0.0, 0.0]
+    assert s.chosen.endswith(" (one trained model: noise seeds)")
+    # the same trained model: its val rows under seed 0 are the run's own val rows of seed 0
+    run_val = json.loads(next((tmp_path / "runs").glob("*/seed0/eval_val.json")).read_text())
+    assert s.modes["ocd"].val["ce"]["per_seed"][0] == pytest.approx(run_val["ocd"]["ce"] - run_val["base"]["ce"])
+    other = m.model_copy(update={"provenance": {**m.provenance, "split_digest": "0" * 16}})
+    atomic_write_text(other.model_dump_json(), bundle / "manifest.json")
+    with pytest.raises(ValueError, match="split is not the one this bundle was trained on"):
+        choose_bundle_modes(bundle, tmp_path / "runs", "cpu", progress=False)
+
+
 def test_scale_is_the_root_mean_square_so_a_constant_shift_stays_bounded():
     """ρ* is each delta's RMS: a near-constant delta (spoken digits conv1: std 3e-7, mean 1e-3) must
     not give x_0 = δ/ρ* entries in the thousands."""

@@ -4,6 +4,7 @@ ocd train <recipe> [--variant cpu|fast|conv1|conv2|paper|smoke] [--source DIR] [
           [--models DIR] [--reports DIR] [--runs DIR] [--device cpu|cuda]
 ocd select-layer <recipe> [--draws N] [--samples N]   rank layers (paper's criterion) into the report
 ocd export-onnx <model dir>...  write the ONNX graphs OCD_BACKEND=onnx serves
+ocd choose-mode <model dir>...  measure a published bundle's serving modes on val; set its default
 ocd show <model dir>          print a bundle's manifest summary
 """
 
@@ -27,6 +28,15 @@ def _train(args: argparse.Namespace) -> int:
     )
     print(f"bundle: {bundle}\nreport: {report / 'report.md'}\n")
     print((report / "report.md").read_text())
+    return 0
+
+
+def _choose_mode(args: argparse.Namespace) -> int:
+    from .pipeline import choose_bundle_modes
+
+    for d in args.paths:
+        s = choose_bundle_modes(Path(d), Path(args.runs), args.device, progress=not args.quiet)
+        print(f"{d}: default mode {s.mode}: {s.chosen}")
     return 0
 
 
@@ -65,7 +75,7 @@ def _select(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Register train, select-layer, export-onnx and show on the ``ocd`` parser (ocd_cli)."""
+    """Register train, select-layer, export-onnx, choose-mode and show on the ``ocd`` parser (ocd_cli)."""
     from .recipes import RECIPES
 
     t = sub.add_parser("train", help="run a recipe end to end: base, targets, diffusion, evaluation, bundle")
@@ -97,6 +107,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("export-onnx", help="export bundles' networks to ONNX (for OCD_BACKEND=onnx)")
     e.add_argument("paths", nargs="+", metavar="model_dir")
     e.set_defaults(fn=_export)
+    c = sub.add_parser(
+        "choose-mode", help="measure a published bundle's serving modes on its recipe's val split; set its default"
+    )
+    c.add_argument("paths", nargs="+", metavar="model_dir")
+    c.add_argument("--runs", default="runs", help="where the recipe's data cache is")
+    c.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    c.add_argument("--quiet", action="store_true")
+    c.set_defaults(fn=_choose_mode)
     s = sub.add_parser("show", help="print a bundle's manifest")
     s.add_argument("path")
     s.set_defaults(fn=_show)

@@ -121,7 +121,7 @@ def evaluate(
     model: OCDModel,
     x: torch.Tensor,
     y: torch.Tensor,
-    train: TargetSet,
+    train: TargetSet | None,
     target_cfg: TargetConfig,
     ddim_steps: list[int],
     default_steps: int,

@@ -4,8 +4,9 @@ A mode is how a request is answered (``ocd_core.bundle.ServingMode``): the base 
 adapted sample, an ensemble, other DDIM step counts. Each is measured on val for every seed, as a
 paired gain over the same seed's base model, and timed against the base model on a batch. The
 default is the mode with the best mean gain on the primary metric among those that are at least as
-good as the base on every seed and every metric and cost at most ``max_cost`` times the base; the
-base model when none beats it. Ties go to the cheaper mode. Every mode stays servable on request.
+good as the base on every seed and every metric, gain beyond noise (the mean gain exceeds its
+standard error) and cost at most ``max_cost`` times the base; the base model when none does. Ties
+go to the cheaper mode. Every mode stays servable on request.
 """
 
 from __future__ import annotations
@@ -95,31 +96,39 @@ def choose(
     primary = PRIMARY[task]
     modes = {name: spec.model_copy(update={"val": paired_gains(val, rows[name])}) for name, spec in specs.items()}
 
-    def key(name: str) -> tuple[float, ...]:  # best first: primary gain, the other metrics, then cost
-        ev, m = modes[name].val, modes[name]
-        others = [_better(k, v["mean"]) for k, v in ev.items() if k != primary]
-        return (_better(primary, ev[primary]["mean"]), *others, -(m.ddim_steps * m.ensemble))
+    metrics = [primary, *(k for k in modes[BASE_MODE].val if k != primary)]  # the primary metric first
+
+    def key(name: str) -> tuple[float, ...]:  # best first: the metrics' mean gains in order, then cost
+        m = modes[name]
+        return (*(_better(k, m.val[k]["mean"]) for k in metrics), -(m.ddim_steps * m.ensemble))
 
     def safe(name: str) -> bool:  # not worse than base on any seed, on any metric
         return all(_better(k, g) >= 0 for k, v in modes[name].val.items() for g in v["per_seed"])
 
+    def clear(name: str) -> bool:
+        """A gain beyond noise: on the first metric that moved, the mean gain exceeds its standard error."""
+        for k in metrics:
+            g = [_better(k, x) for x in modes[name].val[k]["per_seed"]]
+            if any(g):
+                return statistics.mean(g) > (statistics.stdev(g) / len(g) ** 0.5 if len(g) > 1 else 0.0)
+        return False
+
     def affordable(name: str) -> bool:
         return max_cost is None or costs.get(name, 0.0) <= max_cost
 
-    safe_modes = [n for n in modes if n == BASE_MODE or safe(n)]
-    eligible = [n for n in safe_modes if affordable(n)]
-    best = max(eligible, key=key)
-    if key(best)[:-1] <= key(BASE_MODE)[:-1]:  # no strict gain: the base model costs least
-        best = BASE_MODE
+    adapted_modes = [n for n in modes if n != BASE_MODE]
+    worse = sorted(n for n in adapted_modes if not safe(n))
+    noise = sorted(n for n in adapted_modes if safe(n) and not clear(n))
+    too_dear = sorted(n for n in adapted_modes if safe(n) and clear(n) and not affordable(n))
+    eligible = [n for n in adapted_modes if safe(n) and clear(n) and affordable(n)]
+    best = max(eligible, key=key) if eligible else BASE_MODE
     n_seeds = len(val)
-    rejected = sorted(set(modes) - set(safe_modes))
-    too_dear = sorted(n for n in safe_modes if not affordable(n) and key(n)[:-1] > key(BASE_MODE)[:-1])
     if best == BASE_MODE:
-        why = f"no adapted mode beat the base model on the val split ({n_seeds} seeds)"
-        if too_dear:
-            why = (
-                f"no adapted mode within {max_cost:g}x the base model's cost beat it on the val split ({n_seeds} seeds)"
-            )
+        why = (
+            f"no adapted mode within {max_cost:g}x the base model's cost beat it"
+            if too_dear
+            else "no adapted mode beat the base model"
+        ) + f" on the val split ({n_seeds} seeds)"
     else:
         g = modes[best].val[primary]
         gain = (
@@ -133,6 +142,8 @@ def choose(
         )
     if too_dear:
         why += "; better but over the cost budget: " + ", ".join(f"{n} ({costs[n]:.1f}x)" for n in too_dear)
-    if rejected:
-        why += f"; worse than the base on some seed or metric: {', '.join(rejected)}"
+    if noise:
+        why += f"; no gain beyond one standard error: {', '.join(noise)}"
+    if worse:
+        why += f"; worse than the base on some seed or metric: {', '.join(worse)}"
     return ServingDefaults(ddim_steps=adapted.ddim_steps, mode=best, modes=modes, chosen=why)

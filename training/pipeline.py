@@ -340,6 +340,43 @@ def _export_graphs(path: Path) -> None:
         print(f"no ONNX graphs for {path}: {type(e).__name__}: {e}")
 
 
+def choose_bundle_modes(
+    path: Path, runs_dir: Path = Path("runs"), device: torch.device | str | None = None, progress: bool = True
+) -> ServingDefaults:
+    """Serving modes for a published bundle that has no val evidence (published before serving
+    modes existed): its recipe's val split (the split must be the bundle's: same digest), evaluated
+    with this one trained model under the recipe's seeds as noise seeds, and timed; the chosen
+    default is written into its manifest (atomically). Returns the serving defaults."""
+    from training.recipes import RECIPES
+
+    device = torch.device(device) if device else default_device()
+    model, m = load_bundle(path, device)
+    variant = m.provenance.get("recipe")
+    if m.name not in RECIPES or variant is None:
+        raise ValueError(f"{path}: made by no recipe of `ocd train` (provenance {m.provenance}); nothing to measure on")
+    recipe = RECIPES[m.name](variant)
+    prep = prepare(recipe, runs_dir / "cache")
+    if prep.split.digest() != m.provenance.get("split_digest"):
+        raise ValueError(f"{path}: the {m.name}/{variant} recipe's split is not the one this bundle was trained on")
+    e = recipe.eval
+    args = (e.ddim_steps, e.default_steps, e.ensemble, m.serving.ddim_steps)
+    specs, rows = mode_specs(*args), mode_rows(*args)
+    xv, yv = (t.to(device) for t in prep.parts.get("val_served", prep.parts["val"]))
+    val = {}
+    with eval_arch(model.base, recipe):
+        for seed in tqdm(recipe.seeds, desc="val", disable=not progress):
+            val[seed] = evaluate(
+                model, xv, yv, None, recipe.fit.targets, e.ddim_steps, e.default_steps, e.ensemble, seed,
+                progress=False, only=set(rows.values()), **_eval_kw(recipe),
+            )["rows"]  # fmt: skip
+        x = torch.cat([prep.parts[k][0] for k in ("val", "test")])[: min(64, recipe.chunk or 64)].to(device)
+        costs = measure_costs(model, x, specs)
+    serving = choose(specs, rows, val, m.task, costs, e.cost_budget)
+    serving = serving.model_copy(update={"chosen": serving.chosen + " (one trained model: noise seeds)"})
+    atomic_write_text(m.model_copy(update={"serving": serving}).model_dump_json(indent=2), Path(path) / "manifest.json")
+    return serving
+
+
 def run_recipe(
     recipe: Recipe,
     runs_dir: Path = Path("runs"),

@@ -172,8 +172,8 @@ def write(results: dict[str, Any], out: Path, seeds: list[int]) -> None:
         f"Paired {metric} gain over the base model on the val split "
         f"({'percentage points' if metric == 'acc' else 'lower is better'}), mean ± sd over seeds {seeds}.",
         "",
-        "| variant | params (cond + denoiser) | fit s/seed | " + " | ".join(rows) + " |",
-        "|" + "---|" * (3 + len(rows)),
+        "| variant | seeds | params (cond + denoiser) | fit s/seed | " + " | ".join(rows) + " |",
+        "|" + "---|" * (4 + len(rows)),
     ]
     fig, ax = plt.subplots(figsize=(10, 4))
     for j, v in enumerate(variants):
@@ -187,9 +187,11 @@ def write(results: dict[str, Any], out: Path, seeds: list[int]) -> None:
             m, sd = statistics.mean(g), statistics.stdev(g) if len(g) > 1 else 0.0
             cells.append(f"{m:+.2f} ± {sd:.2f}" if metric == "acc" else f"{m:+.4f} ± {sd:.4f}")
             means.append(m)
-        fits = [results["fit_s"].get(f"{v}/{s}") for s in seeds]
+        done = [s for s in seeds if f"{v}/{s}" in results["rows"]]
+        fits = [results["fit_s"][f"{v}/{s}"] for s in done]
         fit = f"{statistics.mean(fits):.0f}" if all(f is not None for f in fits) else "(run's)"
-        lines.append(f"| {v} | {results.get('params', {}).get(v, '?')} | {fit} | " + " | ".join(cells) + " |")
+        params = results.get("params", {}).get(v, "?")
+        lines.append(f"| {v} | {','.join(map(str, done))} | {params} | {fit} | " + " | ".join(cells) + " |")
         ax.bar([i + j * 0.8 / len(variants) for i in range(len(rows))], means, 0.8 / len(variants), label=v)
     ax.set_xticks([i + 0.4 - 0.4 / len(variants) for i in range(len(rows))], rows, rotation=20, fontsize=8)
     ax.axhline(0, color="k", lw=0.5)
