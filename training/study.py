@@ -159,43 +159,52 @@ def run(run_dir: Path, out: Path, variants: list[str], device: str = "cpu") -> d
 
 
 def write(results: dict[str, Any], out: Path, seeds: list[int]) -> None:
-    """study.md: per variant and row, the paired val gain (mean ± sd over seeds); study.png."""
+    """study.md: per variant and row, the paired val gain (mean ± sd over the seeds done), one table
+    per metric; study.png: the primary metric's gains."""
     variants = sorted({k.split("/")[0] for k in results["rows"]}, key=list(VARIANTS).index)
-    metric = "acc" if "acc" in next(iter(results["rows"].values()))["base"] else "mse"
-    scale = 100 if metric == "acc" else 1
-    order = ["ocd", "ocd_ensemble", "noise_delta", "nearest_neighbour", "knn_average"]
     have = next(iter(results["rows"].values()))
+    metrics = list(have["base"])
+    order = ["ocd", "ocd_ensemble", "noise_delta", "nearest_neighbour", "knn_average"]
     rows = [r for r in order if r in have] + sorted(r for r in have if r not in order and r != "base")
     lines = [
         f"# {results['recipe']} ({results['variant']}): where OCD's gap comes from (val split)",
         "",
-        f"Paired {metric} gain over the base model on the val split "
-        f"({'percentage points' if metric == 'acc' else 'lower is better'}), mean ± sd over seeds {seeds}.",
-        "",
-        "| variant | seeds | params (cond + denoiser) | fit s/seed | " + " | ".join(rows) + " |",
-        "|" + "---|" * (4 + len(rows)),
+        f"Paired gain over the base model on the val split, mean ± sd over the seeds done (of {seeds}); "
+        "accuracy in percentage points (higher is better), cross-entropy and MSE lower is better. "
+        "Written by `python -m training.study`; the rows are explained in its docstring.",
     ]
     fig, ax = plt.subplots(figsize=(10, 4))
-    for j, v in enumerate(variants):
-        cells, means = [], []
-        for r in rows:
-            g = [
-                scale * (results["rows"][f"{v}/{s}"][r][metric] - results["rows"][f"{v}/{s}"]["base"][metric])
-                for s in seeds
-                if f"{v}/{s}" in results["rows"]
-            ]
-            m, sd = statistics.mean(g), statistics.stdev(g) if len(g) > 1 else 0.0
-            cells.append(f"{m:+.2f} ± {sd:.2f}" if metric == "acc" else f"{m:+.4f} ± {sd:.4f}")
-            means.append(m)
-        done = [s for s in seeds if f"{v}/{s}" in results["rows"]]
-        fits = [results["fit_s"][f"{v}/{s}"] for s in done]
-        fit = f"{statistics.mean(fits):.0f}" if all(f is not None for f in fits) else "(run's)"
-        params = results.get("params", {}).get(v, "?")
-        lines.append(f"| {v} | {','.join(map(str, done))} | {params} | {fit} | " + " | ".join(cells) + " |")
-        ax.bar([i + j * 0.8 / len(variants) for i in range(len(rows))], means, 0.8 / len(variants), label=v)
+    for metric in metrics:
+        scale = 100 if metric == "acc" else 1
+        lines += [
+            "",
+            f"### {metric}",
+            "",
+            "| variant | seeds | params (cond + denoiser) | fit s/seed | " + " | ".join(rows) + " |",
+            "|" + "---|" * (4 + len(rows)),
+        ]
+        for j, v in enumerate(variants):
+            done = [s for s in seeds if f"{v}/{s}" in results["rows"]]
+            cells, means = [], []
+            for r in rows:
+                g = [
+                    scale * (results["rows"][f"{v}/{s}"][r][metric] - results["rows"][f"{v}/{s}"]["base"][metric])
+                    for s in done
+                ]
+                m, sd = statistics.mean(g), statistics.stdev(g) if len(g) > 1 else 0.0
+                cells.append(f"{m:+.2f} ± {sd:.2f}" if metric == "acc" else f"{m:+.4f} ± {sd:.4f}")
+                means.append(m)
+            fits = [results["fit_s"][f"{v}/{s}"] for s in done]
+            fit = f"{statistics.mean(fits):.0f}" if all(f is not None for f in fits) else "(run's)"
+            params = results.get("params", {}).get(v, "?")
+            lines.append(f"| {v} | {','.join(map(str, done))} | {params} | {fit} | " + " | ".join(cells) + " |")
+            if metric == metrics[0]:
+                ax.bar([i + j * 0.8 / len(variants) for i in range(len(rows))], means, 0.8 / len(variants), label=v)
     ax.set_xticks([i + 0.4 - 0.4 / len(variants) for i in range(len(rows))], rows, rotation=20, fontsize=8)
     ax.axhline(0, color="k", lw=0.5)
-    ax.set(ylabel=f"val gain {metric}" + (" (pp)" if metric == "acc" else ""), title="paired val gain over base")
+    ax.set(
+        ylabel=f"val gain {metrics[0]}" + (" (pp)" if metrics[0] == "acc" else ""), title="paired val gain over base"
+    )
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "study.png", dpi=100)
