@@ -64,13 +64,15 @@ class Flow:
     def check(self, served: Served, params: Params, prefix: str = "") -> Call:
         """Parameters against the model and the server's limits (one message style, every endpoint).
 
-        The mode: the one named, else an adapted prediction when ddim_steps or ensemble is given,
-        else the model's default (chosen on its val split); ddim_steps and ensemble override an
-        adapted mode's own."""
+        The mode: the one named, else the model's default (chosen on its val split); ddim_steps and
+        ensemble override an adapted mode's own (given with a base-model default, they ask for an
+        adapted prediction: the ``ocd`` mode's)."""
         s, serving = self.settings, served.manifest.serving
         modes = serving.all_modes()
         explicit = params.ddim_steps is not None or params.ensemble is not None
-        name = params.mode if params.mode is not None else ("ocd" if explicit else serving.mode)
+        name = serving.mode if params.mode is None else params.mode
+        if params.mode is None and explicit and modes[name].ddim_steps == 0:
+            name = "ocd"  # parameters of an adapted prediction, and the default is the base model
         if name not in modes:
             raise InputError(f"{prefix}mode", f"unknown mode {name!r}; {served.name} has {sorted(modes)}")
         mode = modes[name]
@@ -79,10 +81,17 @@ class Flow:
         steps = mode.ddim_steps if params.ddim_steps is None else params.ddim_steps
         ensemble = mode.ensemble if params.ensemble is None else params.ensemble
         limit = min(s.max_ddim_steps, served.manifest.schedule.num_train_timesteps)
-        if mode.ddim_steps and not 1 <= steps <= limit:
-            raise InputError(f"{prefix}ddim_steps", f"must be between 1 and {limit}, got {steps}")
-        if not 1 <= ensemble <= s.max_ensemble:
-            raise InputError(f"{prefix}ensemble", f"must be between 1 and {s.max_ensemble}, got {ensemble}")
+        for field, value, top, given in (
+            ("ddim_steps", steps, limit, params.ddim_steps is not None),
+            ("ensemble", ensemble, s.max_ensemble, params.ensemble is not None),
+        ):
+            if mode.ddim_steps and not 1 <= value <= top:
+                if not given:  # the mode's own value: name the mode and the server's limit, not a field never sent
+                    raise InputError(
+                        f"{prefix}mode",
+                        f"{name!r} runs {field} {value}, over this server's limit of {top}; name another mode",
+                    )
+                raise InputError(f"{prefix}{field}", f"must be between 1 and {top}, got {value}")
         if params.seed is not None and not 0 <= params.seed < MAX_SEED:
             raise InputError(f"{prefix}seed", f"must be between 0 and {MAX_SEED - 1}, got {params.seed}")
         seed = params.seed if params.seed is not None else secrets.randbelow(MAX_SEED)

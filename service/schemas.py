@@ -19,13 +19,13 @@ class Params(BaseModel):
         None,
         description='serving mode: "base" (the base model alone), "ocd" (one adapted sample), "ocd_ensemble", ... '
         "(GET /v2/models/{name} lists a model's modes with their val gains); the model's default, chosen on "
-        "its val split, when null and no ddim_steps or ensemble is given",
+        "its val split, when null",
     )
     ddim_steps: int | None = Field(
         None,
         strict=True,
         json_schema_extra={"minimum": 1},
-        description="DDIM steps (an adapted prediction); the mode's, or the model's adapted default, when null",
+        description="DDIM steps of an adapted prediction; the mode's when null",
     )
     ensemble: int | None = Field(
         None,

@@ -4,7 +4,7 @@ import pytest
 from pydantic import ValidationError
 
 from ocd_core.bundle import ServingDefaults, ServingMode
-from training.modes import choose, mode_rows, mode_specs
+from training.modes import choose, curve_steps, mode_rows, mode_specs
 
 SPECS_ARGS = ([1, 5, 10], 10, 5, 5)  # ddim_steps curve, default steps, ensemble, serve steps
 
@@ -36,6 +36,8 @@ def test_modes_and_their_rows():
         "ddim_10": (10, 1),
     }
     assert mode_rows([2], 2, 3, 2) == {"base": "base", "ocd": "ocd", "ocd_ensemble": "ocd_ensemble"}
+    assert curve_steps(mode_rows(*SPECS_ARGS)) == [1, 5, 10]
+    assert curve_steps(mode_rows([1, 10], 10, 5, 3)) == [1, 3, 10]  # served at 3 steps, off the curve: measured too
 
 
 def test_the_best_mode_not_worse_than_base_on_any_seed_wins():

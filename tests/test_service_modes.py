@@ -23,7 +23,7 @@ def bundle(tmp_path_factory):
     serving = ServingDefaults(
         ddim_steps=10,
         mode="base",
-        modes={"ocd_ensemble": ServingMode(ddim_steps=4, ensemble=3, val={"acc": {"mean": -0.01}})},
+        modes={"ocd_ensemble": ServingMode(ddim_steps=10, ensemble=3, val={"acc": {"mean": -0.01}})},
         chosen="no adapted mode beat the base model on the val split (3 seeds)",
     )
     atomic_write_text(m.model_copy(update={"serving": serving}).model_dump_json(indent=2), path / "manifest.json")
@@ -63,7 +63,7 @@ def test_default_mode_is_the_manifests_and_answers_with_the_base_model(server, b
     assert {k: (v["ddim_steps"], v["ensemble"]) for k, v in meta["modes"].items()} == {
         "base": (0, 1),
         "ocd": (10, 1),
-        "ocd_ensemble": (4, 3),
+        "ocd_ensemble": (10, 3),
     }
     assert meta["modes"]["ocd_ensemble"]["val"] == {"acc": {"mean": -0.01}}
 
@@ -72,18 +72,18 @@ def test_a_request_names_a_mode_or_its_parameters(server, bundle):
     model, _ = load_bundle(bundle)
     x = ((torch.tensor(DIGIT) - MEAN) / STD)[None]
     ens = post(server, mode="ocd_ensemble", seed=5).json()
-    assert (ens["mode"], ens["ddim_steps"], ens["ensemble"]) == ("ocd_ensemble", 4, 3)
-    assert probs(ens) == pytest.approx(model.predict(x, 4, 3, seeds=[5]).mean[0].tolist(), abs=1e-5)
+    assert (ens["mode"], ens["ddim_steps"], ens["ensemble"]) == ("ocd_ensemble", 10, 3)
+    assert probs(ens) == pytest.approx(model.predict(x, 10, 3, seeds=[5]).mean[0].tolist(), abs=1e-5)
     base = post(server).json()
     assert max(abs(p - q) for p, q in zip(probs(ens), probs(base))) > 1e-4  # adapted: not the base answer
-    same = post(server, ddim_steps=4, ensemble=3, seed=5).json()  # the mode's parameters: named after it
+    same = post(server, ensemble=3, seed=5).json()  # the mode's parameters: named after it
     assert same["mode"] == "ocd_ensemble" and same["probabilities"] == ens["probabilities"]
     one = post(server, mode="ocd", seed=5).json()
     assert (one["mode"], one["ddim_steps"], one["ensemble"]) == ("ocd", 10, 1)
     custom = post(server, ensemble=2, seed=5).json()  # parameters alone: an adapted prediction
     assert (custom["mode"], custom["ddim_steps"], custom["ensemble"]) == ("custom", 10, 2)
-    over = post(server, mode="ocd_ensemble", ensemble=2, seed=5).json()  # a mode's parameter overridden
-    assert (over["mode"], over["ddim_steps"], over["ensemble"]) == ("custom", 4, 2)
+    over = post(server, mode="ocd_ensemble", ddim_steps=4, seed=5).json()  # a mode's parameter overridden
+    assert (over["mode"], over["ddim_steps"], over["ensemble"]) == ("custom", 4, 3)
     form = httpx.post(
         f"{server.url}/predict",
         files={"file": ("d.npy", b"", "application/octet-stream")},
@@ -91,6 +91,48 @@ def test_a_request_names_a_mode_or_its_parameters(server, bundle):
         timeout=60,
     )
     assert form.status_code == 422 and form.json()["error"].startswith("mode: unknown mode 'nope'")
+
+
+def test_check_resolves_modes_against_the_server_limits():
+    """Flow.check alone: an adapted default fills what a request leaves out; a mode whose own steps
+    or members are over this server's limits is named, not a field the client never sent."""
+    from types import SimpleNamespace
+
+    from service.errors import InputError
+    from service.flow import Flow
+    from service.schemas import Params
+    from service.settings import Settings
+
+    modes = {"ddim_20": ServingMode(ddim_steps=20), "ocd_ensemble": ServingMode(ddim_steps=10, ensemble=5)}
+    serving = ServingDefaults(ddim_steps=10, mode="ddim_20", modes=modes)
+    served = SimpleNamespace(
+        name="m", manifest=SimpleNamespace(serving=serving, schedule=SimpleNamespace(num_train_timesteps=1000))
+    )
+
+    def call(flow, **params):
+        c = flow.check(served, Params(seed=1, **params))
+        return c.mode, c.steps, c.ensemble
+
+    wide = Flow(None, Settings(max_ddim_steps=100, max_ensemble=32))
+    assert call(wide) == ("ddim_20", 20, 1)
+    assert call(wide, ensemble=5) == ("custom", 20, 5)  # the default's steps
+    assert call(wide, ddim_steps=10, ensemble=5) == ("ocd_ensemble", 10, 5)
+    assert call(wide, mode="base") == ("base", 0, 1)
+    tight = Flow(None, Settings(max_ddim_steps=10, max_ensemble=4))
+    assert call(tight, mode="ocd_ensemble", ensemble=4) == ("custom", 10, 4)  # overridden within the limits
+    for params, field, reason in (
+        ({}, "mode", "'ddim_20' runs ddim_steps 20, over this server's limit of 10; name another mode"),
+        (
+            {"mode": "ocd_ensemble"},
+            "mode",
+            "'ocd_ensemble' runs ensemble 5, over this server's limit of 4; name another mode",
+        ),
+        ({"ddim_steps": 12}, "ddim_steps", "must be between 1 and 10, got 12"),
+        ({"mode": "ocd_ensemble", "ensemble": 6}, "ensemble", "must be between 1 and 4, got 6"),
+    ):
+        with pytest.raises(InputError) as e:
+            tight.check(served, Params(**params))
+        assert (e.value.field, e.value.reason) == (field, reason)
 
 
 @pytest.mark.parametrize(
@@ -118,7 +160,7 @@ def test_v2_and_render_style_answers_say_the_mode(server):
     r = httpx.post(f"{server.url}/v2/models/mnist/infer", json=body, timeout=60).json()
     assert {k: r["parameters"][k] for k in ("mode", "ddim_steps", "ensemble", "seed")} == {
         "mode": "ocd_ensemble",
-        "ddim_steps": 4,
+        "ddim_steps": 10,
         "ensemble": 3,
         "seed": 5,
     }
@@ -128,7 +170,8 @@ def test_v2_and_render_style_answers_say_the_mode(server):
 
 
 def test_modes_batch_together_and_each_answer_is_its_own(server):
-    """Concurrent requests of every mode: each gets the answer it gets alone."""
+    """Concurrent requests of every mode: each gets the answer it gets alone (ocd and ocd_ensemble
+    run the same steps, so they share batches as ragged members; the base mode runs apart)."""
     bodies = [dict(mode=m, seed=s) for s in range(4) for m in ("base", "ocd", "ocd_ensemble")]
     alone = [post(server, **b).json() for b in bodies]
     with ThreadPoolExecutor(12) as pool:

@@ -22,7 +22,7 @@ from ocd_core.bundle import ArchSpec, InputSpec, Manifest, save_bundle
 from ocd_core.fit import FitConfig, TargetSet, build_target_set, fit_ocd
 from ocd_core.predictor import OCDModel, Task
 from training.evaluate import evaluate
-from training.modes import choose, measure_costs, mode_rows, mode_specs
+from training.modes import choose, curve_steps, measure_costs, mode_rows, mode_specs
 from training.recipes import EvalConfig
 
 
@@ -90,7 +90,7 @@ def ocd_pipeline(
     if val is not None:
         costs = measure_costs(model, val[0][:64], specs)
         val_rows[seed] = evaluate(
-            model, *val, targets, fit.targets, ev_cfg.ddim_steps, ev_cfg.default_steps, ev_cfg.ensemble, seed,
+            model, *val, targets, fit.targets, curve_steps(rows), ev_cfg.default_steps, ev_cfg.ensemble, seed,
             progress=progress, only=set(rows.values()),
         )["rows"]  # fmt: skip
     serving = choose(specs, rows, val_rows, task, costs, ev_cfg.cost_budget)

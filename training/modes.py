@@ -37,6 +37,11 @@ def mode_rows(ddim_steps: list[int], default_steps: int, ensemble: int, serve_st
     return rows
 
 
+def curve_steps(rows: dict[str, str]) -> list[int]:
+    """The DDIM step counts whose ``ddim_<n>`` rows ``rows`` needs (``evaluate``'s ddim_steps)."""
+    return sorted({int(r.removeprefix("ddim_")) for r in rows.values() if r.startswith("ddim_")})
+
+
 def mode_specs(ddim_steps: list[int], default_steps: int, ensemble: int, serve_steps: int) -> dict[str, ServingMode]:
     """The modes of ``mode_rows``, without evidence."""
     specs = {BASE_MODE: ServingMode(ddim_steps=0), "ocd": ServingMode(ddim_steps=serve_steps)}
@@ -110,7 +115,8 @@ def choose(
         for k in metrics:
             g = [_better(k, x) for x in modes[name].val[k]["per_seed"]]
             if any(g):
-                return statistics.mean(g) > (statistics.stdev(g) / len(g) ** 0.5 if len(g) > 1 else 0.0)
+                se = statistics.stdev(g) / len(g) ** 0.5 if len(g) > 1 else 0.0  # one seed: no noise estimate
+                return statistics.mean(g) > se * (1 + 1e-9)  # one seed of several moved: mean == SE exactly
         return False
 
     def affordable(name: str) -> bool:

@@ -34,7 +34,7 @@ from ocd_core.nets import build_net
 from training.datasets import Prepared, prepare
 from training.evaluate import evaluate
 from training.export_onnx import export_onnx
-from training.modes import choose, measure_costs, mode_rows, mode_specs
+from training.modes import choose, curve_steps, measure_costs, mode_rows, mode_specs
 from training.recipes import Recipe
 from training.report import render_strip, write_report
 from training.train_base import train_base
@@ -246,16 +246,17 @@ def _val_rows(
     if recipe.target_source != "train" or xva.shape[0] == 0:  # val targets trained the denoiser: not a fair choice
         return None
     path = d / "eval_val.json"
-    if path.exists():
-        return json.loads(path.read_text())
-    rows = set(_modes(recipe)[1].values())
-    with eval_arch(model.base, recipe):
-        e = recipe.eval
-        val = evaluate(
-            model, xva, yva, targets, recipe.fit.targets, e.ddim_steps, e.default_steps, e.ensemble, seed,
-            progress=progress, only=rows, **_eval_kw(recipe),
-        )["rows"]  # fmt: skip
-    atomic_write_text(json.dumps(val), path)
+    val = json.loads(path.read_text()) if path.exists() else {}
+    mode_to_row = _modes(recipe)[1]
+    missing = set(mode_to_row.values()) - set(val)
+    if missing:  # (a cache from before a mode was added: only the new rows)
+        with eval_arch(model.base, recipe):
+            e = recipe.eval
+            val |= evaluate(
+                model, xva, yva, targets, recipe.fit.targets, curve_steps(mode_to_row), e.default_steps, e.ensemble,
+                seed, progress=progress, only=missing, **_eval_kw(recipe),
+            )["rows"]  # fmt: skip
+        atomic_write_text(json.dumps(val), path)
     return val
 
 
@@ -366,7 +367,7 @@ def choose_bundle_modes(
     with eval_arch(model.base, recipe):
         for seed in tqdm(recipe.seeds, desc="val", disable=not progress):
             val[seed] = evaluate(
-                model, xv, yv, None, recipe.fit.targets, e.ddim_steps, e.default_steps, e.ensemble, seed,
+                model, xv, yv, None, recipe.fit.targets, curve_steps(rows), e.default_steps, e.ensemble, seed,
                 progress=False, only=set(rows.values()), **_eval_kw(recipe),
             )["rows"]  # fmt: skip
         x = torch.cat([prep.parts[k][0] for k in ("val", "test")])[: min(64, recipe.chunk or 64)].to(device)
