@@ -67,8 +67,7 @@ class Flow:
         The mode: the one named, else the model's default (chosen on its val split); ddim_steps and
         ensemble override an adapted mode's own (given with a base-model default, they ask for an
         adapted prediction: the ``ocd`` mode's)."""
-        s, serving = self.settings, served.manifest.serving
-        modes = serving.all_modes()
+        s, serving, modes = self.settings, served.manifest.serving, served.modes
         explicit = params.ddim_steps is not None or params.ensemble is not None
         name = serving.mode if params.mode is None else params.mode
         if params.mode is None and explicit and modes[name].ddim_steps == 0:
@@ -95,7 +94,7 @@ class Flow:
         if params.seed is not None and not 0 <= params.seed < MAX_SEED:
             raise InputError(f"{prefix}seed", f"must be between 0 and {MAX_SEED - 1}, got {params.seed}")
         seed = params.seed if params.seed is not None else secrets.randbelow(MAX_SEED)
-        return Call(served, steps, ensemble, seed, serving.name_of(steps, ensemble))
+        return Call(served, steps, ensemble, seed, served.mode_name(steps, ensemble))
 
     async def decode(self, fn: Callable[..., Any], *args: Any, inline: Any = None) -> Any:
         """``fn(*args)`` off the event loop (PIL, FFT resampling, ...), unless the caller decoded

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ocd_core.bundle import BundleError, Manifest, list_versions, read_manifest
+from ocd_core.bundle import BundleError, Manifest, ServingMode, list_versions, read_manifest
 
 from . import metrics
 from .batcher import Batcher, InFlight
@@ -27,6 +29,13 @@ class Served:
     manifest: Manifest
     modality: Modality
     batcher: Batcher
+    modes: dict[str, ServingMode] = field(init=False)  # the manifest's, built once: Flow.check reads them per request
+    mode_name: Callable[[int, int], str] = field(init=False)  # ServingDefaults.name_of, cached
+
+    def __post_init__(self) -> None:
+        serving = self.manifest.serving
+        self.modes = serving.all_modes()
+        self.mode_name = functools.lru_cache(maxsize=256)(serving.name_of)
 
 
 class Registry:

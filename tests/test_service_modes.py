@@ -100,14 +100,14 @@ def test_check_resolves_modes_against_the_server_limits():
 
     from service.errors import InputError
     from service.flow import Flow
+    from service.registry import Served
     from service.schemas import Params
     from service.settings import Settings
 
     modes = {"ddim_20": ServingMode(ddim_steps=20), "ocd_ensemble": ServingMode(ddim_steps=10, ensemble=5)}
     serving = ServingDefaults(ddim_steps=10, mode="ddim_20", modes=modes)
-    served = SimpleNamespace(
-        name="m", manifest=SimpleNamespace(serving=serving, schedule=SimpleNamespace(num_train_timesteps=1000))
-    )
+    manifest = SimpleNamespace(serving=serving, schedule=SimpleNamespace(num_train_timesteps=1000))
+    served = Served("m", "1", manifest, None, None)
 
     def call(flow, **params):
         c = flow.check(served, Params(seed=1, **params))

@@ -22,7 +22,7 @@ from ocd_core.bundle import ArchSpec, InputSpec, Manifest, save_bundle
 from ocd_core.fit import FitConfig, TargetSet, build_target_set, fit_ocd
 from ocd_core.predictor import OCDModel, Task
 from training.evaluate import evaluate
-from training.modes import choose, curve_steps, measure_costs, mode_rows, mode_specs
+from training.modes import choose, curve_steps, measure_costs, modes_for
 from training.recipes import EvalConfig
 
 
@@ -84,8 +84,7 @@ def ocd_pipeline(
             seed,
             progress=progress,
         )
-    specs_args = (ev_cfg.ddim_steps, ev_cfg.default_steps, ev_cfg.ensemble, ev_cfg.serve_steps or ev_cfg.default_steps)
-    specs, rows = mode_specs(*specs_args), mode_rows(*specs_args)
+    specs, rows = modes_for(ev_cfg)
     val_rows, costs = {}, None
     if val is not None:
         costs = measure_costs(model, val[0][:64], specs)

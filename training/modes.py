@@ -19,6 +19,7 @@ import torch
 
 from ocd_core.bundle import BASE_MODE, ServingDefaults, ServingMode
 from ocd_core.predictor import OCDModel
+from training.recipes import EvalConfig
 
 PRIMARY = {"classification": "acc", "regression": "mse"}
 HIGHER_IS_BETTER = {"acc": True, "psnr": True, "ce": False, "mse": False}
@@ -48,6 +49,13 @@ def mode_specs(ddim_steps: list[int], default_steps: int, ensemble: int, serve_s
     specs["ocd_ensemble"] = ServingMode(ddim_steps=default_steps, ensemble=ensemble)
     specs.update({f"ddim_{n}": ServingMode(ddim_steps=n) for n in ddim_steps if n != serve_steps})
     return specs
+
+
+def modes_for(e: EvalConfig, serve_steps: int | None = None) -> tuple[dict[str, ServingMode], dict[str, str]]:
+    """An evaluation config's serving modes and the row of each, served at ``serve_steps`` (default:
+    the config's own ``serve_steps`` or ``default_steps``)."""
+    args = (e.ddim_steps, e.default_steps, e.ensemble, serve_steps or e.serve_steps or e.default_steps)
+    return mode_specs(*args), mode_rows(*args)
 
 
 def paired_gains(per_seed: dict[int, dict[str, dict[str, float]]], row: str) -> dict[str, dict[str, Any]]:
@@ -104,8 +112,8 @@ def choose(
     metrics = [primary, *(k for k in modes[BASE_MODE].val if k != primary)]  # the primary metric first
 
     def key(name: str) -> tuple[float, ...]:  # best first: the metrics' mean gains in order, then cost
-        m = modes[name]
-        return (*(_better(k, m.val[k]["mean"]) for k in metrics), -(m.ddim_steps * m.ensemble))
+        m = modes[name]  # (the measured cost; steps x members where none was measured)
+        return (*(_better(k, m.val[k]["mean"]) for k in metrics), -costs.get(name, m.ddim_steps * m.ensemble))
 
     def safe(name: str) -> bool:  # not worse than base on any seed, on any metric
         return all(_better(k, g) >= 0 for k, v in modes[name].val.items() for g in v["per_seed"])

@@ -21,7 +21,6 @@ import ocd_core
 from ocd_core.bundle import (
     Manifest,
     ServingDefaults,
-    ServingMode,
     list_versions,
     load_bundle,
     read_manifest,
@@ -34,7 +33,7 @@ from ocd_core.nets import build_net
 from training.datasets import Prepared, prepare
 from training.evaluate import evaluate
 from training.export_onnx import export_onnx
-from training.modes import choose, curve_steps, measure_costs, mode_rows, mode_specs
+from training.modes import choose, curve_steps, measure_costs, modes_for
 from training.recipes import Recipe
 from training.report import render_strip, write_report
 from training.train_base import train_base
@@ -231,11 +230,10 @@ def serve_steps(recipe: Recipe) -> int:
     return recipe.eval.serve_steps or recipe.eval.default_steps
 
 
-def _modes(recipe: Recipe) -> tuple[dict[str, ServingMode], dict[str, str]]:
-    """The recipe's serving modes and the evaluation row of each (training/modes.py)."""
-    e = recipe.eval
-    args = (e.ddim_steps, e.default_steps, e.ensemble, serve_steps(recipe))
-    return mode_specs(*args), mode_rows(*args)
+def _cost_batch(prep: Prepared, recipe: Recipe, device: torch.device) -> torch.Tensor:
+    """The inputs the serving modes are timed on: up to 64 val / test inputs (fewer for a recipe
+    that evaluates in smaller chunks, e.g. whole NeRF renders)."""
+    return torch.cat([prep.parts[k][0] for k in ("val", "test")])[: min(64, recipe.chunk or 64)].to(device)
 
 
 def _val_rows(
@@ -247,7 +245,7 @@ def _val_rows(
         return None
     path = d / "eval_val.json"
     val = json.loads(path.read_text()) if path.exists() else {}
-    mode_to_row = _modes(recipe)[1]
+    mode_to_row = modes_for(recipe.eval)[1]
     missing = set(mode_to_row.values()) - set(val)
     if missing:  # (a cache from before a mode was added: only the new rows)
         with eval_arch(model.base, recipe):
@@ -360,8 +358,7 @@ def choose_bundle_modes(
     if prep.split.digest() != m.provenance.get("split_digest"):
         raise ValueError(f"{path}: the {m.name}/{variant} recipe's split is not the one this bundle was trained on")
     e = recipe.eval
-    args = (e.ddim_steps, e.default_steps, e.ensemble, m.serving.ddim_steps)
-    specs, rows = mode_specs(*args), mode_rows(*args)
+    specs, rows = modes_for(e, m.serving.ddim_steps)
     xv, yv = (t.to(device) for t in prep.parts.get("val_served", prep.parts["val"]))
     val = {}
     with eval_arch(model.base, recipe):
@@ -370,8 +367,7 @@ def choose_bundle_modes(
                 model, xv, yv, None, recipe.fit.targets, curve_steps(rows), e.default_steps, e.ensemble, seed,
                 progress=False, only=set(rows.values()), **_eval_kw(recipe),
             )["rows"]  # fmt: skip
-        x = torch.cat([prep.parts[k][0] for k in ("val", "test")])[: min(64, recipe.chunk or 64)].to(device)
-        costs = measure_costs(model, x, specs)
+        costs = measure_costs(model, _cost_batch(prep, recipe, device), specs)
     serving = choose(specs, rows, val, m.task, costs, e.cost_budget)
     serving = serving.model_copy(update={"chosen": serving.chosen + " (one trained model: noise seeds)"})
     atomic_write_text(m.model_copy(update={"serving": serving}).model_dump_json(indent=2), Path(path) / "manifest.json")
@@ -399,11 +395,10 @@ def run_recipe(
         per_seed[seed], hists[seed] = r["eval"], r["hist"]
         if r["val"] is not None:
             val[seed] = r["val"]
-    specs, rows = _modes(recipe)
+    specs, rows = modes_for(recipe.eval)
     first, _ = load_bundle(root / f"seed{recipe.seeds[0]}" / "bundle" / recipe.name / "1", device)  # published
     with eval_arch(first.base, recipe):
-        x = torch.cat([prep.parts[k][0] for k in ("val", "test")])[: min(64, recipe.chunk or 64)].to(device)
-        costs = measure_costs(first, x, specs)
+        costs = measure_costs(first, _cost_batch(prep, recipe, device), specs)
     val = val if len(val) == len(recipe.seeds) else {}
     serving = choose(specs, rows, val, prep.task, costs, recipe.eval.cost_budget)
     info = recipe.model_dump(mode="json") | {
