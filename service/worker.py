@@ -96,11 +96,11 @@ def build_engine(path: Path, settings: Settings) -> Engine:
     if settings.backend == "onnx":  # the same predictor; ONNX Runtime runs the networks
         from ocd_core.onnx_runtime import OnnxRuntime
 
-        model, manifest = load_bundle(path, "cpu")
+        model, manifest = load_bundle(path, "cpu", settings.allowed_modules())
         runtime = OnnxRuntime(path, device, settings.threads, device_required=settings.device != "auto")
         engine = Engine(model.predictor(runtime))
     else:
-        model, manifest = load_bundle(path, device)
+        model, manifest = load_bundle(path, device, settings.allowed_modules())
         engine = Engine(model.predictor())
     engine.calibrate(manifest.input.shape, manifest.serving.ddim_steps)
     return engine

@@ -6,11 +6,14 @@ ocd select-layer <recipe> [--draws N] [--samples N]   rank layers (paper's crite
 ocd export-onnx <model dir>...  write the ONNX graphs OCD_BACKEND=onnx serves
 ocd choose-mode <model dir>...  measure a published bundle's serving modes on val; set its default
 ocd show <model dir>          print a bundle's manifest summary
+ocd fit --arch pkg.mod:Class --weights w.pth --layer fc1 --data DIR|.csv|.npz --name NAME
+                              your model and data -> a trained, reported, published bundle
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 
@@ -24,7 +27,12 @@ def _train(args: argparse.Namespace) -> int:
     if args.seeds:
         recipe = recipe.model_copy(update={"seeds": [int(s) for s in args.seeds.split(",")]})
     bundle, report = run_recipe(
-        recipe, Path(args.runs), Path(args.models), Path(args.reports), progress=not args.quiet, device=args.device
+        recipe,
+        Path(args.runs),
+        Path(args.models),
+        Path(args.reports),
+        progress=not args.quiet and sys.stderr.isatty(),  # no bars in a log file
+        device=args.device,
     )
     print(f"bundle: {bundle}\nreport: {report / 'report.md'}\n")
     print((report / "report.md").read_text())
@@ -115,6 +123,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(fn=_choose_mode)
+    from .fit_cli import add_command as add_fit
+
+    add_fit(sub)
     s = sub.add_parser("show", help="print a bundle's manifest")
     s.add_argument("path")
     s.set_defaults(fn=_show)
