@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_serializer, model_validator
 from safetensors.torch import load_file
 from torch import nn
 
@@ -67,6 +67,13 @@ class ArchSpec(BaseModel):
 
     def build(self, allow_modules: Sequence[str] = ()) -> nn.Module:
         return build_net(self.arch, allow_modules, self.output, **self.kwargs)
+
+    @model_serializer(mode="wrap")
+    def _omit_no_output(self, handler):  # a plain model's spec serialises as before outputs existed
+        data = handler(self)  # (manifests and the ONNX graphs' weights digest unchanged)
+        if isinstance(data, dict) and data.get("output") is None:
+            data.pop("output", None)
+        return data
 
 
 class ServingMode(BaseModel):

@@ -294,6 +294,11 @@ def test_served_by_a_real_server_that_imports_only_allowed_modules(published, re
         want = torch.softmax(mlp(v)["logits"], -1)[0]
         got = torch.tensor([r.json()["probabilities"][k] for k in ("malignant", "benign")])
         assert torch.allclose(got, want, atol=1e-5)
+        inputs = [{"name": k, "datatype": "FP32", "shape": [1], "data": [v]} for k, v in row.items()]
+        v2 = httpx.post(f"{s.url}/v2/models/cancer/infer", json={"inputs": inputs, "parameters": {"mode": "base"}})
+        out = {o["name"]: o for o in v2.json()["outputs"]}
+        assert out["label"]["data"] == [["malignant", "benign"][int(want.argmax())]]
+        assert torch.allclose(torch.tensor(out["probabilities"]["data"]), want, atol=1e-5)
         r = httpx.post(f"{s.url}/predict", json={"model": "cancer", "input": {**row, "mean radius": "big"}})
         assert (r.status_code, r.json()) == (422, {"error": "input.mean radius: expected a number, got str"})
     finally:
