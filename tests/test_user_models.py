@@ -303,3 +303,19 @@ def test_served_by_a_real_server_that_imports_only_allowed_modules(published, re
         assert (r.status_code, r.json()) == (422, {"error": "input.mean radius: expected a number, got str"})
     finally:
         s.stop()
+
+
+def test_onnx_export_of_user_bundles(published, monkeypatch, capsys):
+    """A forward with a Python loop over the batch traces to a fixed-batch graph: the export says so and
+    keeps nothing; the dict-output MLP exports and its graphs answer as torch does."""
+    import ocd_cli
+
+    root, img, tab, _, _ = published
+    monkeypatch.setenv("OCD_ALLOW_MODULES", "user_models")
+    assert ocd_cli.main(["export-onnx", str(img.bundle)]) == 2
+    err = capsys.readouterr().err.splitlines()[-1] + "\n"  # (after torch's tracer warnings)
+    assert err.startswith(f"ocd export-onnx: {img.bundle}: the exported graphs fail on a batch of 3 (RuntimeError: ")
+    assert err.endswith("so the graphs were not kept: serve this bundle with OCD_BACKEND=torch\n")
+    assert not (img.bundle / "onnx.json").exists() and not list(img.bundle.glob("*.onnx"))
+    assert ocd_cli.main(["export-onnx", str(tab.bundle)]) == 0  # (verified against torch within 1e-4)
+    assert (tab.bundle / "onnx.json").exists() and len(list(tab.bundle.glob("*.onnx"))) == 5

@@ -57,11 +57,17 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .export_onnx import export_onnx
+    from ocd_core.bundle import BundleError
+
+    from .export_onnx import ExportError, export_onnx
 
     for d in args.paths:
-        for p in export_onnx(d):
-            print(p)
+        try:
+            for p in export_onnx(d):
+                print(p)
+        except (ExportError, BundleError) as e:
+            print(f"ocd export-onnx: {e}", file=sys.stderr)
+            return 2
     return 0
 
 
