@@ -26,8 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if "" not in sys.path and "." not in sys.path:  # as ``python -m`` and uvicorn: your modules in the working
-        sys.path.insert(0, "")  # directory import by path (still only those on the allow-list)
+    if "" not in sys.path and "." not in sys.path:  # your modules in the working directory import by path (only
+        sys.path.append("")  # those on the allow-list; appended: nothing there shadows an installed module)
     return args.fn(args)
 
 

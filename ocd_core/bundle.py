@@ -26,7 +26,7 @@ from torch import nn
 from .conditioning import CondConfig, CondEncoder
 from .denoisers import CompactConfig, DenoiserConfig, build_denoiser
 from .io import atomic_save_file, atomic_write_text
-from .nets import ArchImportError, OutputSelector, build_net
+from .nets import OutputSelector, build_net
 from .nets.user import env_allow_modules
 from .predictor import OCDModel
 from .scale import ScaleConfig, ScaleNet
@@ -232,7 +232,7 @@ def load_bundle(
     try:
         base = m.base.build(env_allow_modules() if allow_modules is None else allow_modules)
         delta_shape = tuple(get_layer(base, m.layer).weight.shape)
-    except (ValueError, TypeError, ArchImportError) as e:
+    except Exception as e:  # noqa: BLE001  ArchImportError, or anything your model's constructor raises
         raise BundleError(f"{directory / 'manifest.json'}: cannot build the base model: {e}") from None
     cond = CondEncoder(*m.latent_dims, m.cond, weight_shape=delta_shape)
     den = build_denoiser(m.denoiser, delta_shape, m.cond.dim)

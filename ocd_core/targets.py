@@ -96,36 +96,51 @@ def _chunk_deltas(
     return w - base_w
 
 
+def _batch_independent(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> bool:
+    """True when the first two rows of ``model(*inputs)`` equal those rows run alone (a forward with
+    ``.item()`` or a batch statistic in it is not)."""
+    with torch.no_grad():
+        full = model(*inputs)
+        return all(
+            torch.allclose(full[n : n + 1], model(*(t[n : n + 1] for t in inputs)), rtol=1e-4, atol=1e-5)
+            for n in range(min(2, full.shape[0]))
+        )
+
+
 def _chunk_deltas_autograd(
     model: nn.Module, layer: str, inputs: tuple[torch.Tensor, ...], y: torch.Tensor, cfg: TargetConfig
 ) -> torch.Tensor:
     """The same deltas without torch.func, for a forward that vmap cannot run (a ``deepcopy`` or
-    ``.item()`` inside it). A Linear / Conv2d layer: one batched forward per step, the layer's
-    output plus Δ_n·x_n from a hook (adapt.py), and ordinary autograd: sample n's loss depends on
-    Δ_n only, so the gradient of the summed losses is every per-sample gradient at once. Other
-    layers: one sample at a time."""
+    ``.item()`` inside it). A Linear / Conv2d layer in a forward whose rows do not depend on each other:
+    one batched forward per step, the layer's output plus Δ_n·x_n from a hook (adapt.py), and ordinary
+    autograd: sample n's loss depends on Δ_n only, so the gradient of the summed losses is every
+    per-sample gradient at once. Otherwise: one sample at a time, as the original loop."""
     module = get_layer(model, layer)
     forward = fast_path(module)
     base_w = module.weight.detach()
     d = torch.zeros(y.shape[0], *base_w.shape, dtype=base_w.dtype, device=base_w.device)
     opt = _optimizer(cfg, d)  # Adam / SGD act elementwise: stepping Δ equals stepping W + Δ
-    key = f"{layer}.weight"
-    params = _params(model)
-    for _ in range(cfg.steps):
-        leaf = d.detach().requires_grad_(True)
+    key, params = f"{layer}.weight", _params(model)
+    batched = forward is not None and _batch_independent(model, inputs)
+
+    def grad_of(rows: slice) -> torch.Tensor:
+        leaf = d[rows].detach().requires_grad_(True)
+        xs = tuple(t[rows] for t in inputs)
         with torch.enable_grad():
             if forward is not None:
-                loss = sample_loss(cfg.loss, forward(model, module, inputs, leaf), y) * y.shape[0]
-                # contiguous: torch's fused CPU Adam / SGD step silently miscomputes for a gradient whose
-                # strides differ from the parameter's (measured, torch 2.13: an einsum's transposed gradient)
-                d.grad = torch.autograd.grad(loss, leaf)[0].contiguous()
+                out = forward(model, module, xs, leaf)
             else:
-                grads = []
-                for n in range(y.shape[0]):
-                    w = base_w + leaf[n]
-                    out = functional_call(model, {**params, key: w}, tuple(t[n : n + 1] for t in inputs))
-                    grads.append(torch.autograd.grad(sample_loss(cfg.loss, out, y[n : n + 1]), leaf)[0][n])
-                d.grad = torch.stack(grads)
+                out = functional_call(model, {**params, key: base_w + leaf[0]}, xs)
+            loss = sample_loss(cfg.loss, out, y[rows]) * leaf.shape[0]  # the sum of per-sample losses
+            return torch.autograd.grad(loss, leaf)[0]
+
+    for _ in range(cfg.steps):
+        # contiguous: torch's fused CPU Adam / SGD step silently miscomputes for a gradient whose
+        # strides differ from the parameter's (measured, torch 2.13: an einsum's transposed gradient)
+        if batched:
+            d.grad = grad_of(slice(None)).contiguous()
+        else:
+            d.grad = torch.cat([grad_of(slice(n, n + 1)) for n in range(y.shape[0])]).contiguous()
         with torch.no_grad():
             opt.step()
     return d.detach()
@@ -176,6 +191,8 @@ def overfit_deltas(
                 try:
                     parts.append(_chunk_deltas(net, key, inputs, yb, cfg))
                     continue
+                except torch.OutOfMemoryError:
+                    raise
                 except Exception as e:  # noqa: BLE001  whatever torch.func cannot run: the plain-autograd path
                     vmapped, reason = False, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
                     t0 = time.perf_counter()

@@ -22,7 +22,7 @@ class DigitsMLP(nn.Module):
         return self.out(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
 
 
-def test_pipeline_on_own_module(tmp_path):
+def test_pipeline_on_own_module(tmp_path, caplog):
     x, y = load_digits(return_X_y=True)
     x, y = torch.tensor(x / 16.0, dtype=torch.float32), torch.tensor(y)
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
@@ -47,6 +47,10 @@ def test_pipeline_on_own_module(tmp_path):
         eval=EvalConfig(ddim_steps=[1, 5], default_steps=5, ensemble=3),
     )
     assert res.targets.deltas.shape == (1200, 32, 32)
+    assert [r.getMessage() for r in caplog.records if r.name == "ocd.api"] == [
+        "arch 'digits_mlp' is registered in this process only: `ocd serve` cannot load this bundle; name the "
+        "class by import path ('package.module:Class') to serve it"
+    ]
     assert set(res.metrics["rows"]) == {
         "base",
         "oracle",

@@ -123,6 +123,28 @@ def test_wav_folder_and_npz(tmp_path):
     "args, message",
     [
         (
+            ["--arch", "user_models:ResearchLeNet", "--layer", "fc1", "--data", "digits", "--kwargs", '{"classes": 4}'],
+            "--kwargs: user_models:ResearchLeNet(**{'classes': 4}) failed: TypeError: "
+            "ResearchLeNet.__init__() got an unexpected keyword argument 'classes'",
+        ),
+        (
+            ["--arch", "user_models:ResearchLeNet", "--layer", "fc1", "--data", "digits", "--input-shape", "1x28x28"],
+            "--input-shape: expected C,H,W as integers, got '1x28x28'",
+        ),
+        (
+            ["--arch", "user_models:ResearchLeNet", "--layer", "fc1", "--data", "digits", "--input-shape", "2,28,28"],
+            "--input-shape: an image is (channels 1 or 3, height, width), got [2, 28, 28]",
+        ),
+        (
+            ["--arch", "user_models:ResearchLeNet", "--layer", "fc1", "--data", "digits", "--output", "operator:add"],
+            "--output: output function 'operator:add': is not a function",
+        ),
+        (
+            ["--arch", "user_models:ResearchLeNet", "--layer", "fc1", "--data", "digits", "--task", "regression"],
+            "--task: regression needs real-valued targets; a folder per class gives class labels (use a CSV with "
+            "--target or an .npz)",
+        ),
+        (
             ["--arch", "user_models:ResearchLeNet", "--layer", "fc1", "--data", "nowhere"],
             "--data: nowhere does not exist",
         ),

@@ -83,11 +83,14 @@ def test_select_output_is_the_model_itself_under_the_same_names(research, digits
         OutputSelector(index=0, key="logits")
 
 
-def test_untraceable_deepcopying_forward_gets_the_reference_targets(research, digits, caplog):
+def test_untraceable_deepcopying_forward_gets_the_reference_targets(research, digits, caplog, monkeypatch):
     """fx cannot trace the Python-loop flatten and vmap cannot run the deepcopy: the targets come from
     the plain-autograd fallback, equal to the original per-sample loop, and each fallback logs once."""
+    import ocd_core.targets as targets
+
     x, y, _ = digits
     w = SelectOutput(research, first)
+    monkeypatch.setattr(targets, "_logged", set())
     caplog.set_level(logging.WARNING, "ocd.targets")
     for cfg in (TargetConfig(), TargetConfig(optimizer="sgd", lr=0.05, steps=4, momentum=0.9)):
         fast = overfit_deltas(w, "fc1", x[:24], y[:24], cfg, chunk=10)
@@ -95,14 +98,53 @@ def test_untraceable_deepcopying_forward_gets_the_reference_targets(research, di
         assert fast.shape == (24, 120, 400)
         assert rel(fast, ref) < 2e-4
     messages = [r.getMessage() for r in caplog.records]
-    assert sum("torch.fx cannot split ResearchLeNet at 'fc1'" in m for m in messages) <= 1
-    vm = [m for m in messages if "torch.func.vmap cannot run ResearchLeNet's forward" in m]
-    assert len(vm) <= 1  # once per process (an earlier test may have logged it)
-    if vm:
-        assert "NotImplementedError: Cannot access storage of TensorWrapper" in vm[0] and "targets/s" in vm[0]
+    assert messages[0] == (
+        "targets: torch.fx cannot split ResearchLeNet at 'fc1'; every step runs the whole forward "
+        "(the layers before it too)"
+    )
+    assert messages[1].startswith(
+        "targets: torch.func.vmap cannot run ResearchLeNet's forward (NotImplementedError: Cannot access storage "
+        "of TensorWrapper); per-sample gradients come from plain autograd instead ("
+    )
+    assert messages[1].endswith(" targets/s)") and len(messages) == 2  # once each, for two calls
 
 
-def test_architectures_by_import_path_only_from_allowed_modules():
+class ItemNet(torch.nn.Module):
+    """A forward vmap cannot run (``.item()``) whose rows depend on the batch (a batch maximum)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(6, 8), torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        return self.fc2(torch.relu(h / h.abs().max().item()))
+
+
+def test_fallback_runs_batch_dependent_forwards_one_sample_at_a_time():
+    torch.manual_seed(0)
+    net, x, y = ItemNet().eval(), torch.randn(10, 6), torch.arange(10) % 3
+    for layer in ("fc1", "fc2"):
+        fast = overfit_deltas(net, layer, x, y, chunk=4)
+        assert rel(fast, overfit_deltas_reference(net, layer, x, y)) < 2e-4
+    grouped = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3, groups=2), torch.nn.Flatten(), torch.nn.Linear(16, 3)).eval()
+    xs = torch.randn(5, 2, 4, 4)
+    from ocd_core.targets import _chunk_deltas_autograd  # a layer without a hook path: sample by sample
+
+    cfg = TargetConfig(optimizer="sgd", lr=0.1, steps=2)
+    auto = _chunk_deltas_autograd(grouped, "0", (xs,), y[:5], cfg)
+    assert rel(auto, overfit_deltas_reference(grouped, "0", xs, y[:5], cfg)) < 1e-5
+
+
+def test_a_selected_output_keeps_the_fx_split():
+    from ocd_core.split import check_split, split_model
+
+    w = SelectOutput(DictMLP(), logits_of).eval()
+    parts = split_model(w, "fc2")
+    assert parts is not None and check_split(w, parts, torch.randn(3, 30))
+
+
+def test_architectures_by_import_path_only_from_allowed_modules(tmp_path, monkeypatch):
     with pytest.raises(ArchImportError) as e:
         build_net("user_models:DictMLP", d_in=4)
     assert str(e.value) == (
@@ -118,6 +160,22 @@ def test_architectures_by_import_path_only_from_allowed_modules():
     assert str(e.value) == (
         "architecture 'no_such_pkg.nets:Net': cannot import 'no_such_pkg.nets' (ModuleNotFoundError: "
         "No module named 'no_such_pkg'); is it installed or on PYTHONPATH?"
+    )
+    for path, why in (
+        ("user_models:torch.os.system", "expected 'package.module:Name' with a public top-level Name"),
+        ("user_models:copy", "is not a torch nn.Module class"),
+        ("user_models:first", "is not a torch nn.Module class"),
+    ):
+        with pytest.raises(ArchImportError) as e:
+            build_net(path, ["user_models"], command="true")
+        assert str(e.value) == f"architecture {path!r}: {why}"
+    (tmp_path / "reexports.py").write_text("from torch.nn import Linear\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ArchImportError) as e:
+        build_net("reexports:Linear", ["reexports"], in_features=2, out_features=2)
+    assert str(e.value) == (
+        "architecture 'reexports:Linear': is defined in 'torch.nn.modules.linear', which is not allowed "
+        "(only imported into 'reexports')"
     )
     with pytest.raises(
         ValueError, match=r"^register_architecture: 'mlp' is a built-in architecture; pick another name$"
@@ -198,6 +256,8 @@ def test_every_wrong_argument_fails_before_training_with_one_line(research, digi
         lambda: run(version="3"),
         f"version: {tmp_path / 'm' / '3'} exists; omit version to publish as the next one, or pass overwrite=True",
     )
+    _bad(lambda: run(version="."), "version: '.' is not a version: letters, digits, '_', '-' and '.', not first")
+    _bad(lambda: run(SelectOutput(research, first)), "base: pass the model itself, and output= to pick its prediction")
     assert not (tmp_path / "m" / "1").exists()  # nothing was published by any of them
 
 

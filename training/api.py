@@ -24,7 +24,7 @@ from torch import nn
 from ocd_core.audio import AudioSpec
 from ocd_core.bundle import ArchSpec, Manifest, Normalization, save_bundle
 from ocd_core.fit import FitConfig, TargetSet, build_target_set, fit_ocd
-from ocd_core.nets.user import env_allow_modules
+from ocd_core.nets.user import SelectOutput, env_allow_modules
 from ocd_core.predictor import OCDModel, Task
 from ocd_core.preprocess import TabularSpec
 from training import inputs
@@ -97,6 +97,10 @@ def ocd_pipeline(
     shape = list(input_shape) if input_shape is not None else list(x_tr.shape[1:])
     if list(x_tr.shape[1:]) != shape:
         raise inputs.InputError("input_shape", f"{shape} does not match train's samples, shape {list(x_tr.shape[1:])}")
+    if isinstance(base, SelectOutput):
+        raise inputs.InputError("base", "pass the model itself, and output= to pick its prediction")
+    if output is None and isinstance(arch, ArchSpec) and arch.output is not None:
+        output = arch.output  # (the spec's own selector)
     model, selector = inputs.with_output(base, output, allow)
     inputs.check_layer(model, layer)
     model.eval()

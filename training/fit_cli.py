@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ocd_core.nets.user import module_allowed, parse_allow
+from ocd_core.nets.user import ArchImportError, env_allow_modules, module_allowed, parse_allow
 
 from . import inputs
 from .inputs import InputError
@@ -67,34 +67,44 @@ def fit(args: argparse.Namespace) -> int:
             raise ValueError("not an object")
     except ValueError as e:
         raise InputError("kwargs", f"expected a JSON object of constructor arguments ({e})") from None
-    allow = parse_allow(args.allow_module or [])
-    module = args.arch.partition(":")[0]
-    if ":" in args.arch and not module_allowed(module, allow):
-        allow.append(module)  # named on this command line by the operator: allowed here
-    spec = ArchSpec(arch=args.arch, kwargs=kwargs)
+    allow = parse_allow(args.allow_module or []) + env_allow_modules()
     output = _output(args.output)
+    named = [p.partition(":")[0] for p in (args.arch, output) if isinstance(p, str) and ":" in p]
+    allow += [m for m in named if not module_allowed(m, allow)]  # named on this command line: allowed here
+    spec = ArchSpec(arch=args.arch, kwargs=kwargs)
     try:
         if isinstance(output, str) and ":" in output:
-            output = import_object(output, allow + [output.partition(":")[0]], "output function")
+            output = import_object(output, allow, "output function")
     except ValueError as e:
         raise InputError("output", str(e)) from None
     try:
         base = spec.build(allow)
-    except ValueError as e:
+    except ArchImportError as e:
         raise InputError("arch", str(e)) from None
+    except Exception as e:  # noqa: BLE001  the user's constructor: a wrong keyword, a bad value
+        raise InputError("kwargs", f"{args.arch}(**{kwargs}) failed: {type(e).__name__}: {e}") from None
     if args.weights:
         try:
             base.load_state_dict(load_weights(Path(args.weights)))
         except RuntimeError as e:
             detail = "; ".join(line.strip() for line in str(e).splitlines()[1:] if line.strip()) or str(e)
             raise InputError("weights", f"do not fit {args.arch} with kwargs {kwargs}: {detail}") from None
-    shape = [int(v) for v in args.input_shape.split(",")] if args.input_shape else None
+    try:
+        shape = [int(v) for v in args.input_shape.split(",")] if args.input_shape else None
+    except ValueError:
+        raise InputError("input_shape", f"expected C,H,W as integers, got {args.input_shape!r}") from None
     data = load(Path(args.data), args.modality, args.target, args.task, shape, args.val, args.test, args.seed)
+    if args.task == "regression" and data.modality in ("image", "audio"):
+        raise InputError(
+            "task", "regression needs real-valued targets; a folder per class gives class labels (use a CSV with "
+            "--target or an .npz)"
+        )  # fmt: skip
     x_tr, y_tr = data.part("train")
     net = base if output is None else SelectOutput(base, OutputSelector.of(output).resolve(allow))
     inputs.check_layer(net, args.layer)  # before any training: the checks ocd_pipeline repeats
     out = inputs.dry_forward(net.eval(), x_tr, list(x_tr.shape[1:]), output is not None)
     inputs.check_labels(data.labels, out, args.task)
+    y_tr = inputs.check_targets("data", y_tr, out, args.task)
     loss = "cross_entropy" if args.task == "classification" else "mse"
     if not args.weights:  # no trained weights: train the base model on the train split first
         torch.manual_seed(args.seed)
@@ -132,9 +142,8 @@ def fit(args: argparse.Namespace) -> int:
     print(f"bundle: {res.bundle}\nreport: {Path(args.reports) / args.name / 'report.md'}")
     print(f"test {metric}: base {rows['base'][metric]:.4f}, ocd {rows['ocd'][metric]:.4f}, "
           f"nearest neighbour {rows['nearest_neighbour'][metric]:.4f}; default: {res.metrics['served']}")  # fmt: skip
-    serve = f"ocd serve --models {args.models}" + (
-        f" --allow-module {module.split('.')[0]}" if ":" in args.arch else ""
-    )
+    tops = sorted({m.split(".")[0] for m in allow if m})
+    serve = f"ocd serve --models {args.models}" + "".join(f" --allow-module {t}" for t in tops)
     print(f"serve it: {serve}")
     return 0
 

@@ -10,7 +10,9 @@ output); the modality's preprocessing; the version to publish.
 
 from __future__ import annotations
 
+import logging
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,11 +23,12 @@ from torch import nn
 
 from ocd_core.audio import AudioSpec
 from ocd_core.bundle import ArchSpec, InputSpec, Normalization, list_versions
-from ocd_core.nets import OutputSelector, SelectOutput
+from ocd_core.nets import BUILTIN, OutputSelector, SelectOutput
 from ocd_core.nets.user import ArchImportError, check_output, import_path_of
 from ocd_core.preprocess import TabularSpec
 
 MODALITIES = ("tensor", "image", "tabular", "audio")
+log = logging.getLogger("ocd.api")
 
 
 class InputError(ValueError):
@@ -86,7 +89,8 @@ def with_output(base: nn.Module, output: Any, allow_modules: Sequence[str]) -> t
         return base, None
     try:
         sel = OutputSelector.of(output)
-        select = output if callable(output) else sel.resolve(allow_modules)  # a function: the object given
+        allow = list(allow_modules) + ([sel.function.partition(":")[0]] if sel.function else [])  # the caller's
+        select = output if callable(output) else sel.resolve(allow)  # a function: the object given
         return SelectOutput(base, select, sel.model_dump_json(exclude_none=True)), sel
     except ArchImportError as e:
         raise InputError("output", str(e).removeprefix("output: ")) from None
@@ -140,6 +144,11 @@ def arch_spec(
     base: nn.Module, arch: ArchSpec | str | None, output: OutputSelector | None, allow_modules: Sequence[str]
 ) -> ArchSpec:
     """The spec the bundle stores: given, or the model's own class by import path (no kwargs)."""
+    builtin = next((name for name, cls in BUILTIN.items() if type(base) is cls), None)
+    if arch is None and builtin is not None:
+        raise InputError(
+            "arch", f"pass arch=ArchSpec(arch={builtin!r}, kwargs={{...}}) with the constructor's arguments"
+        )
     if arch is None:
         try:
             arch = ArchSpec(arch=import_path_of(type(base), "arch"))
@@ -147,6 +156,11 @@ def arch_spec(
             raise InputError("arch", f"{str(e).removeprefix('arch: ')}, or pass arch=ArchSpec(...)") from None
     elif isinstance(arch, str):
         arch = ArchSpec(arch=arch)
+    if arch.arch not in BUILTIN and ":" not in arch.arch:
+        log.warning(
+            "arch %r is registered in this process only: `ocd serve` cannot load this bundle; name the class by "
+            "import path ('package.module:Class') to serve it", arch.arch,
+        )  # fmt: skip
     return arch.model_copy(update={"output": output})
 
 
@@ -239,8 +253,9 @@ def check_labels(labels: Sequence[str] | None, out: torch.Tensor, task: str) -> 
 def publish_version(models_dir: Path | None, name: str, version: str | None, overwrite: bool) -> str:
     """The version to publish: the next one (1, 2, ...) unless given; an existing one only with
     ``overwrite``. Checked before training."""
-    if not name or "/" in name or name.startswith("."):
-        raise InputError("name", f"{name!r} is not a model name (letters, digits, '-', '_', no '/')")
+    for arg, value in (("name", name), ("version", version)):
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", value):
+            raise InputError(arg, f"{value!r} is not a {arg}: letters, digits, '_', '-' and '.', not first")
     if models_dir is None:
         return version or "1"
     have = list_versions(models_dir, name)

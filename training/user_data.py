@@ -77,6 +77,8 @@ def image_folder(root: Path, shape: list[int] | None, val: float, test: float, s
     from PIL import Image
 
     files, ys, classes = _class_files(root, IMAGE_SUFFIXES, "PNG / JPEG")
+    if shape is not None and (len(shape) != 3 or shape[0] not in (1, 3) or min(shape) < 1):
+        raise InputError("input_shape", f"an image is (channels 1 or 3, height, width), got {shape}")
     if shape is None:
         with Image.open(files[0]) as im:
             shape = [1 if im.mode in ("L", "1", "I;16", "I") else 3, im.height, im.width]
@@ -124,7 +126,12 @@ def csv_file(path: Path, target: str | None, task: str, val: float, test: float,
 
     from training.data.tabular import encode_frame, fit_spec
 
-    df = pd.read_csv(path)
+    try:
+        df = pd.read_csv(path)
+    except (ValueError, OSError, UnicodeDecodeError) as e:  # pandas' ParserError / EmptyDataError are ValueErrors
+        raise InputError(
+            "data", f"{path.name}: not a readable CSV ({type(e).__name__}: {str(e).splitlines()[0]})"
+        ) from None
     if target is None:
         raise InputError("target", f"name the CSV's target column; columns: {list(df.columns)}")
     if target not in df.columns:
@@ -139,12 +146,19 @@ def csv_file(path: Path, target: str | None, task: str, val: float, test: float,
 
 def npz_file(path: Path, modality: str, val: float, test: float, seed: int) -> UserData:
     """Arrays ``x`` (N, *input) in model space and ``y``; optional ``labels`` (class names)."""
-    with np.load(path, allow_pickle=False) as z:
-        missing = [k for k in ("x", "y") if k not in z.files]
-        if missing:
-            raise InputError("data", f"{path.name} has no array {missing[0]!r}; it holds {z.files}")
-        x, y = torch.from_numpy(z["x"].astype(np.float32)), torch.from_numpy(z["y"])
-        labels = [str(v) for v in z["labels"]] if "labels" in z.files else None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = [k for k in ("x", "y") if k not in z.files]
+            if missing:
+                raise InputError("data", f"{path.name} has no array {missing[0]!r}; it holds {z.files}")
+            x, y = torch.from_numpy(z["x"].astype(np.float32)), torch.from_numpy(z["y"])
+            labels = [str(v) for v in z["labels"]] if "labels" in z.files else None
+    except InputError:
+        raise
+    except (ValueError, OSError, TypeError) as e:  # not an npz, object arrays (pickles), non-numeric arrays
+        raise InputError(
+            "data", f"{path.name}: not a readable .npz of numeric arrays ({str(e).splitlines()[0]})"
+        ) from None
     split = _split(len(x), val, test, seed)
     return UserData(x, y, split, modality, labels, source={"npz": str(path), "n": len(x)})
 

@@ -9,13 +9,15 @@ Nothing a request sends names code: the path comes from the manifest the operato
 from __future__ import annotations
 
 import importlib
+import inspect
+import operator
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from pydantic import BaseModel, model_validator
-from torch import nn
+from torch import fx, nn
 
 
 class ArchImportError(ValueError):
@@ -42,10 +44,12 @@ def module_allowed(module: str, allow_modules: Sequence[str]) -> bool:
 
 
 def import_object(path: str, allow_modules: Sequence[str], what: str = "architecture") -> Any:
-    """``"package.module:Name"`` -> the object, if ``package.module`` is allowed."""
+    """``"package.module:Name"`` -> the object, if ``package.module`` is allowed and ``Name`` is defined
+    there: an ``nn.Module`` class (``what`` "architecture") or a function (otherwise). No attribute paths
+    (``mod:torch.os.system`` would reach anything the module imported), no private names."""
     module, _, attr = path.partition(":")
-    if not module or not attr:
-        raise ArchImportError(f"{what} {path!r}: expected 'package.module:Name'")
+    if not module or not attr.isidentifier() or attr.startswith("_"):
+        raise ArchImportError(f"{what} {path!r}: expected 'package.module:Name' with a public top-level Name")
     if not module_allowed(module, allow_modules):
         top = module.split(".")[0]
         raise ArchImportError(
@@ -53,22 +57,29 @@ def import_object(path: str, allow_modules: Sequence[str], what: str = "architec
             f"--allow-module {top} (OCD_ALLOW_MODULES={top}, or allow_modules=[{top!r}] in Python)"
         )
     try:
-        obj: Any = importlib.import_module(module)
+        mod: Any = importlib.import_module(module)
     except Exception as e:  # noqa: BLE001  ImportError, or whatever the module raised while loading
         raise ArchImportError(
             f"{what} {path!r}: cannot import {module!r} ({type(e).__name__}: {e}); is it installed or on PYTHONPATH?"
         ) from None
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ArchImportError(f"{what} {path!r}: module {module!r} has no {attr!r}")
-        obj = getattr(obj, part)
+    if not hasattr(mod, attr):
+        raise ArchImportError(f"{what} {path!r}: module {module!r} has no {attr!r}")
+    obj = getattr(mod, attr)
+    is_class = isinstance(obj, type) and issubclass(obj, nn.Module)
+    if not (is_class if what == "architecture" else inspect.isfunction(obj)):
+        kind = "a torch nn.Module class" if what == "architecture" else "a function"
+        raise ArchImportError(f"{what} {path!r}: is not {kind}")
+    if not module_allowed(getattr(obj, "__module__", "") or "", allow_modules):
+        raise ArchImportError(
+            f"{what} {path!r}: is defined in {obj.__module__!r}, which is not allowed (only imported into {module!r})"
+        )
     return obj
 
 
 def import_path_of(obj: Any, what: str) -> str:
     """The import path that rebuilds ``obj`` (a class or a module-level function) in another process."""
     module, qual = getattr(obj, "__module__", None), getattr(obj, "__qualname__", "")
-    if module is None or "<" in qual:  # <lambda>, <locals>
+    if module is None or "<" in qual or "." in qual:  # <lambda>, <locals>, a nested class or a method
         raise ArchImportError(
             f"{what}: {qual or repr(obj)} is not importable by path; define it at a module's top level"
         )
@@ -104,41 +115,49 @@ class OutputSelector(BaseModel):
             return cls(index=output)
         if isinstance(output, str):
             return cls(key=output)
+        if not inspect.isfunction(output):
+            kind = type(output).__name__
+            raise ArchImportError(f"output: a {kind} is not a function defined at a module's top level")
         return cls(function=import_path_of(output, "output"))
 
     def resolve(self, allow_modules: Sequence[str]) -> Callable[[Any], torch.Tensor]:
         if self.function is not None:
             return import_object(self.function, allow_modules, "output function")
-        pick = self.index if self.index is not None else self.key
-        return lambda out: out[pick]
+        return operator.itemgetter(self.index if self.index is not None else self.key)  # (picklable)
 
 
 class SelectOutput(nn.Module):
-    """``model`` whose forward returns only the prediction, ``select(model(*x))``.
+    """``model`` whose forward returns only the prediction, ``select(model(x))``.
 
     It shares the model's parameters, buffers and submodules (the same dicts), so layer names,
-    state-dict keys, hooks and ``functional_call`` are the model's own: a layer "fc1" is "fc1" here,
-    and the user's checkpoint loads into either. x: the model's inputs -> (B, *out) tensor."""
+    state-dict keys, submodule hooks, ``functional_call`` and torch.fx splits are the model's own: a
+    layer "fc1" is "fc1" here, and the user's checkpoint loads into either. (Hooks registered on the
+    model's root module itself do not run: its ``forward`` is called directly.)
+    x: (B, *input) -> (B, *out) tensor."""
 
     def __init__(self, model: nn.Module, select: Callable[[Any], torch.Tensor], description: str = ""):
         super().__init__()
-        object.__setattr__(self, "_parameters", model._parameters)
-        object.__setattr__(self, "_buffers", model._buffers)
-        object.__setattr__(self, "_non_persistent_buffers_set", model._non_persistent_buffers_set)
-        object.__setattr__(self, "_modules", model._modules)
-        object.__setattr__(self, "inner", model)  # not a submodule: no "inner." prefix anywhere
-        self.select, self.description = select, description
+        for name in ("_parameters", "_buffers", "_non_persistent_buffers_set", "_modules"):
+            object.__setattr__(self, name, getattr(model, name))
+        # plain attributes, out of the module's namespace (a user submodule may be called "select")
+        object.__setattr__(self, "_ocd_inner", model)
+        object.__setattr__(self, "_ocd_select", select)
+        object.__setattr__(self, "_ocd_description", description)
         self.training = model.training
 
+    @property
+    def inner(self) -> nn.Module:
+        return self._ocd_inner
+
     def train(self, mode: bool = True) -> SelectOutput:
-        self.inner.train(mode)
+        self._ocd_inner.train(mode)
         self.training = mode
         return self
 
-    def forward(self, *x: Any) -> torch.Tensor:
-        out = self.select(self.inner.forward(*x))  # .forward: traced through by torch.fx
-        if not isinstance(out, torch.Tensor):
-            raise TypeError(f"output {self.description}: selected a {type(out).__name__}, not a tensor")
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self._ocd_select(self._ocd_inner.forward(x))  # .forward, not __call__: torch.fx traces through it
+        if not isinstance(out, (torch.Tensor, fx.Proxy)):
+            raise TypeError(f"output {self._ocd_description}: selected a {type(out).__name__}, not a tensor")
         return out
 
 
