@@ -108,7 +108,15 @@ def fit(args: argparse.Namespace) -> int:
     loss = "cross_entropy" if args.task == "classification" else "mse"
     if not args.weights:  # no trained weights: train the base model on the train split first
         torch.manual_seed(args.seed)
-        train_base(net, x_tr, y_tr, epochs=args.epochs, loss=loss, seed=args.seed, progress=not args.quiet)
+        train_base(
+            net,
+            x_tr,
+            y_tr,
+            epochs=args.epochs,
+            loss=loss,
+            seed=args.seed,
+            progress=not args.quiet and sys.stderr.isatty(),
+        )
     fit_cfg = FitConfig(
         train_steps=args.steps, denoiser=CompactConfig(hidden=args.hidden), targets=TargetConfig(loss=loss)
     )
