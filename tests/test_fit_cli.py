@@ -52,22 +52,18 @@ def test_image_folder_with_pth_weights_then_safetensors(tmp_path, capsys):
     assert read_manifest(tmp_path / "models" / "digits" / "2").provenance["n_train"] == 168  # 240 - 36 - 36
 
 
+def mlp_args(layer: str, data: Path) -> list[str]:
+    """The dict-output MLP of examples/user_models.py on ``data``."""
+    return ["--arch", "user_models:DictMLP", "--output", "logits", "--layer", layer, "--data", str(data)]
+
+
 def test_csv_with_target_column_trains_the_base_when_no_weights(tmp_path):
     from sklearn.datasets import load_breast_cancer
 
     frame = load_breast_cancer(as_frame=True).frame
     frame["target"] = frame["target"].map({0: "malignant", 1: "benign"})
     frame.to_csv(tmp_path / "cancer.csv", index=False)
-    args = [
-        "--arch",
-        "user_models:DictMLP",
-        "--output",
-        "logits",
-        "--layer",
-        "fc2",
-        "--data",
-        str(tmp_path / "cancer.csv"),
-    ]
+    args = mlp_args("fc2", tmp_path / "cancer.csv")
     assert fit(tmp_path, *args, "--target", "target", "--name", "cancer", "--epochs", "5") == 0
     m = read_manifest(tmp_path / "models" / "cancer" / "1")
     assert (m.modality, m.labels, m.input.shape) == ("tabular", ["benign", "malignant"], [30])
@@ -104,16 +100,7 @@ def test_wav_folder_and_npz(tmp_path):
 
     x = rng.standard_normal((200, 30)).astype(np.float32)
     np.savez(tmp_path / "rows.npz", x=x, y=(x[:, 0] > 0).astype(np.int64), labels=np.array(["neg", "pos"]))
-    args = [
-        "--arch",
-        "user_models:DictMLP",
-        "--output",
-        "logits",
-        "--layer",
-        "fc1",
-        "--data",
-        str(tmp_path / "rows.npz"),
-    ]
+    args = mlp_args("fc1", tmp_path / "rows.npz")
     assert fit(tmp_path, *args, "--name", "rows", "--epochs", "5") == 0
     m = read_manifest(tmp_path / "models" / "rows" / "1")
     assert (m.modality, m.labels, m.input.shape) == ("tensor", ["neg", "pos"], [30])
