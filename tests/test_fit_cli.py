@@ -75,6 +75,21 @@ def test_csv_with_target_column_trains_the_base_when_no_weights(tmp_path):
     assert metrics["rows"]["base"]["acc"]["mean"] > 0.85  # a trained base model, 5 epochs
 
 
+def test_csv_regression(tmp_path):
+    """A real-valued target: the MLP's one output, the target standardised on train and stored."""
+    from sklearn.datasets import load_diabetes
+
+    load_diabetes(as_frame=True).frame.to_csv(tmp_path / "diabetes.csv", index=False)
+    args = mlp_args("fc2", tmp_path / "diabetes.csv") + ["--kwargs", '{"d_in": 10, "d_out": 1}', "--task", "regression"]
+    assert fit(tmp_path, *args, "--target", "target", "--name", "diabetes", "--epochs", "20") == 0
+    m = read_manifest(tmp_path / "models" / "diabetes" / "1")
+    assert (m.task, m.labels, m.targets.loss, m.latent_dims) == ("regression", None, "mse", (32, 32, 1))
+    train = load_diabetes(as_frame=True).frame.drop(index=_held_out(442))["target"]
+    assert m.input.options["tabular"]["target_mean"] == pytest.approx(train.mean(), rel=1e-6)
+    rows = json.loads((tmp_path / "reports" / "diabetes" / "metrics.json").read_text())["rows"]
+    assert rows["base"]["mse"]["mean"] < 0.8  # standardised units: the trained base explains some variance
+
+
 def _held_out(n: int) -> list[int]:
     from training.data.splits import make_split
 

@@ -371,11 +371,18 @@ def test_onnx_export_of_user_bundles(published, monkeypatch, capsys):
     import ocd_cli
 
     root, img, tab, _, _ = published
-    monkeypatch.setenv("OCD_ALLOW_MODULES", "user_models")
+    monkeypatch.setenv("OCD_ALLOW_MODULES", "")
     assert ocd_cli.main(["export-onnx", str(img.bundle)]) == 2
+    assert capsys.readouterr().err.endswith(
+        "module 'user_models' is not allowed to be imported; allow it with "
+        "--allow-module user_models (OCD_ALLOW_MODULES=user_models, or allow_modules=['user_models'] in Python)\n"
+    )
+    assert ocd_cli.main(["export-onnx", str(img.bundle), "--allow-module", "user_models"]) == 2
     err = capsys.readouterr().err.splitlines()[-1] + "\n"  # (after torch's tracer warnings)
     assert err.startswith(f"ocd export-onnx: {img.bundle}: the exported graphs fail on a batch of 3 (RuntimeError: ")
     assert err.endswith("so the graphs were not kept: serve this bundle with OCD_BACKEND=torch\n")
     assert not (img.bundle / "onnx.json").exists() and not list(img.bundle.glob("*.onnx"))
-    assert ocd_cli.main(["export-onnx", str(tab.bundle)]) == 0  # (verified against torch within 1e-4)
+    assert (
+        ocd_cli.main(["export-onnx", str(tab.bundle), "--allow-module", "user_models"]) == 0
+    )  # (verified against torch within 1e-4)
     assert (tab.bundle / "onnx.json").exists() and len(list(tab.bundle.glob("*.onnx"))) == 5

@@ -13,6 +13,7 @@ ocd fit --arch pkg.mod:Class --weights w.pth --layer fc1 --data DIR|.csv|.npz --
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -61,6 +62,8 @@ def _export(args: argparse.Namespace) -> int:
 
     from .export_onnx import ExportError, export_onnx
 
+    if args.allow_module:  # load_bundle reads the allow-list from the environment
+        os.environ["OCD_ALLOW_MODULES"] = ",".join([os.environ.get("OCD_ALLOW_MODULES", ""), *args.allow_module])
     for d in args.paths:
         try:
             for p in export_onnx(d):
@@ -120,6 +123,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     ls.set_defaults(fn=_select)
     e = sub.add_parser("export-onnx", help="export bundles' networks to ONNX (for OCD_BACKEND=onnx)")
     e.add_argument("paths", nargs="+", metavar="model_dir")
+    e.add_argument(
+        "--allow-module", action="append", metavar="PACKAGE", help="a bundle's own architecture's package (as serve)"
+    )
     e.set_defaults(fn=_export)
     c = sub.add_parser(
         "choose-mode", help="measure a published bundle's serving modes on its recipe's val split; set its default"
