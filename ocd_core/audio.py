@@ -6,6 +6,7 @@ The service and the training pipeline share it, so a clip is featurised identica
 from __future__ import annotations
 
 import io
+import struct
 import wave
 
 import torch
@@ -45,8 +46,9 @@ def read_wav(data: bytes) -> tuple[torch.Tensor, int]:
         with wave.open(io.BytesIO(data), "rb") as w:
             channels, width, rate, n = w.getnchannels(), w.getsampwidth(), w.getframerate(), w.getnframes()
             raw = w.readframes(n)
-    except (wave.Error, EOFError, ValueError) as e:
-        raise AudioError(f"not a readable WAV file ({e})", 400) from None
+    except (wave.Error, EOFError, ValueError, RuntimeError, struct.error) as e:  # RuntimeError: a chunk past the end
+        why = str(e) or "a chunk runs past the end of the file"
+        raise AudioError(f"not a readable WAV file ({why})", 400) from None
     if rate <= 0 or channels <= 0 or len(raw) < width * channels:
         raise AudioError("not a readable WAV file (no samples)", 400)
     raw = raw[: len(raw) - len(raw) % (width * channels)]

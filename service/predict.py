@@ -17,7 +17,8 @@ from typing import Any
 
 import pydantic_core
 from starlette.datastructures import UploadFile
-from starlette.requests import Request
+from starlette.formparsers import MultiPartException
+from starlette.requests import ClientDisconnect, Request
 
 from .errors import ClientGone, InputError, reply_for
 from .flow import Flow
@@ -134,7 +135,19 @@ class PredictEndpoint:
             if key == b"content-type":
                 ctype = value.decode("latin-1")
         if ctype.startswith("multipart/form-data"):
-            form = await Request(scope, receive).form()
+            try:
+                form = await Request(scope, receive).form()
+            except ClientDisconnect:
+                raise ClientGone() from None
+            except (KeyError, ValueError, MultiPartException) as e:  # no boundary (KeyError), a malformed part
+                reason = (
+                    "the content-type names no boundary"
+                    if isinstance(e, KeyError)
+                    else e.message
+                    if isinstance(e, MultiPartException)
+                    else str(e) or type(e).__name__
+                )
+                raise InputError("body", f"not a readable multipart/form-data body ({reason})", 400) from None
             upload = form.get("file")
             if not isinstance(upload, UploadFile):
                 raise InputError("file", "a multipart request needs the file (image or WAV) in the field 'file'")

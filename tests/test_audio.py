@@ -60,10 +60,19 @@ def test_resample_keeps_a_band_limited_tone():
     assert (y - tone(16000, 1.0, 1000.0)).abs().max().item() < 1e-3
 
 
+def fmt_past_the_end(clip: bytes) -> bytes:
+    """The WAV with its ``fmt `` chunk claiming 1 MB (Python's wave raised a bare RuntimeError: a 500)."""
+    i = clip.index(b"fmt ")
+    return clip[: i + 4] + (10**6).to_bytes(4, "little") + clip[i + 8 :]
+
+
 def test_corrupt_and_long_clips():
     with pytest.raises(AudioError) as e:
         read_wav(b"RIFF....WAVEjunk")
     assert e.value.status == 400 and e.value.reason.startswith("not a readable WAV file")
+    with pytest.raises(AudioError) as e:
+        read_wav(fmt_past_the_end(wav_bytes(tone(16000), 16000)))
+    assert (e.value.status, e.value.reason) == (400, "not a readable WAV file (a chunk runs past the end of the file)")
     with pytest.raises(AudioError) as e:
         clip_to_features(torch.zeros(16000 * 11), 16000, AudioSpec())
     assert e.value.status == 422 and e.value.reason == "clip is 11.00 s long; the limit is 10 s"
@@ -123,6 +132,20 @@ def test_audio_errors(server):
         data={"model": "spoken_digits"},
     )
     assert corrupt.status_code == 400 and corrupt.json()["error"].startswith("file: not a readable WAV file")
+    bad = fmt_past_the_end(wav_bytes(tone(16000), 16000))
+    why = "not a readable WAV file (a chunk runs past the end of the file)"
+    r = httpx.post(
+        f"{server.url}/predict", files={"file": ("x.wav", bad, "audio/wav")}, data={"model": "spoken_digits"}
+    )
+    assert (r.status_code, r.json()) == (400, {"error": f"file: {why}"})
+    b64 = base64.b64encode(bad).decode()
+    r = httpx.post(f"{server.url}/predict", json={"model": "spoken_digits", "input": b64})
+    assert (r.status_code, r.json()) == (400, {"error": f"input: {why}"})
+    r = httpx.post(
+        f"{server.url}/v2/models/spoken_digits/infer",
+        json={"inputs": [{"name": "audio", "shape": [1], "datatype": "BYTES", "data": [b64]}]},
+    )
+    assert (r.status_code, r.json()) == (400, {"error": f"inputs[audio][0]: {why}"})
     long = base64.b64encode(wav_bytes(torch.zeros(8000 * 12), 8000)).decode()
     r = httpx.post(f"{server.url}/predict", json={"model": "spoken_digits", "input": long})
     assert r.status_code == 422 and r.json() == {"error": "input: clip is 12.00 s long; the limit is 10 s"}

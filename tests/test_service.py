@@ -518,7 +518,24 @@ def test_hostile_inputs_get_4xx_not_500(server):
     big.save(buf, format="PNG")
     r = post(server, {"model": "mnist", "input": base64.b64encode(buf.getvalue()).decode()})
     assert r.status_code == 413 and r.json() == {"error": "input: image is 5000x4000; the limit is 16777216 pixels"}
-    assert httpx.get(f"{server.url}/v2/health/ready").status_code == 200  # and the server is fine
+    with httpx.Client() as c:  # malformed multipart (was a 500 each), then the same keep-alive connection goes on
+        for ctype, body, why in (
+            ("multipart/form-data", b"abc", "Missing boundary in multipart."),
+            ("multipart/form-data; boundary=b", b"--b\r\ngarbage\r\n--b--", "Invalid multipart data."),
+        ):
+            r = c.post(f"{server.url}/predict", content=body, headers={"content-type": ctype})
+            assert (r.status_code, r.json()) == (
+                400,
+                {"error": f"body: not a readable multipart/form-data body ({why})"},
+            )
+        deep = "[" * 700 + "0.5" + "]" * 700  # v2 data nested 700 deep (was a RecursionError: a 500)
+        r = c.post(v2, content='{"inputs": [{"name": "input", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": '
+                   + deep + "}]}", headers={"content-type": "application/json"})  # fmt: skip
+        assert (r.status_code, r.json()) == (
+            422,
+            {"error": "inputs[input].data: holds 1 values, shape [1, 1, 28, 28] needs 784"},
+        )
+        assert c.get(f"{server.url}/v2/health/ready").status_code == 200  # and the server is fine
 
 
 def png_bytes(img, **save) -> bytes:
