@@ -28,7 +28,7 @@ from .gcfreeze import freeze_heap
 from .malloc import tune_malloc
 from .middleware import BodyLimit, Count
 from .predict import PREDICT_OPENAPI, Front, PredictEndpoint
-from .registry import Registry, Served
+from .registry import Registry, Served, version_key
 from .schemas import (
     ErrorResponse,
     PredictRequest,
@@ -201,7 +201,21 @@ def create_app(settings: Settings | None = None) -> Count:
     # ---- Open Inference Protocol v2 -------------------------------------------------------
     @app.get("/v2", summary="Server metadata")
     async def v2_server():
-        return {"name": "ocd-serve", "version": ocd_core.__version__, "extensions": []}
+        return {"name": "ocd-serve", "version": ocd_core.__version__, "extensions": ["binary_tensor_data"]}
+
+    @app.post("/v2/repository/index", summary="The served models (Triton's repository index)")
+    async def repository_index(request: Request):
+        body = parse_json(await request.body()) if await request.body() else {}
+        if not isinstance(body, dict) or not isinstance(body.get("ready", False), bool):
+            raise InputError("ready", "expected a boolean")
+        state = "READY" if registry.ready else "UNAVAILABLE"
+        if body.get("ready") and state != "READY":
+            return []
+        return [
+            {"name": name, "version": v, "state": state, "reason": "" if registry.ready else "loading or draining"}
+            for name in sorted(registry.models)
+            for v in sorted(registry.models[name], key=version_key)
+        ]
 
     @app.get("/v2/health/live", summary="Liveness")
     async def live():
@@ -216,7 +230,7 @@ def create_app(settings: Settings | None = None) -> Count:
     def metadata(served: Served) -> V2ModelMetadata:
         return V2ModelMetadata(
             name=served.name,
-            versions=sorted(registry.models[served.name]),
+            versions=sorted(registry.models[served.name], key=version_key),
             platform=f"ocd-{served.manifest.denoiser.kind}",
             inputs=served.modality.v2_inputs(),
             outputs=served.modality.v2_outputs(),
@@ -334,7 +348,12 @@ def create_app(settings: Settings | None = None) -> Count:
 
     app.openapi = openapi
 
-    @app.get("/metrics", summary="Prometheus metrics")
+    @app.get(
+        "/metrics",
+        summary="Prometheus metrics",
+        responses={200: {"content": {"text/plain": {}}, "description": "the exposition format"}},
+        response_class=Response,
+    )
     async def prometheus():
         data, ctype = metrics.render()
         return Response(data, media_type=ctype)

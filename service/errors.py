@@ -72,6 +72,6 @@ def reply_for(e: Exception, timeout_s: float) -> tuple[int, str, dict[str, str] 
         return 413, str(e), None
     if isinstance(e, ClientGone):
         return 499, "client closed the request", None
-    if isinstance(e, HTTPException):
-        return e.status_code, str(e.detail), None
+    if isinstance(e, HTTPException):  # (FastAPI's 405 carries Allow)
+        return e.status_code, str(e.detail), dict(e.headers) if e.headers else None
     return None

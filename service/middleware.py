@@ -38,6 +38,9 @@ class BodyLimit:
         return await self.app(scope, limited, send)
 
 
+PROBES = frozenset({"/v2/health/live", "/v2/health/ready", "/metrics"})
+
+
 class Count:
     """Request count and latency by model, endpoint (route template) and status; and ``inflight``,
     the POSTs (inference requests) the app holds, which the batchers read. Endpoints name the
@@ -51,7 +54,7 @@ class Count:
         self.series: dict[tuple[str, str, int], tuple] = {}  # (model, endpoint, status) -> (counter, histogram)
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["path"] in PROBES:  # probes and scrapes are not requests to count
             return await self.app(scope, receive, send)
         start = time.monotonic()
         state = scope.setdefault("state", {})

@@ -44,15 +44,13 @@ PREDICT_OPENAPI = {
                     "schema": {
                         "type": "object",
                         "required": ["file", "model"],
-                        "properties": {
+                        "properties": {  # the JSON body's fields and bounds, the file instead of input
                             "file": {"type": "string", "format": "binary"},
-                            "model": {"type": "string"},
-                            "version": {"type": "string"},
-                            "mode": {"type": "string"},
-                            "ddim_steps": {"type": "integer"},
-                            "ensemble": {"type": "integer"},
-                            "seed": {"type": "integer"},
-                            "return_uncertainty": {"type": "boolean"},
+                            **{
+                                k: v
+                                for k, v in PredictRequest.model_json_schema()["properties"].items()
+                                if k != "input"
+                            },
                         },
                     }
                 },

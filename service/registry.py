@@ -38,6 +38,11 @@ class Served:
         self.mode_name = functools.lru_cache(maxsize=256)(serving.name_of)
 
 
+def version_key(v: str) -> tuple[int, int, str]:
+    """Numeric versions in numeric order ("latest" is the highest), then named ones."""
+    return (0, int(v), "") if v.isdigit() else (1, 0, v)
+
+
 class Registry:
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -119,7 +124,7 @@ class Registry:
         if not versions:
             raise UnknownModel(f"unknown model {name!r}; serving {sorted(self.models)}")
         if version is None:
-            return versions[max(versions, key=lambda v: (0, int(v), "") if v.isdigit() else (1, 0, v))]
+            return versions[max(versions, key=version_key)]
         if version not in versions:
             raise UnknownModel(f"model {name!r} has no version {version!r}; serving {sorted(versions)}")
         return versions[version]

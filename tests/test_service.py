@@ -7,7 +7,9 @@ import math
 import os
 import signal
 import socket
+import struct
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -66,6 +68,9 @@ def test_health_metadata_and_docs(server):
     for schema in ("PredictRequest", "PredictResponse", "V2InferRequest", "V2InferResponse", "V2ModelMetadata"):
         assert schema in spec["components"]["schemas"], schema
     assert httpx.get(f"{server.url}/docs").status_code == 200
+    assert spec["paths"]["/metrics"]["get"]["responses"]["200"]["content"] == {"text/plain": {}}
+    multipart = spec["paths"]["/predict"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert (multipart["properties"]["ensemble"]["minimum"], multipart["properties"]["ddim_steps"]["minimum"]) == (1, 1)
 
 
 def test_predict_json_array_base64_and_upload_agree(server):
@@ -296,6 +301,56 @@ def test_concurrent_requests_batch_and_stay_independent(server):
     assert size == 49  # every request ran exactly once
     assert count < 49  # so some batches held more than one request
     assert max(r.json()["timings"]["batch_size"] for r in results) > 1
+
+
+def test_repository_index_extensions_and_405(server):
+    from service.registry import version_key
+
+    assert httpx.get(f"{server.url}/v2").json()["extensions"] == ["binary_tensor_data"]
+    want = [{"name": "mnist", "version": v, "state": "READY", "reason": ""} for v in ("1", "2")]
+    assert httpx.post(f"{server.url}/v2/repository/index").json() == want
+    assert httpx.post(f"{server.url}/v2/repository/index", json={"ready": True}).json() == want
+    r = httpx.post(f"{server.url}/v2/repository/index", json={"ready": "yes"})
+    assert (r.status_code, r.json()) == (422, {"error": "ready: expected a boolean"})
+    assert sorted(["10", "2", "b", "1"], key=version_key) == ["1", "2", "10", "b"]  # "latest" is 10, not 2
+    r = httpx.get(f"{server.url}/v2/models/mnist/infer")
+    assert (r.status_code, r.headers["allow"], r.json()) == (405, "POST", {"error": "Method Not Allowed"})
+
+
+def test_probes_and_scrapes_are_not_counted_as_requests(server):
+    def counted() -> float:
+        text = httpx.get(f"{server.url}/metrics").text
+        return sum(
+            float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("ocd_requests_total{")
+        )
+
+    before = counted()
+    for path in ("/v2/health/live", "/v2/health/ready", "/metrics"):
+        assert httpx.get(f"{server.url}{path}").status_code == 200
+    assert counted() == before
+    httpx.get(f"{server.url}/v2/models/mnist")
+    assert counted() == before + 1
+
+
+def test_values_float32_cannot_hold_and_huge_images_say_why(server):
+    r = post(server, {"model": "mnist", "input": [[1e300] * 28] * 28})
+    assert (r.status_code, r.json()) == (422, {"error": "input: 1e+300 overflows float32 (|value| <= 3.403e+38)"})
+    r = httpx.post(
+        f"{server.url}/v2/models/mnist/infer",
+        json={"inputs": [{"name": "input", "shape": [1, 1, 28, 28], "datatype": "FP64", "data": [-1e39] * 784}]},
+    )
+    assert (r.status_code, r.json()) == (
+        422,
+        {"error": "inputs[input].data: 1e+39 overflows float32 (|value| <= 3.403e+38)"},
+    )
+    ihdr = b"IHDR" + struct.pack(">IIBBBBB", 20000, 20000, 8, 0, 0, 0, 0)  # a header claiming 400M pixels
+    png = b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + ihdr + struct.pack(">I", zlib.crc32(ihdr))
+    png += struct.pack(">I", 0) + b"IEND" + struct.pack(">I", zlib.crc32(b"IEND"))
+    r = post(server, {"model": "mnist", "input": base64.b64encode(png).decode()})
+    assert (r.status_code, r.json()) == (
+        413,
+        {"error": "input: image is 400000000 pixels; the limit is 16777216 pixels"},
+    )
 
 
 def test_metrics_exposition(server):

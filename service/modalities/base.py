@@ -35,6 +35,17 @@ def flatten(data: Any) -> list:
     return out
 
 
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def to_float32(x: torch.Tensor, field: str) -> torch.Tensor:
+    """float64 values -> float32, or an InputError for a finite value float32 cannot hold."""
+    finite = x[torch.isfinite(x)]
+    if finite.numel() and (big := finite.abs().max().item()) > FLOAT32_MAX:
+        raise InputError(field, f"{big:g} overflows float32 (|value| <= {FLOAT32_MAX:.4g})")
+    return x.float()
+
+
 class Modality:
     """Decoding: JSON values, uploads and v2 tensors -> samples (*input shape) in model space.
     Encoding is the ``output``'s (classification, regression or an image), chosen from the manifest.
@@ -88,7 +99,7 @@ class Modality:
             ) from None
         if tuple(x.shape) != self.shape and not (self.shape[0] == 1 and tuple(x.shape) == self.shape[1:]):
             raise InputError(field, f"expected shape {list(self.shape)}, got {list(x.shape)}")
-        return self.check_values(x.reshape(self.shape).float(), field)
+        return self.check_values(to_float32(x, field).reshape(self.shape), field)
 
     def check_values(self, x: torch.Tensor, field: str) -> torch.Tensor:
         if not torch.isfinite(x).all():
@@ -114,9 +125,10 @@ class Modality:
         if len(flat) != math.prod(shape):
             raise InputError(f"{field}.data", f"holds {len(flat)} values, shape {shape} needs {math.prod(shape)}")
         try:
-            x = torch.tensor(flat, dtype=torch.float64).float().view(shape)
+            x64 = torch.tensor(flat, dtype=torch.float64).view(shape)
         except (TypeError, ValueError, OverflowError, RuntimeError):
             raise InputError(f"{field}.data", "expected numbers") from None
+        x = to_float32(x64, f"{field}.data")
         x = self.check_values(x, f"{field}.data")
         return [self.normalise(s) for s in x]
 

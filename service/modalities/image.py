@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import re
 import struct
 import zlib
 from typing import Any
@@ -140,7 +141,11 @@ class ImageModality(Modality):
             if img.size != (w, h):
                 img = img.resize((w, h), Image.BILINEAR)
             pixels = img.tobytes()  # (decodes, if nothing above did)
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
+        except Image.DecompressionBombError as e:  # Pillow refuses to open it: over twice its own pixel limit
+            n = re.search(r"\((\d+) pixels\)", str(e))
+            size = f"{int(n.group(1))} pixels" if n else "too large"
+            raise InputError(field, f"image is {size}; the limit is {MAX_PIXELS} pixels", 413) from None
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError):
             # (ValueError: e.g. a text chunk that inflates past Pillow's limit; SyntaxError: a broken PNG)
             raise InputError(field, "not a readable PNG or JPEG image", status=400) from None
         x = np.frombuffer(pixels, np.uint8).reshape(h, w, c).transpose(2, 0, 1).astype(np.float32)
