@@ -67,6 +67,11 @@ class Registry:
             if len(p) > 1 and p[1] not in versions:
                 raise BundleError(f"{root / p[0] / p[1]}: no such version (have {versions})")
             wanted += [(p[0], v) for v in ([p[1]] if len(p) > 1 else versions)]
+        if not wanted:  # a server with nothing to serve would report ready: refuse, and say why
+            where = "does not exist" if not root.is_dir() else "holds no <name>/<version>/manifest.json"
+            raise BundleError(
+                f"model repository {root.resolve()} {where}; mount or train models there (OCD_MODELS_DIR, --models)"
+            )
         return wanted
 
     def load(self) -> None:

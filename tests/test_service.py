@@ -908,3 +908,15 @@ def test_a_bundle_that_fails_to_load_in_the_inference_process_stops_the_start(tm
     (bundle / "diffusion.safetensors").write_bytes(b"\x80\x04not a safetensors file")
     with pytest.raises(RuntimeError, match=r"mnist:1: BundleError: .*diffusion\.safetensors"):
         Server(root)
+
+
+def test_an_empty_model_repository_refuses_to_start(tmp_path):
+    """Not a ready server with zero models: the start fails and the log says why."""
+    (tmp_path / "empty").mkdir()
+    for root, where in (
+        (tmp_path / "empty", "holds no <name>/<version>/manifest.json"),
+        (tmp_path / "no", "does not exist"),
+    ):
+        with pytest.raises(RuntimeError) as e:
+            Server(root)
+        assert f"BundleError: model repository {root} {where}; mount or train models there" in str(e.value)
