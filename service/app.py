@@ -358,6 +358,7 @@ def create_app(settings: Settings | None = None) -> Count:
         data, ctype = metrics.render()
         return Response(data, media_type=ctype)
 
-    served = Count(BodyLimit(Front(app, PredictEndpoint(flow)), settings.max_body_bytes), registry.inflight)
+    front = Front(app, PredictEndpoint(flow))
+    served = Count(BodyLimit(front, settings.max_body_bytes, settings.read_timeout_s), registry.inflight)
     served.api = app
     return served

@@ -41,6 +41,7 @@ def serve(args: argparse.Namespace) -> int:
         log_level="info",
         access_log=s.access_log,
         log_config=log_config,
+        http="service.protocol:TimedHttpToolsProtocol",  # 408 for headers that do not come
     )
     return 0
 

@@ -35,11 +35,15 @@ class ClientGone(Exception):
     """The client hung up before its batch ran: nobody reads the answer (logged as 499)."""
 
 
+class BodyTimeout(Exception):
+    """The request body did not arrive in time (a 408)."""
+
+
 class BodyTooLarge(Exception):
     """413: the body streamed past ``max_body_bytes``."""
 
 
-HANDLED = (InputError, UnknownModel, QueueFull, DeadlineExceeded, ClientGone, BodyTooLarge,
+HANDLED = (InputError, UnknownModel, QueueFull, DeadlineExceeded, ClientGone, BodyTooLarge, BodyTimeout,
            ValidationError, RequestValidationError, HTTPException)  # fmt: skip
 
 
@@ -70,6 +74,8 @@ def reply_for(e: Exception, timeout_s: float) -> tuple[int, str, dict[str, str] 
         return 504, f"deadline of {timeout_s:g} s exceeded ({e})", None
     if isinstance(e, BodyTooLarge):
         return 413, str(e), None
+    if isinstance(e, BodyTimeout):
+        return 408, str(e), {"Connection": "close"}
     if isinstance(e, ClientGone):
         return 499, "client closed the request", None
     if isinstance(e, HTTPException):  # (FastAPI's 405 carries Allow)

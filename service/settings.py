@@ -39,6 +39,9 @@ class Settings(BaseModel):
     max_queue: int = Field(1024, ge=1, description="queued requests per model; beyond it: 503 + Retry-After")
     timeout_s: float = Field(30.0, gt=0, description="deadline per request, queue time included; beyond it: 504")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="request body limit; beyond it: 413")
+    read_timeout_s: float = Field(
+        10.0, gt=0, description="a request's headers, and then its body, must arrive within this; beyond it 408"
+    )
     max_ensemble: int = Field(32, ge=1)
     max_ddim_steps: int = Field(100, ge=1)
     threads: int = Field(0, ge=0, description="torch CPU threads (0: torch's default)")

@@ -920,3 +920,37 @@ def test_an_empty_model_repository_refuses_to_start(tmp_path):
         with pytest.raises(RuntimeError) as e:
             Server(root)
         assert f"BundleError: model repository {root} {where}; mount or train models there" in str(e.value)
+
+
+def test_slow_clients_get_408_and_lose_their_connection(models):
+    """Headers that never finish, and a body shorter than its Content-Length, held a connection for 45 s
+    and more; now each gets 408 after OCD_READ_TIMEOUT_S and the connection is closed."""
+    import socket
+
+    s = Server(models, read_timeout_s=1)
+    try:
+        host, port = "127.0.0.1", s.port
+
+        def exchange(data: bytes) -> tuple[bytes, float]:
+            with socket.create_connection((host, port), timeout=10) as c:
+                start = time.monotonic()
+                c.sendall(data)
+                reply = b""
+                while chunk := c.recv(65536):  # until the server closes the connection
+                    reply += chunk
+                return reply, time.monotonic() - start
+
+        reply, took = exchange(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: applic")
+        assert reply.startswith(b"HTTP/1.1 408 ") and reply.endswith(b'{"error": "headers: not complete within 1 s"}')
+        assert 0.9 < took < 5
+        for path in ("/predict", "/v2/models/mnist/infer"):
+            head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+            reply, took = exchange(head.encode() + b'{"model": ')
+            assert reply.startswith(b"HTTP/1.1 408 "), reply
+            assert reply.endswith(b'{"error":"body: not complete within 1 s"}') and 0.9 < took < 5
+        with httpx.Client() as c:  # ordinary requests on a kept-alive connection are untouched
+            for _ in range(2):
+                assert c.post(f"{s.url}/predict", json={"model": "mnist", "input": DIGIT}).status_code == 200
+                time.sleep(0.3)
+    finally:
+        s.stop()
