@@ -23,36 +23,42 @@ def read_timeout() -> float:
 
 class TimedHttpToolsProtocol(HttpToolsProtocol):
     """Headers must be complete ``read_timeout()`` seconds after the connection opens or a request's
-    first byte arrives."""
+    first byte arrives. A request costs no timer of its own: it sets a deadline, and one sweep per
+    process every 0.25 s (over uvicorn's set of open connections) answers the overdue ones."""
+
+    _sweeping: set[asyncio.AbstractEventLoop] = set()
+    _header_deadline: float | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._header_timer: asyncio.TimerHandle | None = None
-        self._arm()
+        self._header_deadline = self.loop.time() + read_timeout()
+        if self.loop not in TimedHttpToolsProtocol._sweeping:
+            TimedHttpToolsProtocol._sweeping.add(self.loop)
+            self.loop.call_later(0.25, self._sweep, self.loop, self.connections)
 
-    def _arm(self) -> None:
-        self._disarm()
-        self._header_timer = self.loop.call_later(read_timeout(), self._headers_too_slow)
-
-    def _disarm(self) -> None:
-        if getattr(self, "_header_timer", None) is not None:
-            self._header_timer.cancel()
-            self._header_timer = None
+    @staticmethod
+    def _sweep(loop: asyncio.AbstractEventLoop, connections: set) -> None:
+        now = loop.time()
+        for proto in list(connections):
+            deadline = getattr(proto, "_header_deadline", None)
+            if deadline is not None and deadline < now:
+                proto._headers_too_slow()
+        loop.call_later(0.25, TimedHttpToolsProtocol._sweep, loop, connections)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._arm()
+        self._header_deadline = self.loop.time() + read_timeout()
 
     def on_headers_complete(self) -> None:
-        self._disarm()
+        self._header_deadline = None
         super().on_headers_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm()
+        self._header_deadline = None
         super().connection_lost(exc)
 
     def _headers_too_slow(self) -> None:
-        self._header_timer = None
+        self._header_deadline = None
         if self.transport.is_closing() or (self.cycle is not None and not self.cycle.response_complete):
             return  # a request in flight (its headers came): the app answers it
         body = json.dumps({"error": f"headers: not complete within {read_timeout():g} s"}).encode()
