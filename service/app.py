@@ -26,7 +26,7 @@ from .errors import HANDLED, InputError, reply_for
 from .flow import Flow
 from .gcfreeze import freeze_heap
 from .malloc import tune_malloc
-from .middleware import BodyLimit, Count
+from .middleware import Admission, BodyLimit, Count
 from .predict import PREDICT_OPENAPI, Front, PredictEndpoint
 from .registry import Registry, Served, version_key
 from .schemas import (
@@ -108,7 +108,8 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
 
 
 def create_app(settings: Settings | None = None) -> Count:
-    """The ASGI app uvicorn serves: Count(BodyLimit(Front(/predict | FastAPI))); ``.api`` is the FastAPI app."""
+    """The ASGI app uvicorn serves: Count(Admission(BodyLimit(Front(/predict | FastAPI)))); ``.api`` is
+    the FastAPI app."""
     settings = settings or Settings.from_env()
     if settings.tune_malloc:  # per worker process: batch tensors reuse heap pages instead of faulting in fresh ones
         tune_malloc()
@@ -359,6 +360,8 @@ def create_app(settings: Settings | None = None) -> Count:
         return Response(data, media_type=ctype)
 
     front = Front(app, PredictEndpoint(flow))
-    served = Count(BodyLimit(front, settings.max_body_bytes, settings.read_timeout_s), registry.inflight)
+    limited = BodyLimit(front, settings.max_body_bytes, settings.read_timeout_s)
+    s = settings
+    served = Count(Admission(limited, registry.inflight, s.max_inflight, s.max_waiting, s.admission_wait_s))
     served.api = app
     return served

@@ -19,6 +19,10 @@ QUEUE_DURATION = Histogram(
 )
 BATCH_SIZE = Histogram("ocd_batch_size", "Requests per executed batch", ["model"], buckets=BATCH)
 QUEUE_DEPTH = Gauge("ocd_queue_depth", "Requests waiting", ["model"], multiprocess_mode="livesum")
+IN_PROGRESS = Gauge(
+    "ocd_requests_in_progress", "Inference requests admitted and not answered", multiprocess_mode="livesum"
+)
+WAITING = Gauge("ocd_requests_waiting", "Inference requests waiting for admission", multiprocess_mode="livesum")
 INFERENCE = Histogram(
     "ocd_inference_duration_seconds", "Per-batch inference time by stage", ["model", "stage"], buckets=LATENCY
 )

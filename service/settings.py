@@ -37,6 +37,16 @@ class Settings(BaseModel):
         "(not at all once the batch holds every inference request the server holds)",
     )
     max_queue: int = Field(1024, ge=1, description="queued requests per model; beyond it: 503 + Retry-After")
+    max_inflight: int = Field(
+        256,
+        ge=1,
+        description="inference requests (POSTs) the server works on at once, from reading the body to "
+        "the answer; more wait their turn unread (load shedding at the edge)",
+    )
+    max_waiting: int = Field(4096, ge=0, description="requests waiting for a turn; beyond it: 503 + Retry-After")
+    admission_wait_s: float = Field(
+        1.0, ge=0, description="how long a request waits for a turn; beyond it: 503 + Retry-After"
+    )
     timeout_s: float = Field(30.0, gt=0, description="deadline per request, queue time included; beyond it: 504")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="request body limit; beyond it: 413")
     read_timeout_s: float = Field(

@@ -954,3 +954,63 @@ def test_slow_clients_get_408_and_lose_their_connection(models):
                 time.sleep(0.3)
     finally:
         s.stop()
+
+
+def test_load_is_shed_at_the_edge_before_the_body_is_read(models):
+    """Beyond OCD_MAX_INFLIGHT requests in progress, requests wait their turn unread (oldest first);
+    beyond OCD_MAX_WAITING waiting, or OCD_ADMISSION_WAIT_S of waiting, 503 + Retry-After, the body
+    never read. The work is controlled, not timed: request A holds the only slot by sending half its
+    body; the test waits for each state on /metrics."""
+    s = Server(models, models="mnist:2", max_inflight=1, max_waiting=1, admission_wait_s=1.5, read_timeout_s=60)
+    body = json.dumps({"model": "mnist", "input": DIGIT, "seed": 3}).encode()
+    head = f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+
+    def until(name: str, value: float) -> None:
+        deadline = time.monotonic() + 30
+        while s.metric(name) != value:
+            assert time.monotonic() < deadline, f"{name} never became {value}"
+            time.sleep(0.02)
+
+    def answer(c: socket.socket) -> tuple[int, dict, bytes]:
+        reply = b""
+        while b"\r\n\r\n" not in reply:
+            reply += c.recv(65536)
+        top, rest = reply.split(b"\r\n\r\n", 1)
+        lines = top.decode().split("\r\n")
+        headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
+        while len(rest) < int(headers["content-length"]):
+            rest += c.recv(65536)
+        return int(lines[0].split()[1]), headers, rest
+
+    conns = [socket.create_connection(("127.0.0.1", s.port), timeout=30) for _ in range(4)]
+    a, b, c, d = conns
+    try:
+        a.sendall(head.encode() + body[:40])  # admitted; its body is being read
+        until("ocd_requests_in_progress", 1)
+        b.sendall(head.encode() + body)  # waits its turn
+        until("ocd_requests_waiting", 1)
+        c.sendall(head.encode())  # the line is full: 503 at once, with no byte of its body sent
+        status, headers, reply = answer(c)
+        assert (status, headers["retry-after"]) == (503, "1")
+        assert json.loads(reply) == {"error": "server: busy, 1 requests in progress and 1 waiting, the limit"}
+        status, headers, reply = answer(b)  # its wait ran out
+        assert (status, headers["retry-after"]) == (503, "1")
+        assert json.loads(reply) == {"error": "server: busy, 1 requests in progress; none could start within 1.5 s"}
+        until("ocd_requests_waiting", 0)
+        d.sendall(head.encode() + body)
+        until("ocd_requests_waiting", 1)
+        a.sendall(body[40:])  # A completes and answers; its slot goes to D
+        for conn in (a, d):
+            status, _, reply = answer(conn)
+            assert status == 200 and json.loads(reply)["seed"] == 3
+        until("ocd_requests_in_progress", 0)
+        assert s.metric("ocd_requests_waiting") == 0
+        assert s.metric("ocd_requests_total", endpoint="/predict", code="503") == 2
+        assert s.metric("ocd_requests_total", endpoint="/predict", code="200") == 2
+        b.sendall(head.encode() + body)  # a rejected client's connection stays usable
+        status, _, reply = answer(b)
+        assert status == 200 and json.loads(reply)["seed"] == 3
+    finally:
+        for conn in conns:
+            conn.close()
+        s.stop()
