@@ -101,6 +101,10 @@ class BatchPrediction:
         )
 
 
+class Expired(TimeoutError):
+    """A prediction stopped because its deadline passed (``Predictor.predict(deadline=...)``)."""
+
+
 def repeat_rows(values: tuple[torch.Tensor, ...], reps: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Each tensor's row i repeated reps[i] times (a NamedTuple keeps its type)."""
     rows = [v.repeat_interleave(reps, 0) for v in values]
@@ -111,7 +115,11 @@ class Predictor:
     """Predictions of an OCD bundle, stage by stage through ``runtime``.
 
     ``schedule`` gives DDIM; ``prediction`` says what the denoiser outputs (ε or x̂_0); ``delta_shape``
-    the adapted weight's shape; ``mean_scale`` the global ρ of ``scale="mean"`` (the no-scale ablation)."""
+    the adapted weight's shape; ``mean_scale`` the global ρ of ``scale="mean"`` (the no-scale ablation).
+    ``max_rows``: the most ensemble members one adapted forward runs (None: all of a batch's at once);
+    more run in chunks, and the memory of a large ensemble is that of a chunk (the same results)."""
+
+    max_rows: int | None = None
 
     def __init__(
         self,
@@ -163,10 +171,12 @@ class Predictor:
         eta: float = 0.0,
         seeds: Sequence[int] | None = None,
         scale: ScaleMode = "net",
+        deadline: float | None = None,
     ) -> BatchPrediction:
         """x (B, *input) -> BatchPrediction with ``ensemble`` members per sample (an int, or one per sample);
         sample i's noise from ``seeds[i]`` (random seeds when None). ``steps`` 0 is the base mode: the
-        base model alone, no adaptation (ensemble 1; members, mean and base are its output)."""
+        base model alone, no adaptation (ensemble 1; members, mean and base are its output).
+        ``deadline`` (``time.monotonic()``): past it, the work stops between stages and chunks (``Expired``)."""
         B = x.shape[0]
         counts = [ensemble] * B if isinstance(ensemble, int) else list(ensemble)
         seeds = torch.randint(0, 2**63 - 1, (B,)).tolist() if seeds is None else list(seeds)
@@ -174,6 +184,7 @@ class Predictor:
             raise ValueError(f"{len(seeds)} seeds and {len(counts)} ensemble sizes for {B} inputs")
         rt = self.runtime
         sync = torch.cuda.synchronize if rt.device.type == "cuda" else (lambda: None)
+        _check(deadline)
         if steps == 0:  # the base mode: the base model alone, one member per sample
             if any(k != 1 for k in counts):
                 raise ValueError(f"steps 0 (the base model alone) takes ensemble 1, got {sorted(set(counts))}")
@@ -191,13 +202,40 @@ class Predictor:
             ctx = repeat_rows(rt.context(up.lat), reps)  # once per request, not per step or member
             rho = rt.scale(up.lat) if scale == "net" else torch.full((B,), self.mean_scale, device=rt.device)
             x_T, step_noise = draw_noise(seeds, counts, self.delta_shape, steps, eta, rt.device)
+            _check(deadline)
             deltas = self.sample_deltas(ctx, rho.repeat_interleave(reps, 0), x_T, steps, eta, step_noise)
             sync()
             t2 = time.perf_counter()
-            out = self.head(rt.adapt(repeat_rows(up.live, reps), deltas))
+            out = self.adapt(up.live, reps, deltas, deadline)
             sync()
             t3 = time.perf_counter()
         return self.summarise(out, self.head(up.base_out), counts, {"base": t1 - t0, "ddim": t2 - t1, "adapt": t3 - t2})
+
+    def adapt(
+        self,
+        live: tuple[torch.Tensor, ...],
+        reps: torch.Tensor,
+        deltas: torch.Tensor | LowRankDelta,
+        deadline: float | None = None,
+    ) -> torch.Tensor:
+        """Live values (B rows), members per sample reps (B,), deltas (N = Σreps, *W) -> the adapted
+        outputs after the head (N, *out), ``max_rows`` members at a time (checking ``deadline`` before each)."""
+        rt, n = self.runtime, int(deltas.shape[0])
+        if self.max_rows is None or n <= self.max_rows:
+            _check(deadline)
+            return self.head(rt.adapt(repeat_rows(live, reps), deltas))
+        owner = torch.repeat_interleave(torch.arange(len(reps), device=reps.device), reps)  # member -> sample
+        out = []
+        for start in range(0, n, self.max_rows):
+            _check(deadline)
+            rows = slice(start, start + self.max_rows)
+            part = (
+                LowRankDelta(*(t[rows] for t in (deltas.rho, deltas.a, deltas.x, deltas.u, deltas.v)))
+                if isinstance(deltas, LowRankDelta)
+                else deltas[rows]
+            )
+            out.append(self.head(rt.adapt(tuple(v[owner[rows]] for v in live), part)))
+        return torch.cat(out)
 
     def _summary(self, members: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Ensemble mean over ``dim`` and the uncertainty: predictive entropy or ensemble std."""
@@ -227,6 +265,11 @@ class Predictor:
         for idx, m, u in parts.values():
             mean[idx], unc[idx] = m, u
         return BatchPrediction(out, mean, unc, base, counts, timings or {})
+
+
+def _check(deadline: float | None) -> None:
+    if deadline is not None and time.monotonic() > deadline:
+        raise Expired("the deadline passed; the prediction was stopped")
 
 
 class OCDModel(nn.Module):

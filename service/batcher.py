@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from . import metrics
-from .batch_policy import BatchCost, BatchPolicy
+from .batch_policy import BatchCost, BatchPolicy, CostFit
 from .errors import ClientGone, DeadlineExceeded, QueueFull
 
 
@@ -116,6 +116,7 @@ class Batcher:
         measured batch cost (without it batches never split to pipeline). The decisions are
         ``policy``'s (batch_policy.py)."""
         self.label, self.name, self.run_batch, self.inflight, self.cost = label, name, run_batch, inflight, cost
+        self.fit = CostFit(cost) if cost is not None else None  # the cost, kept true to the live batches
         self.policy = BatchPolicy(max_batch_size, max_wait_ms / 1000)
         self.queue: asyncio.Queue[Job] = asyncio.Queue(max_queue)
         self.task: asyncio.Task | None = None
@@ -243,6 +244,12 @@ class Batcher:
         try:
             metrics.BATCH_SIZE.labels(self.label).observe(len(group))
             results, timings = await self.run_batch(group)
+        except DeadlineExceeded as e:  # the engine stopped it: every request in it was answered 504 already
+            metrics.ABANDONED.labels(self.label).inc()
+            for job in group:
+                if not job.future.done():
+                    job.future.set_exception(e)
+            return
         except Exception as e:  # noqa: BLE001  a server-side failure: every request of the batch learns it
             for job in group:
                 if not job.future.done():
@@ -255,6 +262,8 @@ class Batcher:
             self.slot.set()
         for stage, seconds in timings.items():
             metrics.INFERENCE.labels(self.label, stage).observe(seconds)
+        if self.fit is not None:
+            self.cost = self.fit.observe(group, sum(timings.values()))
         for job, result in zip(group, results):
             job.batch_size = len(group)
             if not job.future.done():

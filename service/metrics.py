@@ -26,6 +26,11 @@ WAITING = Gauge("ocd_requests_waiting", "Inference requests waiting for admissio
 INFERENCE = Histogram(
     "ocd_inference_duration_seconds", "Per-batch inference time by stage", ["model", "stage"], buckets=LATENCY
 )
+ABANDONED = Counter(
+    "ocd_batches_abandoned_total",
+    "Batches stopped in inference: every request in them was past its deadline",
+    ["model"],
+)
 MODEL_INFO = Gauge(
     "ocd_model_info",
     "Loaded models (value 1)",

@@ -106,9 +106,15 @@ class Registry:
             ).set(1)
             cost = engines[label].cost
             base = cost.base or cost
+            memory = (
+                "not measurable here"
+                if cost.row_bytes is None
+                else f"{cost.row_bytes / 2**20:.1f} MiB, at most {cost.max_rows} at once within "
+                f"OCD_BATCH_MEMORY_MB={s.batch_memory_mb}"
+            )
             log.info(
                 "serving %s on %s with %s (%s, layer %s)%s; default mode %s; a batch of k costs %.2f ms + k x %.3f ms "
-                "at %d DDIM steps, %.2f ms + k x %.3f ms in the base mode",
+                "at %d DDIM steps, %.2f ms + k x %.3f ms in the base mode; one sample and member takes %s",
                 label,
                 device,
                 s.backend,
@@ -121,6 +127,7 @@ class Registry:
                 cost.steps,
                 1000 * base.fixed,
                 1000 * base.per_sample,
+                memory,
             )
         self.ready = True
 

@@ -52,6 +52,12 @@ class Settings(BaseModel):
     read_timeout_s: float = Field(
         10.0, gt=0, description="a request's headers, and then its body, must arrive within this; beyond it 408"
     )
+    batch_memory_mb: int = Field(
+        1024,
+        ge=1,
+        description="memory a batch may take in inference, from one sample's measured at load: "
+        "batches hold at most the samples that fit, and larger ensembles run in chunks that fit",
+    )
     max_ensemble: int = Field(32, ge=1)
     max_ddim_steps: int = Field(100, ge=1)
     threads: int = Field(0, ge=0, description="torch CPU threads (0: torch's default)")
@@ -60,6 +66,12 @@ class Settings(BaseModel):
         description="run the models in a separate inference process, so that "
         "inference and the event loop do not share a GIL (false: on a "
         "thread of each server process)",
+    )
+    watchdog_s: float = Field(
+        30.0,
+        gt=0,
+        description="an inference process that has not answered a batch this long after the batch's "
+        "deadline hangs: it is killed and a new one started",
     )
     tune_malloc: bool = Field(
         True,

@@ -9,18 +9,22 @@ would wait for the busy loop's GIL at each hand-off). ``OCD_INFERENCE_PROCESS=fa
 inference on a thread of the server process (``LocalEngine``).
 
 If the inference process dies (killed, out of memory), the batches sent to it fail with a 500, a
-new one starts at once, and batches that come meanwhile wait for it.
+new one starts at once, and batches that come meanwhile wait for it. One that hangs (no answer to a
+batch ``OCD_WATCHDOG_S`` after the batch's deadline; a healthy one stops a batch at its deadline)
+is killed, and the same follows.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import multiprocessing as mp
 import os
 import pickle
 import struct
 import threading
+import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
@@ -31,10 +35,12 @@ import numpy as np
 import torch
 
 from ocd_core.bundle import BundleError, load_bundle
-from ocd_core.predictor import BatchPrediction, Predictor, SamplePrediction
+from ocd_core.memory import peak_bytes
+from ocd_core.predictor import BatchPrediction, Expired, Predictor, SamplePrediction
 
 from .batch_policy import BatchCost
 from .batcher import Job
+from .errors import DeadlineExceeded
 from .gcfreeze import freeze_heap
 from .settings import Settings
 
@@ -46,19 +52,39 @@ class Engine:
 
     def __init__(self, predictor: Predictor):
         self.predictor, self.device = predictor, predictor.runtime.device
-        self.cost: BatchCost | None = None  # set by calibrate()
+        self.cost: BatchCost | None = None  # set by calibrate() and fit_memory()
 
     def __call__(self, jobs: list[Job]) -> tuple[list[SamplePrediction], dict[str, float]]:
         x = torch.stack([j.x for j in jobs])
-        pred, timings = self.run(x, jobs[0].steps, [j.ensemble for j in jobs], [j.seed for j in jobs])
+        try:
+            pred, timings = self.run(
+                x, jobs[0].steps, [j.ensemble for j in jobs], [j.seed for j in jobs], max(j.deadline for j in jobs)
+            )
+        except Expired as e:
+            raise DeadlineExceeded(str(e)) from None
         return pred.split(), timings
 
     def run(
-        self, x: torch.Tensor, steps: int, ensembles: list[int], seeds: list[int]
+        self, x: torch.Tensor, steps: int, ensembles: list[int], seeds: list[int], deadline: float | None = None
     ) -> tuple[BatchPrediction, dict[str, float]]:
-        """x (B, *input) on the CPU -> the batch's predictions on the CPU, and its seconds per stage."""
-        pred = self.predictor.predict(x.to(self.device), steps, ensembles, seeds=seeds)
+        """x (B, *input) on the CPU -> the batch's predictions on the CPU, and its seconds per stage;
+        past ``deadline`` (``time.monotonic()``, the latest of the batch's requests) the work stops
+        between stages and ensemble chunks (``Expired``): nobody waits for it any more."""
+        pred = self.predictor.predict(x.to(self.device), steps, ensembles, seeds=seeds, deadline=deadline)
         return pred.to("cpu"), pred.timings
+
+    def fit_memory(self, input_shape: list[int], steps: int, budget_bytes: int) -> int | None:
+        """Measure the memory of one sample with one member at ``steps`` (``ocd_core.memory``; run after
+        the warm-up) -> how many samples, or ensemble members, fit ``budget_bytes`` at once (at least 1;
+        None where it cannot be measured). The predictor runs larger ensembles in chunks of that many
+        members, and ``cost.max_rows`` caps the batches."""
+        x = torch.zeros(1, *input_shape)
+        per_row = peak_bytes(lambda: self.run(x, steps, [1], [0]), self.device)
+        rows = None if per_row is None else max(1, budget_bytes // max(per_row, 1))
+        self.predictor.max_rows = rows
+        if self.cost is not None:
+            self.cost = dataclasses.replace(self.cost, row_bytes=per_row, max_rows=rows)
+        return rows
 
     def calibrate(
         self, input_shape: list[int], steps: int, size: int = 8, repeats: int = 3, budget_s: float = 2.0
@@ -103,6 +129,7 @@ def build_engine(path: Path, settings: Settings) -> Engine:
         model, manifest = load_bundle(path, device, settings.allowed_modules())
         engine = Engine(model.predictor())
     engine.calibrate(manifest.input.shape, manifest.serving.ddim_steps)
+    engine.fit_memory(manifest.input.shape, manifest.serving.ddim_steps, settings.batch_memory_mb << 20)
     return engine
 
 
@@ -123,19 +150,21 @@ class LocalEngine:
 
 
 def _serve_model(engine: Engine, conn: Connection) -> None:
-    """One model's loop in the inference process:
-    (seq, x, steps, ensembles, seeds) -> (seq, "ok", packed, timings) or (seq, "error", message, traceback)."""
+    """One model's loop in the inference process: (seq, x, steps, ensembles, seeds, deadline) ->
+    (seq, "ok", packed, timings), (seq, "expired", message, "") or (seq, "error", message, traceback)."""
     while True:
         try:
-            seq, x, steps, ensembles, seeds = conn.recv()
+            seq, x, steps, ensembles, seeds, deadline = conn.recv()
         except (EOFError, OSError):  # the server process closed the pipe or is gone
             return
         except Exception:  # noqa: BLE001  an unreadable message: the pipe is out of step; end the process
             traceback.print_exc()  # (the server sees EOF and starts a new one)
             os._exit(70)
         try:
-            pred, timings = engine.run(torch.from_numpy(x), steps, ensembles, seeds)
+            pred, timings = engine.run(torch.from_numpy(x), steps, ensembles, seeds, deadline)
             reply: tuple = (seq, "ok", pack(pred), timings)
+        except Expired as e:
+            reply = (seq, "expired", str(e), "")
         except Exception as e:  # noqa: BLE001  (reported to the server process: a 500 for this batch)
             reply = (seq, "error", f"{type(e).__name__}: {e}", traceback.format_exc())
         conn.send(reply)
@@ -323,29 +352,40 @@ class InferenceProcess:
     def engine(self, label: str) -> RemoteEngine:
         return RemoteEngine(self, label)
 
-    async def call(self, label: str, x: np.ndarray, steps: int, ensembles: list[int], seeds: list[int]) -> tuple:
-        """One batch through the process, from the event loop -> ("ok", packed, timings) or ("error",
-        message, traceback). A model's batches run there in the order sent, one at a time. A batch
-        that was sent when the process died fails (a 500) while a new process starts in the
-        background; one whose pipe had already broken waits for the new process and runs there."""
+    async def call(
+        self, label: str, x: np.ndarray, steps: int, ensembles: list[int], seeds: list[int], deadline: float
+    ) -> tuple:
+        """One batch through the process, from the event loop -> ("ok", packed, timings), ("expired",
+        message, "") or ("error", message, traceback). A model's batches run there in the order sent,
+        one at a time. A batch that was sent when the process died fails (a 500) while a new process
+        starts in the background; one whose pipe had already broken waits for the new process and runs there."""
         for attempt in range(2):
             generation = self.generation
             self.seq += 1
             try:
-                reply = self.channels[label].request(self.seq, (self.seq, x, steps, ensembles, seeds))
+                reply = self.channels[label].request(self.seq, (self.seq, x, steps, ensembles, seeds, deadline))
             except EOFError:  # not sent: the process died before, or is being replaced
                 if attempt:
                     raise RuntimeError("the inference process is not running") from None
                 await self.restart(generation)
                 continue
+            hung = max(0.0, deadline - time.monotonic()) + self.settings.watchdog_s
             try:
-                return await reply
-            except (EOFError, OSError):
+                return await asyncio.wait_for(reply, hung)
+            except (EOFError, OSError, asyncio.TimeoutError) as e:
+                if isinstance(e, asyncio.TimeoutError) and generation == self.generation:
+                    log.error(
+                        "%s: the inference process (pid %s) gave no answer %g s after a batch's deadline "
+                        "(OCD_WATCHDOG_S): it hangs; killing it",
+                        label, self.process.pid, self.settings.watchdog_s,
+                    )  # fmt: skip
+                    self.process.kill()  # (its pipes then report EOF; the restart below replaces it)
                 restart = asyncio.get_running_loop().create_task(self.restart(generation))
                 self.restarts.add(restart)  # (a strong reference until it is done)
                 restart.add_done_callback(self._restarted)
+                what = "hung" if isinstance(e, asyncio.TimeoutError) else "exited"
                 raise RuntimeError(
-                    "the inference process exited during this batch; a new one serves the next"
+                    f"the inference process {what} during this batch; a new one serves the next"
                 ) from None
         raise AssertionError("unreachable")
 
@@ -381,7 +421,10 @@ class RemoteEngine:
     async def __call__(self, jobs: list[Job]) -> tuple[list[SamplePrediction], dict[str, float]]:
         ensembles = [j.ensemble for j in jobs]
         x = torch.stack([j.x for j in jobs]).numpy()
-        reply = await self.process.call(self.label, x, jobs[0].steps, ensembles, [j.seed for j in jobs])
+        deadline = max(j.deadline for j in jobs)
+        reply = await self.process.call(self.label, x, jobs[0].steps, ensembles, [j.seed for j in jobs], deadline)
+        if reply[0] == "expired":
+            raise DeadlineExceeded(reply[1])
         if reply[0] != "ok":
             log.error("inference failed in the inference process:\n%s", reply[2])
             raise RuntimeError(reply[1])

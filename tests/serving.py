@@ -43,3 +43,23 @@ def make_bundle(root: Path, name: str = "mnist", version: str = "1", seed: int =
         scale=ScaleConfig(hidden=8),
     )
     return save_bundle(model, manifest, root)
+
+
+def inference_pids(pid: int) -> list[int]:
+    """The spawned processes of ``pid`` (its inference process; not multiprocessing's resource tracker)."""
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out += [
+            int(c)
+            for c in (task / "children").read_text().split()
+            if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()
+        ]
+    return out
+
+
+def peak_rss(pid: int) -> int:
+    """A process's peak resident set so far (VmHWM), in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise OSError(f"no VmHWM for {pid}")

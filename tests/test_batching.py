@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ocd_core.predictor import BatchPrediction, Predictor, SamplePrediction
-from service.batch_policy import BatchCost, BatchPolicy
+from service.batch_policy import BatchCost, BatchPolicy, CostFit
 from service.batcher import Batcher, ClientGone, InFlight, Job, disconnected
 from service.worker import Channel, Engine, pack, unpack
 
@@ -68,7 +68,7 @@ def test_calibration_measures_the_fixed_and_per_sample_cost():
 
         runtime = SimpleNamespace(device=torch.device("cpu"))
 
-        def predict(self, x, steps, ensembles, seeds):
+        def predict(self, x, steps, ensembles, seeds, deadline=None):
             calls.append((tuple(x.shape), steps))
             first = self.warm if len(calls) == 1 else 0.0
             k = len(ensembles)
@@ -278,3 +278,28 @@ def test_disconnected_steps_receive_once_without_waiting():
         assert disconnected(receive) is False
 
     asyncio.run(main())
+
+
+def test_cost_fit_recovers_from_a_calibration_on_a_busy_host():
+    """A calibration that read a busy machine (0 ms + k x 65.9 ms; idle it is 2.01 ms + k x 0.144 ms)
+    is corrected by the live batches: varied sizes re-fit both parts, one size the fixed part."""
+    true = lambda k: 0.00201 + 0.000144 * k
+    job = lambda steps, ensemble=1: SimpleNamespace(steps=steps, ensemble=ensemble)
+    busy = BatchCost(fixed=0.0, per_sample=0.0659, steps=5, base=BatchCost(0.0, 0.0659, steps=0))
+    fit = CostFit(busy)
+    for i in range(120):
+        k = 1 + (i * 37) % 64
+        cost = fit.observe([job(5)] * k, true(k))
+    assert cost.fixed == pytest.approx(0.00201, rel=1e-3) and cost.per_sample == pytest.approx(0.000144, rel=1e-3)
+    assert cost.base == busy.base  # base-mode batches fit the base cost, and none came
+    for _ in range(120):
+        cost = fit.observe([job(0)] * 10, 0.0011)
+    assert cost.base.fixed + 10 * cost.base.per_sample == pytest.approx(0.0011, rel=1e-3)
+    assert (cost.fixed, cost.per_sample) == (pytest.approx(0.00201, rel=1e-3), pytest.approx(0.000144, rel=1e-3))
+    assert fit.observe([job(50)] * 4, 9.0) == cost  # other steps: not the calibration's; ignored
+
+    one_size = CostFit(busy)
+    for _ in range(120):
+        cost = one_size.observe([job(5, ensemble=4)] * 8, true(32))  # 32 members every time
+    assert cost.fixed + 32 * cost.per_sample == pytest.approx(true(32), rel=1e-3)
+    assert 0 <= cost.per_sample <= true(32) / 32 and cost.fixed >= 0  # not the busy host's 65.9 ms per sample

@@ -19,6 +19,7 @@ import pytest
 import torch
 from PIL import Image
 from serving import ROOT, Server, make_bundle
+from serving import inference_pids as _children
 
 DIGIT = [[[((r * 28 + c) % 256) / 255 for c in range(28)] for r in range(28)]]  # exact in 8-bit PNG
 
@@ -850,18 +851,6 @@ def test_predict_keeps_its_documented_contract(server):
     r = httpx.get(f"{server.url}/predict")
     assert r.status_code == 405 and r.headers["allow"] == "POST"
     assert r.json() == {"error": "method: GET is not allowed; use POST"}
-
-
-def _children(pid: int) -> list[int]:
-    """The spawned processes of ``pid`` (not multiprocessing's resource tracker)."""
-    out = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        out += [
-            int(c)
-            for c in (task / "children").read_text().split()
-            if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()
-        ]
-    return out
 
 
 def test_inference_process_matches_in_thread_and_comes_back_after_a_kill(models):
