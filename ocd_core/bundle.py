@@ -101,6 +101,8 @@ class ServingDefaults(BaseModel):
     mode: str = "ocd"
     modes: dict[str, ServingMode] = Field(default_factory=dict)
     chosen: str = Field("", description="how the default mode was chosen")
+    max_ensemble: int | None = Field(None, ge=1, description="this model's limit on ensemble, under the server's")
+    max_ddim_steps: int | None = Field(None, ge=1, description="this model's limit on ddim_steps, under the server's")
 
     def all_modes(self) -> dict[str, ServingMode]:
         """Every mode by name: base, ocd, then the recorded ones (a recorded base or ocd wins)."""

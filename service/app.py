@@ -229,6 +229,7 @@ def create_app(settings: Settings | None = None) -> Count:
         return {"ready": True}
 
     def metadata(served: Served) -> V2ModelMetadata:
+        max_steps, max_ensemble = flow.limits(served)
         return V2ModelMetadata(
             name=served.name,
             versions=sorted(registry.models[served.name], key=version_key),
@@ -244,6 +245,8 @@ def create_app(settings: Settings | None = None) -> Count:
                 "default_mode": served.manifest.serving.mode,
                 "default_mode_chosen": served.manifest.serving.chosen,
                 "modes": {k: m.model_dump() for k, m in served.manifest.serving.all_modes().items()},
+                "max_ddim_steps": max_steps,
+                "max_ensemble": max_ensemble,
             },
         )
 

@@ -61,13 +61,20 @@ class Flow:
             state.model = served.name
         return served
 
+    def limits(self, served: Served) -> tuple[int, int]:
+        """The most ddim_steps and ensemble members a request may ask of this model: the server's
+        limits, the schedule's training steps, and the model's own (its manifest's ``serving``)."""
+        s, serving = self.settings, served.manifest.serving
+        steps = min(s.max_ddim_steps, served.manifest.schedule.num_train_timesteps, serving.max_ddim_steps or 10**9)
+        return steps, min(s.max_ensemble, serving.max_ensemble or 10**9)
+
     def check(self, served: Served, params: Params, prefix: str = "") -> Call:
         """Parameters against the model and the server's limits (one message style, every endpoint).
 
         The mode: the one named, else the model's default (chosen on its val split); ddim_steps and
         ensemble override an adapted mode's own (given with a base-model default, they ask for an
         adapted prediction: the ``ocd`` mode's)."""
-        s, serving, modes = self.settings, served.manifest.serving, served.modes
+        serving, modes = served.manifest.serving, served.modes
         explicit = params.ddim_steps is not None or params.ensemble is not None
         name = serving.mode if params.mode is None else params.mode
         if params.mode is None and explicit and modes[name].ddim_steps == 0:
@@ -79,10 +86,10 @@ class Flow:
             raise InputError(f"{prefix}mode", f"{name!r} is the base model alone: it takes no ddim_steps or ensemble")
         steps = mode.ddim_steps if params.ddim_steps is None else params.ddim_steps
         ensemble = mode.ensemble if params.ensemble is None else params.ensemble
-        limit = min(s.max_ddim_steps, served.manifest.schedule.num_train_timesteps)
+        steps_limit, ensemble_limit = self.limits(served)
         for field, value, top, given in (
-            ("ddim_steps", steps, limit, params.ddim_steps is not None),
-            ("ensemble", ensemble, s.max_ensemble, params.ensemble is not None),
+            ("ddim_steps", steps, steps_limit, params.ddim_steps is not None),
+            ("ensemble", ensemble, ensemble_limit, params.ensemble is not None),
         ):
             if mode.ddim_steps and not 1 <= value <= top:
                 if not given:  # the mode's own value: name the mode and the server's limit, not a field never sent

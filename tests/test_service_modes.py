@@ -58,6 +58,7 @@ def test_default_mode_is_the_manifests_and_answers_with_the_base_model(server, b
     assert set(a["timings"]["stages_ms"]) == {"base"}
     assert post(server, mode="base").json()["probabilities"] == a["probabilities"]  # no noise: any seed
     meta = httpx.get(f"{server.url}/v2/models/mnist").json()["parameters"]
+    assert (meta["max_ensemble"], meta["max_ddim_steps"]) == (32, 100)  # the server's (the model sets none)
     assert meta["default_mode"] == "base"
     assert meta["default_mode_chosen"] == "no adapted mode beat the base model on the val split (3 seeds)"
     assert {k: (v["ddim_steps"], v["ensemble"]) for k, v in meta["modes"].items()} == {
@@ -133,6 +134,24 @@ def test_check_resolves_modes_against_the_server_limits():
         with pytest.raises(InputError) as e:
             tight.check(served, Params(**params))
         assert (e.value.field, e.value.reason) == (field, reason)
+
+    # the model's own limits (its manifest's serving), under the server's wide ones
+    manifest.serving = serving.model_copy(update={"max_ensemble": 3, "max_ddim_steps": 25})
+    assert wide.limits(served) == (25, 3)
+    assert call(wide, ensemble=3) == ("custom", 20, 3)
+    for params, field, reason in (
+        ({"ensemble": 4}, "ensemble", "must be between 1 and 3, got 4"),
+        ({"ddim_steps": 30}, "ddim_steps", "must be between 1 and 25, got 30"),
+        (
+            {"mode": "ocd_ensemble"},
+            "mode",
+            "'ocd_ensemble' runs ensemble 5, over this server's limit of 3; name another mode",
+        ),
+    ):
+        with pytest.raises(InputError) as e:
+            wide.check(served, Params(**params))
+        assert (e.value.field, e.value.reason) == (field, reason)
+    assert tight.limits(served) == (10, 3)  # the lower of the two
 
 
 @pytest.mark.parametrize(
