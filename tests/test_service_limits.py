@@ -6,6 +6,7 @@ import os
 import re
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import httpx
@@ -80,10 +81,19 @@ def test_a_large_nerf_ensemble_stays_within_the_memory_budget():
         assert per_row > 200 * 2**20 and rows == 1
         (pid,) = inference_pids(s.proc.pid)
         loaded = peak_rss(pid)
-        body = {"model": "nerf", "input": [30.0, 20.0, 4.0], "ensemble": 4, "ddim_steps": 2, "seed": 1}
-        r = httpx.post(f"{s.url}/predict", json=body, timeout=120)
-        assert r.status_code == 200, r.text
-        assert peak_rss(pid) - loaded < 0.5 * per_row  # unchunked: 3 more members' worth
+        url = f"{s.url}/predict"
+        abusive = {"model": "nerf", "input": [30.0, 20.0, 4.0], "ensemble": 32, "ddim_steps": 100}
+        r = httpx.post(url, json=abusive, timeout=30)  # over the model's own limit (its manifest): no work at all
+        assert (r.status_code, r.json()) == (422, {"error": "ensemble: must be between 1 and 8, got 32"})
+        bodies = [{**abusive, "ensemble": 4, "ddim_steps": 2, "seed": 1}] + [
+            {"model": "nerf", "input": [30.0 + 10 * i, 20.0, 4.0]}
+            for i in range(2)  # default requests
+        ]
+        with ThreadPoolExecutor(3) as pool:  # would batch together, but one sample fits the budget
+            answers = list(pool.map(lambda b: httpx.post(url, json=b, timeout=120), bodies))
+        assert [a.status_code for a in answers] == [200] * 3, [a.text for a in answers]
+        assert peak_rss(pid) - loaded < 0.5 * per_row  # unchunked: 3 more members' worth, and 2 samples more
+        assert s.metric("ocd_batch_size_sum", model="nerf") == s.metric("ocd_batch_size_count", model="nerf") == 3
     finally:
         s.stop()
 
