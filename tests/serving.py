@@ -17,10 +17,10 @@ from ocd_core.schedule import ScheduleConfig
 from ocd_core.targets import TargetConfig
 
 
-def make_bundle(root: Path, name: str = "mnist", version: str = "1", seed: int = 0) -> Path:
+def make_bundle(root: Path, name: str = "mnist", version: str = "1", seed: int = 0, in_channels: int = 1) -> Path:
     """A LeNet5 OCD bundle with random weights (the service's behaviour does not need a trained one)."""
     torch.manual_seed(seed)
-    base = build_net("lenet5").eval()
+    base = build_net("lenet5", in_channels=in_channels).eval()
     cond = CondEncoder(120, 84, 10, CondConfig(dim=16, hidden=16), weight_shape=(84, 120))
     den = build_denoiser(CompactConfig(prediction="epsilon"), (84, 120), 16)
     scale = ScaleNet(120, 84, 10, ScaleConfig(hidden=8))
@@ -30,9 +30,14 @@ def make_bundle(root: Path, name: str = "mnist", version: str = "1", seed: int =
         version=version,
         task="classification",
         modality="image",
-        input=InputSpec(shape=[1, 28, 28], normalization=Normalization(mean=[0.13], std=[0.31])),
+        input=InputSpec(
+            shape=[in_channels, 28, 28],
+            normalization=Normalization(mean=[0.13] * in_channels, std=[0.31] * in_channels),
+        ),
         labels=[str(i) for i in range(10)],
-        base=ArchSpec(arch="lenet5", kwargs={"num_classes": 10}),
+        base=ArchSpec(
+            arch="lenet5", kwargs={"num_classes": 10, **({"in_channels": in_channels} if in_channels != 1 else {})}
+        ),
         layer="fc1",
         latent_dims=(120, 84, 10),
         mean_scale=1e-2,

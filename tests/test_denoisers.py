@@ -28,7 +28,7 @@ def test_denoiser_interface_and_training_step(cfg):
 
 
 def test_paper_unet_refuses_a_delta_larger_than_its_canvas():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^delta \(20, 12\) \(as a 20x12 matrix\) does not fit into the 16x16 padded"):
         build_denoiser(
             PaperConfig(channels=32, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), pad=16), (20, 12), 32
         )(torch.randn(1, 20, 12), torch.tensor([3]), cond_for((20, 12), 1))

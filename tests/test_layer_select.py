@@ -18,10 +18,12 @@ def test_kde_entropy_grows_with_spread():
 
 def test_rank_layers_scores_every_candidate(lenet, mnist_batch):
     x, y = mnist_batch
+    before = {k: v.clone() for k, v in lenet.state_dict().items()}
     a = rank_layers(lenet, x, y, draws=12, seed=3, chunk=5)
     b = rank_layers(lenet, x, y, draws=12, seed=3, chunk=4)
     assert sorted(s.layer for s in a) == sorted(candidate_layers(lenet)) == ["conv1", "conv2", "conv3", "fc1", "fc2"]
     assert a[0].score == 1.0 and all(0 < s.score <= 1 for s in a)
     assert [s.entropy for s in a] == sorted((s.entropy for s in a), reverse=True)
     assert [(s.layer, round(s.entropy, 4)) for s in a] == [(s.layer, round(s.entropy, 4)) for s in b]  # chunking-free
-    assert all(torch.equal(v, lenet.state_dict()[k]) for k, v in lenet.state_dict().items())
+    after = lenet.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())  # untouched

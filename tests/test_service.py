@@ -539,7 +539,7 @@ def test_hostile_inputs_get_4xx_not_500(server):
     v2 = f"{server.url}/v2/models/mnist/infer"
     r = httpx.post(v2, json={"inputs": [{"name": "input", "shape": [0, 1, 28, 28], "datatype": "FP32", "data": []}]})
     assert r.status_code == 422 and r.json() == {
-        "error": "inputs[input].shape: expected [N, 1, 28, 28], got [0, 1, 28, 28]"
+        "error": "inputs[input].shape: holds no samples (N is 0 in [0, 1, 28, 28])"
     }
     r = httpx.post(
         v2,
@@ -740,7 +740,7 @@ def test_png_image_decodes_common_pngs_as_pillow_does_and_leaves_the_rest_to_it(
     raw = zlib.compress(noisy.tobytes())[:100]  # a cut deflate stream, in a chunk with a good CRC
     chunk = len(raw).to_bytes(4, "big") + b"IDAT" + raw + zlib.crc32(b"IDAT" + raw).to_bytes(4, "big")
     cut = png_bytes(Image.fromarray(noisy))[:33] + chunk + b"\x00\x00\x00\x00IEND\xaeB`\x82"
-    with pytest.raises(ValueError):  # as Image.open's load raises OSError: both are a 400
+    with pytest.raises(ValueError, match="^cannot decode image data$"):  # Image.open's load raises OSError: a 400
         png_image(cut)
     with pytest.raises(OSError):
         Image.open(io.BytesIO(cut)).load()

@@ -119,8 +119,11 @@ class Modality:
         if t["datatype"] not in V2_NUMERIC:
             raise InputError(f"{field}.datatype", f"expected FP32 (or another numeric type), got {t['datatype']}")
         shape = list(t["shape"])
-        if len(shape) != len(self.shape) + 1 or tuple(shape[1:]) != self.shape or shape[0] < 1:
-            raise InputError(f"{field}.shape", f"expected [N, {', '.join(map(str, self.shape))}], got {shape}")
+        want = f"[N, {', '.join(map(str, self.shape))}]"
+        if len(shape) != len(self.shape) + 1 or tuple(shape[1:]) != self.shape or shape[0] < 0:
+            raise InputError(f"{field}.shape", f"expected {want}, got {shape}")
+        if shape[0] == 0:
+            raise InputError(f"{field}.shape", f"holds no samples (N is 0 in {shape})")
         flat = flatten(t["data"])
         if len(flat) != math.prod(shape):
             raise InputError(f"{field}.data", f"holds {len(flat)} values, shape {shape} needs {math.prod(shape)}")
