@@ -235,6 +235,11 @@ class Channel:
         self.out += data
         future = self.waiting[seq] = self.loop.create_future()
         self._write()
+        if self.broken is not None:  # the write found the pipe closed: the batch was never delivered
+            self.waiting.pop(seq, None)
+            if future.done():
+                future.exception()  # (retrieved)
+            raise EOFError(f"the inference process's pipe is closed: {self.broken}")
         return future
 
     def _write(self) -> None:
