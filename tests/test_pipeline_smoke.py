@@ -68,7 +68,14 @@ def test_train_smoke_produces_bundle_and_report(tmp_path):
     for row in rows:
         assert set(metrics["rows"][row]) == {"acc", "ce"}
         assert len(metrics["rows"][row]["acc"]["per_seed"]) == 2
-        assert 0.0 <= metrics["rows"][row]["acc"]["mean"] <= 1.0
+        acc = metrics["rows"][row]["acc"]
+        assert all(abs(a * 100 - round(a * 100)) < 1e-4 for a in acc["per_seed"]), (
+            row,
+            acc,
+        )  # 100 test images (float32)
+        assert acc["mean"] == pytest.approx(sum(acc["per_seed"]) / 2, abs=1e-6), row
+        base = metrics["rows"]["base"]["acc"]["per_seed"]
+        assert acc["gain_per_seed"] == pytest.approx([a - b for a, b in zip(acc["per_seed"], base)], abs=1e-6), row
     assert metrics["rows"]["base"]["acc"]["gain_per_seed"] == [0.0, 0.0]
     for png in ("training_curves.png", "ddim_steps.png", "reliability.png"):
         assert (report / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

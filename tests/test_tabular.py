@@ -85,12 +85,15 @@ def test_bundle_manifest_holds_the_preprocessing(repo):
     assert credit.labels == ["bad", "good"]
 
 
-def test_predict_regression_and_classification(server):
+def test_predict_regression_and_classification(server, repo):
     r = httpx.post(f"{server.url}/predict", json={"model": "diamonds", "input": DIAMOND, "seed": 3, "ensemble": 4})
     assert r.status_code == 200, r.text
     body = r.json()
-    assert isinstance(body["value"], float) and 4 < body["value"] < 12  # log(price in dollars)
-    assert isinstance(body["uncertainty"], float) and body["uncertainty"] >= 0
+    model, m = load_bundle(repo / "models" / "diamonds" / "1")  # the same answer, computed here
+    spec = TabularSpec.model_validate(m.input.options["tabular"])
+    want = model.predict(encode_row(spec, DIAMOND)[None], steps=body["ddim_steps"], ensemble=4, seeds=[3])
+    assert body["value"] == pytest.approx(want.mean[0, 0].item() * spec.target_std + spec.target_mean, rel=1e-5)
+    assert body["uncertainty"] == pytest.approx(want.uncertainty[0, 0].item() * spec.target_std, rel=1e-4)
     assert body["label"] is None and body["probabilities"] is None
     row = {
         "Seniority": 9,
