@@ -7,8 +7,12 @@ A request's way: body -> schema validation -> modality decode -> batcher queue -
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import hmac
 import json
 import logging
+import signal
 import struct
 from contextlib import asynccontextmanager
 from typing import Any
@@ -20,6 +24,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 import ocd_core
+from ocd_core.bundle import BundleError
 
 from . import metrics
 from .errors import HANDLED, InputError, reply_for
@@ -120,6 +125,16 @@ def create_app(settings: Settings | None = None) -> Count:
     async def lifespan(app: FastAPI):
         registry.load()
         freeze_heap()
+        loop = asyncio.get_running_loop()
+        rescans: set[asyncio.Task] = set()
+
+        def rescan() -> None:  # SIGHUP: load what the repository holds now
+            task = loop.create_task(registry.rescan())
+            rescans.add(task)
+            task.add_done_callback(rescans.discard)
+
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # (not on Windows / a thread)
+            loop.add_signal_handler(signal.SIGHUP, rescan)
         yield
         await registry.drain()  # SIGTERM: uvicorn stops accepting, in-flight requests finish, then this
 
@@ -217,6 +232,39 @@ def create_app(settings: Settings | None = None) -> Count:
             for name in sorted(registry.models)
             for v in sorted(registry.models[name], key=version_key)
         ]
+
+    def operator(request: Request) -> None:
+        """The repository control endpoints: off (403) without OCD_REPOSITORY_KEY, else its bearer key."""
+        if not settings.repository_key:
+            raise InputError("authorization", "repository control is off on this server (set OCD_REPOSITORY_KEY)", 403)
+        given = request.headers.get("authorization", "")
+        if not given.startswith("Bearer "):
+            raise InputError("authorization", "expected 'Authorization: Bearer <key>'", 401)
+        if not hmac.compare_digest(given[7:].encode(), settings.repository_key.encode()):
+            raise InputError("authorization", "wrong key", 403)
+
+    @app.post(
+        "/v2/repository/models/{name}/load",
+        summary="Load or reload a model from the repository (its versions under OCD_VERSION_POLICY); operators only",
+        responses={**ERRORS, 401: {"model": ErrorResponse}, 403: {"model": ErrorResponse}},
+    )
+    async def repository_load(name: str, request: Request):
+        operator(request)
+        try:
+            versions = await registry.load_model(name)
+        except BundleError as e:
+            raise InputError("model", f"{name} did not load, and what served before still does: {e}", 400) from None
+        return {"name": name, "versions": versions}
+
+    @app.post(
+        "/v2/repository/models/{name}/unload",
+        summary="Stop serving a model (requests in flight finish first); operators only",
+        responses={**ERRORS, 401: {"model": ErrorResponse}, 403: {"model": ErrorResponse}},
+    )
+    async def repository_unload(name: str, request: Request):
+        operator(request)
+        await registry.unload_model(name)
+        return {"name": name, "versions": []}
 
     @app.get("/v2/health/live", summary="Liveness")
     async def live():

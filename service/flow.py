@@ -53,12 +53,15 @@ class Flow:
         self.registry, self.settings = registry, settings
 
     def lookup(self, model: str, version: str | None, state: Any) -> Served:
-        """The served model version (UnknownModel: 404); records the model for the request metrics."""
+        """The served model version (UnknownModel: 404); records the model for the request metrics and
+        holds the version until the answer (``Served.active``)."""
         served = self.registry.get(model, version)
-        if isinstance(state, dict):
-            state["model"] = served.name
-        else:
-            state.model = served.name
+        if not isinstance(state, dict):
+            state = state._state  # (starlette's State: the scope's state dict)
+        state["model"] = served.name
+        if "served" not in state:  # held until the answer (middleware.Count): an unload waits for it
+            served.active += 1
+            state["served"] = served
         return served
 
     def limits(self, served: Served) -> tuple[int, int]:

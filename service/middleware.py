@@ -185,6 +185,8 @@ class Count:
         try:
             await self.app(scope, receive, capture)
         finally:
+            if (served := state.get("served")) is not None:
+                served.active -= 1
             key = (state["model"], state.get("endpoint") or getattr(scope.get("route"), "path", "other"), status)
             if (series := self.series.get(key)) is None:
                 series = self.series[key] = (

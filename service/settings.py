@@ -15,6 +15,17 @@ class Settings(BaseModel):
         description="comma list of name or name:version to serve (empty: every model; "
         "a bare name: all its versions; requests default to the latest)",
     )
+    version_policy: str = Field(
+        "all",
+        pattern=r"^(all|latest:[1-9][0-9]*|specific:[^,\s]+(,[^,\s]+)*)$",
+        description="versions of each model to serve: all, latest:N (the N highest) or specific:a,b "
+        "(Triton's version_policy; an OCD_MODELS entry name:version pins one)",
+    )
+    repository_key: str = Field(
+        "",
+        description="key for the repository control endpoints (load, unload); they answer 403 while it "
+        "is empty and need 'Authorization: Bearer <key>' once set",
+    )
     host: str = "0.0.0.0"
     port: int = Field(8000, ge=1, le=65535)
     workers: int = Field(1, ge=1, description="uvicorn worker processes")

@@ -311,6 +311,7 @@ class InferenceProcess:
         self.process: mp.process.BaseProcess | None = None
         self.channels: dict[str, Channel] = {}
         self.costs: dict[str, BatchCost] = {}  # each engine's calibration, sent with "ready"
+        self.stopped = False  # detached: its models were unloaded
         self.start()
 
     def start(self) -> None:
@@ -343,8 +344,18 @@ class InferenceProcess:
 
     def stop(self) -> None:
         """Close the pipes (on the event loop's thread, if it used them) and end the process."""
+        self.detach()
+        self._join()
+
+    def detach(self) -> None:
+        """Close the pipes (on the event loop's thread): the process's threads read EOF and it exits;
+        no batch is sent to it, or restarts it, any more."""
+        self.stopped = True
         for channel in self.channels.values():
-            channel.close()  # its threads read EOF and the process exits
+            channel.close()
+
+    def join(self) -> None:
+        """Wait for the process to exit (blocking; after ``detach``)."""
         self._join()
 
     def _join(self) -> None:
@@ -370,7 +381,7 @@ class InferenceProcess:
             try:
                 reply = self.channels[label].request(self.seq, (self.seq, x, steps, ensembles, seeds, deadline))
             except EOFError:  # not sent: the process died before, or is being replaced
-                if attempt:
+                if attempt or self.stopped:
                     raise RuntimeError("the inference process is not running") from None
                 await self.restart(generation)
                 continue
