@@ -113,3 +113,32 @@ def test_x0_sampler_equals_the_eps_sampler(steps, eta):
     fused = s.ddim_sample(x0_fn, x_T, steps, eta, noise if eta else None, prediction="sample")
     via_eps = s.ddim_sample(lambda x, t: eps_of(s, x0_fn(x, t), x, t), x_T, steps, eta, noise if eta else None)
     assert (fused - via_eps).abs().max().item() < 1e-4
+
+
+def test_q_sample_and_training_targets_are_the_closed_forms():
+    s = NoiseSchedule()
+    x0, noise, t = torch.randn(4, 3, 5), torch.randn(4, 3, 5), torch.tensor([0, 10, 500, 999])
+    ab = s.alphas_cumprod[t].view(-1, 1, 1)
+    assert torch.equal(s.q_sample(x0, t, noise), ab.sqrt() * x0 + (1 - ab).sqrt() * noise)
+    assert s.training_target("epsilon", x0, noise) is noise and s.training_target("sample", x0, noise) is x0
+
+
+def test_alphas_are_accumulated_in_float64():
+    ref = torch.cumprod(1 - torch.linspace(1e-6, 1e-2, 1000, dtype=torch.float64), 0)
+    assert torch.equal(NoiseSchedule().alphas_cumprod, ref.float())
+    assert not torch.equal(torch.cumprod(1 - torch.linspace(1e-6, 1e-2, 1000), 0), ref.float())  # float32 drifts
+
+
+def test_schedule_bounds_defaults_and_errors():
+    s = NoiseSchedule()
+    assert s.ddim_timesteps(1000) == list(range(999, -1, -1))  # every training step can be a DDIM step
+    for bad in (0, 1001):
+        with pytest.raises(ValueError, match=rf"^ddim steps must be in \[1, 1000\], got {bad}$"):
+            s.ddim_timesteps(bad)
+    x = torch.randn(2, 3)
+    with pytest.raises(ValueError, match="^eta > 0 needs a noise tensor for the step$"):
+        s.step(x, 500, x, 400, eta=0.5)
+    with pytest.raises(ValueError, match="^prediction must be 'epsilon' or 'sample', got 'v'$"):
+        s.step(x, 500, x, 400, "v")
+    assert torch.equal(s.step(x, 500, x, 400), s.step(x, 500, x, 400, "epsilon"))  # ε by default
+    assert s.x0_coefs(500, 400) == s.x0_coefs(500, 400, 0.0) and s.x0_coefs(500, 400, 1.0)[2] > 0  # eta 0 by default
