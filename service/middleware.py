@@ -83,7 +83,7 @@ class Admission:
 
     Why a line and not an immediate 503: a client that re-sends at once would be rejected again and
     again, and at 30x the server's capacity those rejections take the event loop from the admitted
-    requests (goodput fell to 0.42 of peak with 503s answered after the decode; bench/overload.py).
+    requests (goodput fell to 0.53 of peak with 503s answered after the decode; bench/overload.py).
     A waiting request costs no CPU; one that waited ``wait_s`` and is rejected comes back at most
     once per ``wait_s``. Its wait counts toward its deadline (``timeout_s``)."""
 
@@ -160,7 +160,8 @@ PROBES = frozenset({"/v2/health/live", "/v2/health/ready", "/metrics"})
 class Count:
     """Request count and latency by model, endpoint (route template) and status. Endpoints name the
     model in ``scope["state"]["model"]``; ``scope["state"]["endpoint"]`` or the matched route
-    names the endpoint.
+    names the endpoint. At the answer it also releases the model version the request held
+    (``scope["state"]["served"]``, set by ``Flow.lookup``: an unload waits for it).
 
     (Pure ASGI, not BaseHTTPMiddleware: that one hides client disconnects from the endpoint.)"""
 

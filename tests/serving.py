@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -68,3 +69,12 @@ def peak_rss(pid: int) -> int:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
     raise OSError(f"no VmHWM for {pid}")
+
+
+def until(check, what: str, within: float = 60.0):
+    """Poll ``check()`` until it is true -> its value (tests wait for states, not for time to pass)."""
+    deadline = time.monotonic() + within
+    while not (value := check()):
+        assert time.monotonic() < deadline, f"{what}: not within {within} s"
+        time.sleep(0.02)
+    return value

@@ -5,12 +5,11 @@ import os
 import shutil
 import signal
 import threading
-import time
 from collections import Counter
 
 import httpx
 import pytest
-from serving import Server, make_bundle
+from serving import Server, make_bundle, until
 
 from service.registry import apply_policy
 
@@ -23,14 +22,6 @@ def test_version_policy():
     assert apply_policy(versions, "all") == ["1", "2", "9", "10", "beta"]
     assert apply_policy(["1", "10", "2", "9"], "latest:2") == ["9", "10"]
     assert apply_policy(versions, "specific:2,9,7") == ["2", "9"]
-
-
-def until(check, what: str, within: float = 60.0):
-    deadline = time.monotonic() + within
-    while not (value := check()):
-        assert time.monotonic() < deadline, f"{what}: not within {within} s"
-        time.sleep(0.05)
-    return value
 
 
 @pytest.fixture

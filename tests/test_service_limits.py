@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import httpx
 import pytest
 import torch
-from serving import ROOT, Server, inference_pids, make_bundle, peak_rss
+from serving import ROOT, Server, inference_pids, make_bundle, peak_rss, until
 
 from ocd_core.bundle import load_bundle
 from ocd_core.predictor import Expired
@@ -27,14 +27,6 @@ def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("repo") / "models"
     make_bundle(root, version="1", seed=0)
     return root
-
-
-def until(check, what: str, within: float = 60.0):
-    deadline = time.monotonic() + within
-    while not (value := check()):
-        assert time.monotonic() < deadline, f"{what}: not within {within} s"
-        time.sleep(0.05)
-    return value
 
 
 def test_ensembles_run_in_chunks_with_the_same_results_and_stop_at_the_deadline(models):
