@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import multiprocessing as mp
 import statistics
 import sys
 import time
@@ -28,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 from bench.launch import ROOT, Server
-from bench.serve import bodies
+from bench.serve import bodies, fan_out
 
 
 def _requests(port: int, reqs: list[dict]) -> list[bytes]:
@@ -101,19 +100,8 @@ def level(port: int, payloads: list[bytes], concurrency: int, seconds: float, wa
     """``concurrency`` connections for ``warmup + seconds``; what is answered in the last ``seconds``."""
     procs = 2
     share = [concurrency // procs + (1 if i < concurrency % procs else 0) for i in range(procs)]
-    ctx = mp.get_context("fork")
-    out = ctx.Queue()
     start = time.monotonic() + warmup
-    stop = start + seconds
-    ps = [
-        ctx.Process(target=_client, args=(port, payloads, n, sum(share[:i]) * 7, start, stop, out))
-        for i, n in enumerate(share)
-    ]
-    for p in ps:
-        p.start()
-    results = [out.get() for _ in ps]
-    for p in ps:
-        p.join()
+    results = fan_out(_client, port, payloads, share, start, start + seconds, spread=7)
     seen = [s for r in results for s in r[0]]
     errors = sum(sum(r[1].values()) for r in results)
     statuses = Counter(s for s, _, _ in seen)

@@ -90,24 +90,29 @@ def _client(port: int, payloads: list[bytes], threads: int, offset: int, start: 
     out.put((lat, errors[0]))
 
 
-def load(port: int, reqs: list[dict], concurrency: int, seconds: float) -> dict[str, float]:
-    """``concurrency`` connections spread over up to 4 client processes, for ``seconds``."""
-    payloads = [json.dumps(r).encode() for r in reqs]
-    procs = min(4, concurrency)
-    share = [concurrency // procs + (1 if i < concurrency % procs else 0) for i in range(procs)]
+def fan_out(client, port: int, payloads: list[bytes], share: list[int], start: float, stop: float, spread: int = 1):
+    """One forked process per entry of ``share``, running ``client(port, payloads, n, offset, start,
+    stop, out)`` with its ``n`` connections (offset: where in ``payloads`` they begin, times ``spread``)
+    -> what each put on ``out``."""
     ctx = mp.get_context("fork")
     out = ctx.Queue()
-    start = time.time() + 0.5
-    stop_at = start + seconds
-    ps = [
-        ctx.Process(target=_client, args=(port, payloads, n, sum(share[:i]), start, stop_at, out))
-        for i, n in enumerate(share)
-    ]
+    offsets = [spread * sum(share[:i]) for i in range(len(share))]
+    ps = [ctx.Process(target=client, args=(port, payloads, n, o, start, stop, out)) for n, o in zip(share, offsets)]
     for p in ps:
         p.start()
     results = [out.get() for _ in ps]
     for p in ps:
         p.join()
+    return results
+
+
+def load(port: int, reqs: list[dict], concurrency: int, seconds: float) -> dict[str, float]:
+    """``concurrency`` connections spread over up to 4 client processes, for ``seconds``."""
+    payloads = [json.dumps(r).encode() for r in reqs]
+    procs = min(4, concurrency)
+    share = [concurrency // procs + (1 if i < concurrency % procs else 0) for i in range(procs)]
+    start = time.time() + 0.5
+    results = fan_out(_client, port, payloads, share, start, start + seconds)
     lat = sorted(x for r in results for x in r[0])
     errors = sum(r[1] for r in results)
     return {

@@ -78,3 +78,8 @@ def until(check, what: str, within: float = 60.0):
         assert time.monotonic() < deadline, f"{what}: not within {within} s"
         time.sleep(0.02)
     return value
+
+
+# a diamonds row (the committed tabular regression bundles' fields)
+DIAMOND_ROW = {"carat": 0.7, "cut": "Ideal", "color": "G", "clarity": "VS1", "depth": 61.5, "table": 56}
+DIAMOND_ROW |= {"x": 5.7, "y": 5.7, "z": 3.5}

@@ -10,21 +10,10 @@ import os
 
 import httpx
 import pytest
-from serving import ROOT, Server
+from serving import DIAMOND_ROW, ROOT, Server
 
 GOLDEN = ROOT / "tests" / "golden" / "served.json"
 SEVEN = base64.b64encode((ROOT / "examples" / "digits" / "7" / "00.png").read_bytes()).decode()
-ROW = {
-    "carat": 0.7,
-    "cut": "Ideal",
-    "color": "G",
-    "clarity": "VS1",
-    "depth": 61.5,
-    "table": 56,
-    "x": 5.7,
-    "y": 5.7,
-    "z": 3.5,
-}
 CASES = {
     "mnist default mode": {"model": "mnist", "version": "3", "input": SEVEN, "seed": 7},
     "mnist base": {"model": "mnist", "version": "3", "input": SEVEN, "mode": "base", "seed": 1},
@@ -39,7 +28,7 @@ CASES = {
     "diamonds 5 steps, ensemble 4": {
         "model": "diamonds",
         "version": "2",
-        "input": ROW,
+        "input": DIAMOND_ROW,
         "seed": 2,
         "ddim_steps": 5,
         "ensemble": 4,

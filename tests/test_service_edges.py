@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from serving import ROOT, Server, make_bundle
+from serving import DIAMOND_ROW, ROOT, Server, make_bundle
 
 from ocd_core.audio import read_wav
 from ocd_core.bundle import InputSpec, Normalization, load_bundle, read_manifest
@@ -195,17 +195,7 @@ def test_regression_uncertainty_is_in_the_targets_units(tmp_path):
     target_mean, target_std = spec["target_mean"], spec["target_std"]
     assert target_std not in (0, 1)
     model, _ = load_bundle(ROOT / "models" / "diamonds" / "2")
-    row = {
-        "carat": 0.7,
-        "cut": "Ideal",
-        "color": "G",
-        "clarity": "VS1",
-        "depth": 61.5,
-        "table": 56,
-        "x": 5.7,
-        "y": 5.7,
-        "z": 3.5,
-    }
+    row = DIAMOND_ROW
     s = Server(ROOT / "models", models="diamonds:2")
     try:
         from service.modalities import modality_for
